@@ -1,0 +1,42 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""transformers-vgr: VGR (Visual Grounded Reasoning, arXiv 2506.11991) for Hugging Face Transformers."""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .box_text_vgr import extract_final_answer, find_boxes, format_box, format_grounded_box, parse_boxes
+from .configuration_vgr import VGRConfig
+from .geometry_vgr import VGRGeometry, llava_next_prompt_tokens
+from .image_processing_vgr import VGRImageProcessor
+from .modeling_vgr import VGRForConditionalGeneration, VGRModel, VGRPreTrainedModel
+from .processing_vgr import VGRProcessor
+
+
+# Auto classes: AutoModel resolves to the generative class, as hub VLMs with remote code do.
+AutoConfig.register("vgr", VGRConfig, exist_ok=True)
+AutoModel.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(VGRConfig, slow_image_processor_class=VGRImageProcessor, exist_ok=True)
+AutoProcessor.register(VGRConfig, VGRProcessor, exist_ok=True)
+
+__all__ = [
+    "VGRConfig",
+    "VGRGeometry",
+    "VGRImageProcessor",
+    "VGRProcessor",
+    "VGRModel",
+    "VGRPreTrainedModel",
+    "VGRForConditionalGeneration",
+    "extract_final_answer",
+    "find_boxes",
+    "format_box",
+    "format_grounded_box",
+    "llava_next_prompt_tokens",
+    "parse_boxes",
+]
