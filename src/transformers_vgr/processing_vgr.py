@@ -66,7 +66,8 @@ def add_vgr_tokens(tokenizer) -> None:
     # after a space, and "...]<eot>" would become plain characters.
     vocab = tokenizer.get_vocab()
     if IMAGE_TOKEN not in vocab:
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+        image_token = AddedToken(IMAGE_TOKEN, normalized=False, special=True)
+        tokenizer.add_special_tokens({"extra_special_tokens": [image_token]}, replace_extra_special_tokens=False)
     missing = [AddedToken(token, normalized=False, special=False) for token in (SOT_TOKEN, EOT_TOKEN) if token not in vocab]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=False)
