@@ -50,8 +50,8 @@ def to_rgb_image(image) -> PIL.Image.Image:
     - PIL: EXIF orientation applied; transparency (RGBA, LA, P with transparency) composited onto white;
       16/32-bit integer modes (I;16, I) scaled from 0..65535 to 0..255; every other mode (L, P, CMYK, ...) through
       PIL's own RGB conversion;
-    - numpy / torch: (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels; integers above 255 are taken as 16-bit,
-      floats as 0..1; 4 channels are RGBA.
+    - numpy / torch: (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels; integers as 0..255 (uint16 as 16-bit,
+      scaled like I;16), floats as 0..1; 4 channels are RGBA.
     """
     if isinstance(image, (str, os.PathLike, bytes, io.IOBase)):
         image = _read_image(image)
@@ -69,10 +69,10 @@ def _read_image(source) -> PIL.Image.Image:
     try:
         if isinstance(source, bytes):
             image = PIL.Image.open(io.BytesIO(source))
-        elif isinstance(source, io.IOBase):
+        elif isinstance(source, str) and source.startswith(("http://", "https://")):
+            image = load_image(source)
+        else:  # a path or a file object, opened as is: transparency and 16-bit modes are converted below
             image = PIL.Image.open(source)
-        else:
-            image = load_image(str(source))
         image.load()  # PIL opens lazily: decode now so that a truncated file fails here
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {name}: the file is empty, corrupt or not an image ({error})") from error
@@ -109,9 +109,13 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
         array = np.clip(np.rint(array * 255), 0, 255)
     elif array.dtype == np.bool_:
         array = array * 255
-    elif array.max(initial=0) > 255:
-        array = np.clip(array.astype(np.int64) >> 8, 0, 255)
-    array = np.clip(array, 0, 255).astype(np.uint8)
+    elif array.dtype == np.uint16:
+        array = array >> 8
+    elif array.min(initial=0) < 0 or array.max(initial=0) > 255:
+        raise ValueError(
+            f"integer image values must lie in 0..255 (or be uint16), got {array.min()}..{array.max()} ({array.dtype})"
+        )
+    array = array.astype(np.uint8)
     return PIL.Image.fromarray(array, mode="RGBA" if array.ndim == 3 and array.shape[-1] == 4 else None)
 
 
@@ -199,7 +203,7 @@ class VGRImageProcessor(PilBackend):
         # Read files here (not in `load_image`) so that every failure is one clear ValueError.
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(image) for image in image_url_or_urls]
-        if isinstance(image_url_or_urls, (str, os.PathLike, bytes)):
+        if isinstance(image_url_or_urls, (str, os.PathLike, bytes, io.IOBase)):
             return to_rgb_image(image_url_or_urls)
         return image_url_or_urls
 

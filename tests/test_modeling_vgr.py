@@ -1,0 +1,365 @@
+"""VGR's forward: token counts on real images, parity with transformers' LLaVA-NeXT, replay spans, losses."""
+
+import io
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+
+from transformers_vgr import VGRForConditionalGeneration, VGRImageProcessor, VGRProcessor, format_grounded_box
+
+from conftest import LLAVA_NEXT_PINPOINTS, _chart, llama2_tokenizer, tiny_config, tiny_processor
+
+
+def capture_inputs_embeds(model):
+    """Record the embeddings VGR hands to its language model."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return captured, handle
+
+
+def chat(image_count: int = 1, answer: str | None = None) -> str:
+    text = "USER: " + "<image>\n" * image_count + "What does it show? ASSISTANT:"
+    return text + (" " + answer + "</s>" if answer is not None else "")
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    """A narrow VGR with the paper's geometry: 336-px crops, patch 14, 20 crops, pools 2 / 4 / 2."""
+    torch.manual_seed(0)
+    config = tiny_config(crop_size=336)
+    return VGRForConditionalGeneration(config).eval()
+
+
+class TestTokenCounts:
+    def test_counts_equal_model_features_on_real_images(self, paper_model, images):
+        processor = tiny_processor(paper_model.config)
+        assert len(images) >= 8
+        ratios = [img.width / img.height for img in images.values()]
+        assert min(ratios) <= 0.25 and max(ratios) >= 4.0
+        assert min(min(img.size) for img in images.values()) <= 64
+        assert max(max(img.size) for img in images.values()) >= 2000
+        for name, image in images.items():
+            inputs = processor(images=image, text=chat(), return_tensors="pt")
+            with torch.no_grad():
+                prompt_tokens, memories = paper_model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+                paper_model(**inputs)  # the forward checks placeholders against features itself
+            placeholders = (inputs["input_ids"] == paper_model.config.image_token_id).sum().item()
+            tile = memories[0].tile
+            assert prompt_tokens[0].shape[0] == placeholders == 144 + 36 * tile.num_crops, name
+            assert memories[0].features.shape[:2] == tile.memory_size == (tile.grid[0] * 24, tile.grid[1] * 24), name
+
+    def test_twenty_crops_give_864_prompt_tokens(self, paper_model):
+        chart = _chart(2016, 1344, "bar")
+        processor = tiny_processor(paper_model.config)
+        inputs = processor(images=chart, text=chat(), return_tensors="pt")
+        with torch.no_grad():
+            prompt_tokens, memories = paper_model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+        assert memories[0].tile.num_crops == 20
+        assert prompt_tokens[0].shape[0] == 864
+        assert (inputs["input_ids"] == paper_model.config.image_token_id).sum().item() == 864
+
+
+@pytest.fixture(scope="module")
+def llava_pair():
+    """LLaVA-NeXT and VGR with the same weights; VGR with LLaVA-NeXT's pinpoints, no pooling and LLaVA-NeXT's layout."""
+    torch.manual_seed(0)
+    vgr_config = tiny_config(
+        crop_size=336, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, snapshot_pool=1, crop_pool=1,
+        image_layout="llava_next",
+    )
+    llava_config = LlavaNextConfig(
+        vision_config=vgr_config.vision_config.to_dict(),
+        text_config=vgr_config.text_config.to_dict(),
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        image_token_index=vgr_config.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    llava = LlavaNextForConditionalGeneration(llava_config).eval()
+    vgr = VGRForConditionalGeneration(vgr_config).eval()
+    missing, unexpected = vgr.load_state_dict(llava.state_dict(), strict=False)
+    assert unexpected == []
+    assert missing and all(key.startswith("box_head.") for key in missing)
+    tokenizer = llama2_tokenizer()
+    vgr_processor = VGRProcessor(VGRImageProcessor.from_model_config(vgr_config), tokenizer)
+    tokenizer.padding_side = "left"
+    llava_processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+        ),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return vgr, llava, vgr_processor, llava_processor
+
+
+class TestLlavaNextParity:
+    @pytest.mark.parametrize("names", [["chelsea_451x300"], ["text_448x172"], ["line_chart_400x1600"],
+                                       ["astronaut_512x512", "rocket_640x427"]])
+    def test_logits_equal(self, llava_pair, images, names):
+        vgr, llava, vgr_processor, llava_processor = llava_pair
+        batch = [images[name] for name in names]
+        texts = [chat() if i == 0 else "USER: <image>\nDescribe. ASSISTANT:" for i in range(len(batch))]
+        ours = vgr_processor(images=batch, text=texts, padding=True, return_tensors="pt")
+        theirs = llava_processor(images=batch, text=texts, padding=True, return_tensors="pt")
+        assert torch.equal(ours["input_ids"], theirs["input_ids"])
+        assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
+        with torch.no_grad():
+            vgr_logits = vgr(**ours).logits
+            llava_logits = llava(**theirs).logits
+        mask = ours["attention_mask"].bool()
+        torch.testing.assert_close(vgr_logits[mask], llava_logits[mask], rtol=1e-5, atol=1e-5)
+
+
+def pooled_by_hand(region: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling in ceil mode, written out: each output cell is the mean of the cells it covers."""
+    rows, cols = region.shape[:2]
+    out = []
+    for r in range(0, rows, 2):
+        for c in range(0, cols, 2):
+            out.append(region[r : r + 2, c : c + 2].reshape(-1, region.shape[-1]).mean(0))
+    return torch.stack(out)
+
+
+def stitched_by_hand(model, pixel_values: torch.Tensor, tile) -> torch.Tensor:
+    """S from scratch: the projector output of each crop placed at its row and column."""
+    crops = pixel_values[0, 1 : 1 + tile.num_crops]
+    hidden = model.model.vision_tower(crops, output_hidden_states=True).hidden_states[-2][:, 1:]
+    features = model.model.multi_modal_projector(hidden)
+    side = tile.crop_side
+    rows, cols = tile.grid
+    memory = torch.zeros(rows * side, cols * side, features.shape[-1])
+    for index in range(tile.num_crops):
+        row, col = divmod(index, cols)
+        memory[row * side : (row + 1) * side, col * side : (col + 1) * side] = features[index].view(side, side, -1)
+    return memory
+
+
+class TestReplaySpans:
+    @pytest.mark.parametrize(
+        "image_name, box",
+        [
+            ("chelsea_451x300", (0.0, 0.0, 0.3, 0.3)),  # top-left corner
+            ("chelsea_451x300", (0.7, 0.7, 1.0, 1.0)),  # bottom-right corner
+            ("chelsea_451x300", (0.0, 0.4, 1.0, 0.6)),  # left and right edges
+            ("chelsea_451x300", (0.45, 0.0, 0.55, 1.0)),  # top and bottom edges
+            ("text_448x172", (0.0, 0.0, 1.0, 1.0)),  # padded image: the whole image, never the padding
+            ("line_chart_400x1600", (0.9, 0.9, 1.0, 1.0)),  # padded image, corner
+            ("astronaut_512x512", (0.5, 0.5, 0.51, 0.51)),  # one cell (S is 32 x 32 cells)
+            ("rocket_640x427", (0.1, 0.13, 0.37, 0.71)),  # odd sizes: partial pooling cells
+        ],
+    )
+    def test_replayed_features_are_the_pooled_cells_of_s(self, images, image_name, box):
+        torch.manual_seed(0)
+        config = tiny_config()  # 112-px crops: 8 x 8 cells each
+        model = VGRForConditionalGeneration(config).eval()
+        processor = tiny_processor(config)
+        text = chat(answer=f"Here {format_grounded_box(box)}<image> it is.")
+        inputs = processor(images=images[image_name], text=text, return_tensors="pt")
+        captured, handle = capture_inputs_embeds(model)
+        with torch.no_grad():
+            model(**inputs)
+            tile = config.geometry().tile(inputs["image_sizes"][0].tolist())
+            memory = stitched_by_hand(model, inputs["pixel_values"], tile)
+        handle.remove()
+
+        top, bottom, left, right = tile.box_to_cells(inputs["replay_boxes"][0][0])
+        image_top, image_bottom, image_left, image_right = tile.image_cells
+        assert image_top <= top < bottom <= image_bottom and image_left <= left < right <= image_right
+        expected = pooled_by_hand(memory[top:bottom, left:right])
+
+        ids = inputs["input_ids"][0].tolist()
+        start = ids.index(config.eot_token_id) + 1
+        replayed = captured["inputs_embeds"][0, start : start + expected.shape[0]]
+        assert ids[start + expected.shape[0]] != config.image_token_id
+        torch.testing.assert_close(replayed, expected, rtol=1e-5, atol=1e-6)
+
+    def test_box_tensor_equals_nested_list(self, images):
+        config = tiny_config()
+        model = VGRForConditionalGeneration(config).eval()
+        processor = tiny_processor(config)
+        text = chat(answer="A <sot>[0.1, 0.1, 0.4, 0.5]<eot><image> B <sot>[0.5, 0.5, 0.9, 0.9]<eot><image> C")
+        inputs = processor(images=images["chelsea_451x300"], text=text, return_tensors="pt")
+        boxes = inputs.pop("replay_boxes")
+        padded = torch.full((1, 3, 4), float("nan"))
+        padded[0, :2] = torch.tensor(boxes[0])
+        with torch.no_grad():
+            from_list = model(**inputs, replay_boxes=boxes).logits
+            from_tensor = model(**inputs, replay_boxes=padded).logits
+        torch.testing.assert_close(from_list, from_tensor, rtol=0, atol=0)
+
+
+class TestLosses:
+    @pytest.fixture
+    def setup(self, images):
+        torch.manual_seed(0)
+        config = tiny_config()
+        model = VGRForConditionalGeneration(config).eval()
+        processor = tiny_processor(config)
+        text = chat(answer="Look <sot>[0.20, 0.30, 0.60, 0.90]<eot><image> here. Final answer: cat")
+        inputs = processor(images=images["chelsea_451x300"], text=text, return_tensors="pt")
+        return model, inputs
+
+    def test_cross_entropy_ignores_image_and_replay_positions(self, setup):
+        model, inputs = setup
+        ids = inputs["input_ids"]
+        with torch.no_grad():
+            out = model(**inputs, labels=ids)
+            scrambled = ids.masked_fill(ids == model.config.image_token_id, 5)  # other labels at image positions
+            out_scrambled = model(**inputs, labels=scrambled)
+        logits, targets = out.logits[0, :-1], ids[0, 1:]
+        keep = targets != model.config.image_token_id
+        expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+        torch.testing.assert_close(out.lm_loss, expected)
+        torch.testing.assert_close(out_scrambled.lm_loss, expected)
+        assert out.loss == out.lm_loss  # no box targets: CE only
+
+    def test_detection_loss_is_zero_for_a_perfect_box(self, setup):
+        model, inputs = setup
+        with torch.no_grad():
+            predicted = model(**inputs).eot_boxes  # (1, 4) x1, y1, x2, y2
+            out = model(**inputs, box_targets=[[predicted[0].tolist()]])
+        assert out.box_l1_loss.item() == pytest.approx(0.0, abs=1e-6)
+        assert out.box_giou_loss.item() == pytest.approx(0.0, abs=1e-6)
+
+    def test_detection_loss_matches_a_hand_computation(self, setup):
+        model, inputs = setup
+
+        class FixedHead(torch.nn.Module):
+            def forward(self, hidden_states):  # cx, cy, w, h = 0.5, 0.5, 0.4, 0.2 -> corners (0.3, 0.4, 0.7, 0.6)
+                return torch.tensor([0.5, 0.5, 0.4, 0.2]).expand(hidden_states.shape[0], 4) + hidden_states[:, :1] * 0
+
+        model.box_head = FixedHead()
+        target = (0.2, 0.3, 0.6, 0.9)  # cx, cy, w, h = 0.4, 0.6, 0.4, 0.6
+        with torch.no_grad():
+            out = model(**inputs, labels=inputs["input_ids"], box_targets=[[target]])
+        l1 = abs(0.5 - 0.4) + abs(0.5 - 0.6) + abs(0.4 - 0.4) + abs(0.2 - 0.6)
+        inter = (0.6 - 0.3) * (0.6 - 0.4)  # x 0.3..0.6, y 0.4..0.6
+        union = 0.4 * 0.2 + 0.4 * 0.6 - inter
+        hull = (0.7 - 0.2) * (0.9 - 0.3)
+        giou = inter / union - (hull - union) / hull
+        assert out.box_l1_loss.item() == pytest.approx(l1, abs=1e-6)
+        assert out.box_giou_loss.item() == pytest.approx(1 - giou, abs=1e-6)
+        assert out.loss.item() == pytest.approx(out.lm_loss.item() + 1.0 * l1 + 2.0 * (1 - giou), abs=1e-5)
+
+    def test_gradients_reach_vision_tower_projector_and_head(self, setup):
+        model, inputs = setup
+        model.train()
+        out = model(**inputs, labels=inputs["input_ids"], box_targets=inputs["replay_boxes"])
+        out.loss.backward()
+        for name in ("model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+                     "model.multi_modal_projector.linear_1.weight", "box_head.layers.0.weight"):
+            grad = dict(model.named_parameters())[name].grad
+            assert grad is not None and grad.abs().sum() > 0, name
+
+
+class TestAttentionAndDtypes:
+    def test_sdpa_equals_eager(self, tmp_path, images):
+        torch.manual_seed(0)
+        config = tiny_config()
+        VGRForConditionalGeneration(config).save_pretrained(tmp_path)
+        processor = tiny_processor(config)
+        inputs = processor(images=images["rocket_640x427"], text=chat(answer="A <sot>[0.1, 0.2, 0.5, 0.6]<eot><image> B"),
+                           return_tensors="pt")
+        logits = {}
+        for implementation in ("sdpa", "eager"):
+            model = VGRForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+            assert model.model.language_model.config._attn_implementation == implementation
+            with torch.no_grad():
+                logits[implementation] = model(**inputs).logits
+        torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-4)
+
+    def test_fp32_and_bf16_load(self, tmp_path, images):
+        torch.manual_seed(0)
+        config = tiny_config()
+        original = VGRForConditionalGeneration(config).eval()
+        original.save_pretrained(tmp_path)
+        fp32 = VGRForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+        for (name, a), (_, b) in zip(original.state_dict().items(), fp32.state_dict().items()):
+            assert torch.equal(a, b), name
+        bf16 = VGRForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+        processor = tiny_processor(config)
+        inputs = processor(images=images["chelsea_451x300"], text=chat(), return_tensors="pt")
+        with torch.no_grad():
+            low = bf16(**inputs).logits
+            high = original(**inputs).logits
+        assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+        assert (low.float() - high).abs().max() < 0.5
+
+
+class TestBadInput:
+    @pytest.fixture
+    def setup(self, images):
+        config = tiny_config()
+        return VGRForConditionalGeneration(config).eval(), tiny_processor(config), images["chelsea_451x300"]
+
+    def test_placeholders_without_pixel_values(self, setup):
+        model, processor, image = setup
+        inputs = processor(images=image, text=chat(), return_tensors="pt")
+        with pytest.raises(ValueError, match="no pixel_values"):
+            model(input_ids=inputs["input_ids"])
+
+    def test_more_images_than_placeholders(self, setup):
+        model, processor, image = setup
+        inputs = processor(images=[image, image], text=chat(2), return_tensors="pt")
+        single = processor(images=image, text=chat(1), return_tensors="pt")
+        with pytest.raises(ValueError, match="2 image"):
+            model(input_ids=single["input_ids"], pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+
+    def test_fewer_images_than_placeholders(self, setup):
+        model, processor, image = setup
+        inputs = processor(images=[image, image], text=chat(2), return_tensors="pt")
+        with pytest.raises(ValueError, match="more image placeholders"):
+            model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:1], image_sizes=inputs["image_sizes"][:1])
+
+    def test_replay_span_without_box(self, setup):
+        model, processor, image = setup
+        inputs = processor(images=image, text=chat(answer="<sot>[0.1, 0.1, 0.5, 0.5]<eot><image> x"), return_tensors="pt")
+        inputs.pop("replay_boxes")
+        with pytest.raises(ValueError, match="has no box"):
+            model(**inputs)
+
+    def test_box_that_does_not_match_the_span(self, setup):
+        model, processor, image = setup
+        inputs = processor(images=image, text=chat(answer="<sot>[0.1, 0.1, 0.5, 0.5]<eot><image> x"), return_tensors="pt")
+        with pytest.raises(ValueError, match="placeholders but the box"):
+            model(**{**inputs, "replay_boxes": [[(0.0, 0.0, 1.0, 1.0)]]})
+
+    def test_extra_boxes(self, setup):
+        model, processor, image = setup
+        inputs = processor(images=image, text=chat(), return_tensors="pt")
+        with pytest.raises(ValueError, match="more than the row's replay spans"):
+            model(**inputs, replay_boxes=[[(0.0, 0.0, 1.0, 1.0)]])
+
+    @pytest.mark.parametrize("box", [(float("nan"), 0.1, 0.5, 0.5), (0.5, 0.1, 0.2, 0.5), (0.1, 0.2, 0.3)])
+    def test_invalid_replay_box(self, setup, box):
+        model, processor, image = setup
+        inputs = processor(images=image, text=chat(answer="<sot>[0.1, 0.1, 0.5, 0.5]<eot><image> x"), return_tensors="pt")
+        with pytest.raises(ValueError, match="invalid box"):
+            model(**{**inputs, "replay_boxes": [[box]]})
+
+    def test_box_targets_must_match_eot_count(self, setup):
+        model, processor, image = setup
+        inputs = processor(images=image, text=chat(answer="<sot>[0.1, 0.1, 0.5, 0.5]<eot><image> x"), return_tensors="pt")
+        with pytest.raises(ValueError, match="box_targets has 2 box"):
+            model(**inputs, box_targets=[[(0, 0, 1, 1), (0, 0, 1, 1)]])
+        with pytest.raises(ValueError, match="invalid box"):
+            model(**inputs, box_targets=[[(float("nan"), 0, 1, 1)]])
+
+    def test_pixel_values_from_another_grid(self, setup):
+        model, processor, image = setup
+        inputs = processor(images=image, text=chat(), return_tensors="pt")
+        with pytest.raises(ValueError, match="crops per image"):
+            model(**{**inputs, "pixel_values": inputs["pixel_values"][:, :2]})
