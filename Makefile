@@ -32,7 +32,7 @@ $(TOKENIZER): | $(STAMP)
 test: $(STAMP) $(TOKENIZER)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) $(TOKENIZER)
 	$(PY) examples/demo.py
 
 clean:

@@ -10,13 +10,14 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from transformers_vgr import VGRConfig, VGRImageProcessor, VGRProcessor
+from transformers_vgr.geometry_vgr import LLAVA_NEXT_GRID_PINPOINTS
 
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILE = ROOT / "assets" / "llama2-tokenizer.json"
 
-# LLaVA-NeXT's own pinpoints, (height, width).
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# LLaVA-NeXT's own pinpoints, (height, width), as the nested lists its configs hold.
+LLAVA_NEXT_PINPOINTS = [list(resolution) for resolution in LLAVA_NEXT_GRID_PINPOINTS]
 
 
 def llama2_tokenizer() -> PreTrainedTokenizerFast:

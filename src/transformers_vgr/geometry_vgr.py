@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 IMAGE_LAYOUTS = ("vgr", "llava_next")
 
+# LLaVA-NeXT's own grid pinpoints, (height, width): at most 4 crops of 336 px.
+LLAVA_NEXT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
 
 def grid_resolutions(max_crops: int, crop_size: int) -> list[tuple[int, int]]:
     """Every `rows x cols` tiling with `rows * cols <= max_crops`, as `(height, width)` in pixels."""
@@ -276,7 +279,9 @@ class VGRGeometry:
         return pooled_length(bottom - top, self.replay_pool) * pooled_length(right - left, self.replay_pool)
 
 
-def llava_next_prompt_tokens(image_size, image_grid_pinpoints, crop_size: int = 336, patch_size: int = 14) -> int:
+def llava_next_prompt_tokens(
+    image_size, image_grid_pinpoints=LLAVA_NEXT_GRID_PINPOINTS, crop_size: int = 336, patch_size: int = 14
+) -> int:
     """LLaVA-NeXT's own count for the same image (base crop unpooled, unpadded grid, newlines), for comparison."""
     reference = VGRGeometry.build(
         crop_size, patch_size, max_crops=1, image_grid_pinpoints=image_grid_pinpoints,
