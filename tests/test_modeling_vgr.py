@@ -363,3 +363,16 @@ class TestBadInput:
         inputs = processor(images=image, text=chat(), return_tensors="pt")
         with pytest.raises(ValueError, match="crops per image"):
             model(**{**inputs, "pixel_values": inputs["pixel_values"][:, :2]})
+
+
+def test_auto_classes_load_the_saved_model(tmp_path):
+    from transformers import AutoModel, AutoModelForImageTextToText
+
+    config = tiny_config()
+    model = VGRForConditionalGeneration(config)
+    model.save_pretrained(tmp_path)
+    for auto in (AutoModel, AutoModelForImageTextToText):
+        loaded = auto.from_pretrained(tmp_path)
+        assert type(loaded) is VGRForConditionalGeneration
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -207,3 +209,24 @@ class TestBadInput:
     def test_text_is_required(self, processor, images):
         with pytest.raises(ValueError, match="text"):
             processor(images=images["chelsea_451x300"])
+
+
+def test_save_and_load_round_trip(tmp_path, processor, images):
+    from transformers import AutoProcessor
+
+    import transformers_vgr  # noqa: F401  (registers the Auto classes)
+    from transformers_vgr import VGRConfig
+
+    processor.image_processor.max_crops = 6
+    processor.save_pretrained(tmp_path)
+    VGRConfig(max_crops=6).save_pretrained(tmp_path)  # AutoProcessor finds the processor class through the config
+    for loaded in (VGRProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is VGRProcessor
+        assert loaded.image_processor.max_crops == 6
+        assert loaded.eot_token_id == processor.eot_token_id and len(loaded.tokenizer) == 32003
+        assert loaded.chat_template == processor.chat_template
+        text = "USER: <image>\nQ ASSISTANT: <sot>[0.1, 0.2, 0.6, 0.7]<eot><image> A"
+        ours, theirs = processor(images=images["rocket_640x427"], text=text), loaded(images=images["rocket_640x427"], text=text)
+        assert ours["input_ids"] == theirs["input_ids"]
+        assert all(np.array_equal(a, b) for a, b in zip(ours["pixel_values"], theirs["pixel_values"]))
+        assert loaded.decode(theirs["input_ids"][0], skip_special_tokens=True).endswith("<sot>[0.1, 0.2, 0.6, 0.7]<eot> A")
