@@ -105,7 +105,7 @@ def main() -> None:
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     with torch.no_grad():
         output = model(**inputs)
-    memory = output.feature_memory[0]
+    memory = output.feature_memory.images[0]
     geometry = processor.image_processor.geometry()
     replayed = geometry.replay_tokens((image.height, image.width), REPLAY_BOX)
     print(f"\nPrompt: {prompt!r}")

@@ -22,15 +22,28 @@ from .geometry_vgr import TileGeometry, unpadded_span
 
 
 @dataclass
-class FeatureMemory:
-    """The feature memory S of one image: unpooled post-projector features of all local crops, stitched.
+class ImageMemory:
+    """The feature memory S of one image: unpooled post-projector features of all its local crops, stitched.
 
     `features` is `(rows * crop_side, cols * crop_side, hidden_size)`; `tile` says where the image lies in it (the
-    rest is padding). Kept for the whole generation: a replay cuts a region out of it, the vision tower is not rerun.
-    """
+    rest is padding)."""
 
     features: torch.Tensor
     tile: TileGeometry
+
+
+@dataclass
+class FeatureMemory:
+    """The feature memory of a batch: S of every image, and for each row the image its replays cut from (the row's
+    last image; `None` for a row without one). Kept for a whole generation, so that a replay never reruns the vision
+    tower."""
+
+    images: list[ImageMemory]
+    row_images: list[int | None]
+
+    def for_row(self, row: int) -> ImageMemory | None:
+        index = self.row_images[row]
+        return None if index is None else self.images[index]
 
 
 @dataclass
@@ -44,15 +57,15 @@ class VGRModelOutputWithPast(ModelOutput):
         Hidden states of every layer of the language model, when asked for.
     attentions (`tuple(torch.FloatTensor)`, *optional*):
         Attention weights of the language model, when asked for.
-    feature_memory (`list[FeatureMemory]`, *optional*):
-        One feature memory S per image of `pixel_values`.
+    feature_memory (`FeatureMemory`, *optional*):
+        S of every image of `pixel_values` (or the memory that was passed in), and which image each row replays from.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-    feature_memory: list[FeatureMemory] | None = None
+    feature_memory: FeatureMemory | None = None
 
 
 @dataclass
@@ -84,7 +97,7 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-    feature_memory: list[FeatureMemory] | None = None
+    feature_memory: FeatureMemory | None = None
 
 
 def pool_grid(grid: torch.Tensor, pool: int) -> torch.Tensor:
@@ -197,7 +210,7 @@ class VGRModel(VGRPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes) -> tuple[list[torch.Tensor], list[FeatureMemory]]:
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes) -> tuple[list[torch.Tensor], list[ImageMemory]]:
         """Run the vision tower once over every crop of every image.
 
         Args:
@@ -232,7 +245,7 @@ class VGRModel(VGRPreTrainedModel):
             crops = image_features[1:]  # (rows * cols, side, side, hidden)
             rows, cols = tile.grid
             memory = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
-            memories.append(FeatureMemory(memory, tile))
+            memories.append(ImageMemory(memory, tile))
             prompt_tokens.append(torch.cat([snapshot, self._crop_tokens(crops, tile)]))
         return prompt_tokens, memories
 
@@ -249,7 +262,7 @@ class VGRModel(VGRPreTrainedModel):
         newline = self.image_newline.to(stitched.dtype).expand(stitched.shape[0], 1, -1)
         return torch.cat([stitched, newline], dim=1).flatten(0, 1)
 
-    def replay_tokens(self, memory: FeatureMemory, box) -> torch.Tensor:
+    def replay_tokens(self, memory: ImageMemory, box) -> torch.Tensor:
         """The tokens a replay of `box` feeds to the LLM: its cells of S, `replay_pool`-pooled, row-major `(K, hidden)`."""
         top, bottom, left, right = memory.tile.box_to_cells(box)
         region = memory.features[top:bottom, left:right]
@@ -278,54 +291,64 @@ class VGRModel(VGRPreTrainedModel):
             raise ValueError(f"pixel_values crops are {tuple(pixel_values.shape[-3:])}, expected (3, {crop}, {crop})")
         return pixel_values.to(self.vision_tower.dtype)
 
-    def visual_embeddings(self, input_ids, prompt_tokens, memories, replay_boxes) -> torch.Tensor:
-        """Features for every image placeholder of `input_ids`, in order: a run of placeholders right after `<eot>` is a
-        replay span (the pooled region of S under that row's next box in `replay_boxes`, on the row's last image);
-        every other run is filled with the prompt tokens of the next images. Returns `(num_placeholders, hidden)`."""
+    def visual_embeddings(self, input_ids, prompt_tokens, memory: FeatureMemory, replay_boxes):
+        """Features for the image placeholders of `input_ids`.
+
+        A run of placeholders right after `<eot>` is a replay span: the pooled region of S under the row's next box in
+        `replay_boxes`, on the row's last image. Every other run is filled with the prompt tokens of the next images
+        (in order, across rows); without `prompt_tokens` (a decoding step) it is left as plain token embeddings.
+
+        Returns the mask of filled positions `(batch, seq)`, their features `(num_filled, hidden)` in row-major
+        order, and for each row the index of its last image (for `FeatureMemory.row_images`)."""
         config = self.config
         replay_boxes = _as_box_lists(replay_boxes, input_ids.shape[0])
-        pieces, next_image = [], 0
+        fill_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        pieces, row_images, next_image = [], [], 0
         for row, ids in enumerate(input_ids.tolist()):
-            row_memory, boxes = None, list(replay_boxes[row])
+            row_image, boxes = memory.row_images[row], list(replay_boxes[row])
             for start, length in _runs(ids, config.image_token_id):
                 if start > 0 and ids[start - 1] == config.eot_token_id:
                     if not boxes:
                         raise ValueError(f"row {row}: a replay span at position {start} has no box in replay_boxes")
-                    if row_memory is None:
+                    if row_image is None:
                         raise ValueError(f"row {row}: a replay span at position {start} comes before any image")
                     box = boxes.pop(0)
-                    tokens = self.replay_tokens(row_memory, box)
+                    tokens = self.replay_tokens(memory.images[row_image], box)
                     if tokens.shape[0] != length:
                         raise ValueError(
                             f"row {row}: the replay span at position {start} has {length} placeholders but the box "
                             f"{tuple(box)} replays {tokens.shape[0]} tokens"
                         )
-                    pieces.append(tokens)
-                    continue
-                while length > 0:
-                    if next_image >= len(prompt_tokens):
-                        raise ValueError(
-                            f"input_ids has more image placeholders than the {len(prompt_tokens)} image(s) provide "
-                            f"(row {row}, position {start})"
-                        )
-                    tokens = prompt_tokens[next_image]
-                    if tokens.shape[0] > length:
-                        raise ValueError(
-                            f"row {row}: image {next_image} needs {tokens.shape[0]} placeholders but the run at "
-                            f"position {start} has {length} left; was the text expanded by a processor with another "
-                            "geometry?"
-                        )
-                    pieces.append(tokens)
-                    row_memory = memories[next_image]
-                    next_image += 1
-                    length -= tokens.shape[0]
+                elif not prompt_tokens:
+                    continue  # a generated <image> token: plain text
+                else:
+                    filled, run_tokens = start, []
+                    while filled < start + length:
+                        if next_image >= len(prompt_tokens):
+                            raise ValueError(
+                                f"input_ids has more image placeholders than the {len(prompt_tokens)} image(s) provide "
+                                f"(row {row}, position {filled})"
+                            )
+                        image_tokens = prompt_tokens[next_image]
+                        if image_tokens.shape[0] > start + length - filled:
+                            raise ValueError(
+                                f"row {row}: image {next_image} needs {image_tokens.shape[0]} placeholders but the run "
+                                f"at position {filled} has {start + length - filled} left; was the text expanded by a "
+                                "processor with another geometry?"
+                            )
+                        run_tokens.append(image_tokens)
+                        filled += image_tokens.shape[0]
+                        row_image, next_image = next_image, next_image + 1
+                    tokens = torch.cat(run_tokens)
+                fill_mask[row, start : start + length] = True
+                pieces.append(tokens)
             if boxes:
                 raise ValueError(f"row {row}: replay_boxes has {len(boxes)} box(es) more than the row's replay spans")
-        if next_image != len(prompt_tokens):
-            raise ValueError(
-                f"{len(prompt_tokens)} image(s) were given but input_ids has placeholders for {next_image}"
-            )
-        return torch.cat(pieces)
+            row_images.append(row_image)
+        if prompt_tokens and next_image != len(prompt_tokens):
+            raise ValueError(f"{len(prompt_tokens)} image(s) were given but input_ids has placeholders for {next_image}")
+        features = torch.cat(pieces) if pieces else None
+        return fill_mask, features, row_images
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -338,26 +361,38 @@ class VGRModel(VGRPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         replay_boxes=None,
+        feature_memory: FeatureMemory | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> VGRModelOutputWithPast:
+        r"""
+        replay_boxes: per row, the normalized box of each replay span (see `VGRForConditionalGeneration.forward`).
+        feature_memory (`FeatureMemory`, *optional*):
+            The memory of an earlier forward over the same rows (generation): replay spans are cut from it without
+            running the vision tower.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        memories = None
+        prompt_tokens = []
         if pixel_values is not None and pixel_values.shape[0] > 0:
             if input_ids is None:
                 raise ValueError("images need input_ids: the image placeholders say where their tokens go")
             if image_sizes is None:
                 raise ValueError("pixel_values were given without image_sizes")
-            prompt_tokens, memories = self.encode_images(pixel_values, image_sizes)
-            visual = self.visual_embeddings(input_ids, prompt_tokens, memories, replay_boxes)  # (num_placeholders, d)
-            placeholder_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-            inputs_embeds = inputs_embeds.masked_scatter(placeholder_mask, visual.to(inputs_embeds.dtype))
-        elif input_ids is not None and _is_prefill(cache) and (input_ids == self.config.image_token_id).any():
-            raise ValueError("input_ids has image placeholders but no pixel_values were given")
+            prompt_tokens, image_memories = self.encode_images(pixel_values, image_sizes)
+            feature_memory = FeatureMemory(image_memories, [None] * input_ids.shape[0])
+        elif input_ids is not None and feature_memory is None and _is_prefill(cache):
+            if (input_ids == self.config.image_token_id).any():
+                raise ValueError("input_ids has image placeholders but no pixel_values were given")
+
+        if feature_memory is not None:
+            fill_mask, visual, row_images = self.visual_embeddings(input_ids, prompt_tokens, feature_memory, replay_boxes)
+            feature_memory = FeatureMemory(feature_memory.images, row_images)
+            if visual is not None:  # (num_filled, hidden)
+                inputs_embeds = inputs_embeds.masked_scatter(fill_mask.unsqueeze(-1), visual.to(inputs_embeds.dtype))
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -372,7 +407,7 @@ class VGRModel(VGRPreTrainedModel):
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            feature_memory=memories,
+            feature_memory=feature_memory,
         )
 
 
@@ -408,6 +443,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         replay_boxes=None,
+        feature_memory: FeatureMemory | None = None,
         labels: torch.LongTensor | None = None,
         box_targets=None,
         use_cache: bool | None = None,
@@ -423,6 +459,9 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, GenerationMixin):
         box_targets (`list[list[tuple]]` or `torch.FloatTensor`, *optional*):
             Per row, the normalized `(x1, y1, x2, y2)` target of each `<eot>` of the row, in order (`None` for an
             `<eot>` without a target). Enables the detection loss.
+        feature_memory (`FeatureMemory`, *optional*):
+            The memory of an earlier forward over the same rows: replay spans are cut from it and the vision tower is
+            not run (generation passes it on every step).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -433,6 +472,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             replay_boxes=replay_boxes,
+            feature_memory=feature_memory,
             use_cache=use_cache,
             **kwargs,
         )
