@@ -96,3 +96,22 @@ def extract_final_answer(text: str) -> str | None:
     """The text after the last "Final answer:", stripped; `None` if there is none."""
     matches = list(_FINAL_ANSWER.finditer(text))
     return text[matches[-1].end() :].strip() if matches else None
+
+
+# Characters that may stand between <sot> and <eot> in a box the model writes.
+BOX_CHARACTERS = frozenset("0123456789.,[]-+ ")
+
+
+def box_token_table(tokenizer) -> dict[str, list]:
+    """The id-to-text table the model reads boxes with (`generate` gets no tokenizer from the pipeline): every token
+    whose text is made of digits, ".", ",", "[", "]", signs and spaces. Store it in the config:
+    `model.config.update(box_token_table(tokenizer))`."""
+    ids, texts = [], []
+    for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        if token_id in tokenizer.added_tokens_decoder:
+            continue
+        text = tokenizer.convert_tokens_to_string([token]) if not token.startswith("▁") else " " + token[1:]
+        if text and set(text) <= BOX_CHARACTERS:
+            ids.append(token_id)
+            texts.append(text)
+    return {"box_token_ids": ids, "box_token_texts": texts}

@@ -80,6 +80,16 @@ class VGRConfig(PreTrainedConfig):
         Weight of the L1 loss on the detection head's (cx, cy, w, h).
     box_giou_weight (`float`, *optional*, defaults to 2.0):
         Weight of the GIoU loss on the detection head's box (corner form).
+    max_replays (`int`, *optional*, defaults to 8):
+        Replays per generated row at most; past it `<eot>` is plain text.
+    max_replay_tokens (`int`, *optional*, defaults to 4096):
+        Replayed tokens per generated row at most.
+    box_token_ids (`list[int]`, *optional*):
+        Ids of the tokens a box can be written with (digits, ".", ",", brackets, spaces), with their texts in
+        `box_token_texts`: `generate` reads boxes with them, as it gets no tokenizer. Set from the tokenizer with
+        `config.update(processor.box_token_table())`.
+    box_token_texts (`list[str]`, *optional*):
+        The text of each of `box_token_ids`.
     """
 
     model_type = "vgr"
@@ -108,6 +118,10 @@ class VGRConfig(PreTrainedConfig):
     multimodal_projector_bias: bool = True
     box_l1_weight: float = 1.0
     box_giou_weight: float = 2.0
+    max_replays: int = 8
+    max_replay_tokens: int = 4096
+    box_token_ids: list[int] | None = None
+    box_token_texts: list[str] | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -120,6 +134,12 @@ class VGRConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={token_id} is outside the language model's vocabulary (size {vocab_size})")
         if len({self.image_token_id, self.sot_token_id, self.eot_token_id}) != 3:
             raise ValueError("image_token_id, sot_token_id and eot_token_id must be three different ids")
+        if self.max_replays < 0 or self.max_replay_tokens < 0:
+            raise ValueError("max_replays and max_replay_tokens must not be negative")
+        if (self.box_token_ids is None) != (self.box_token_texts is None) or (
+            self.box_token_ids is not None and len(self.box_token_ids) != len(self.box_token_texts)
+        ):
+            raise ValueError("box_token_ids and box_token_texts must be given together, with one text per id")
         num_layers = self.vision_config.num_hidden_layers
         if not -num_layers - 1 <= self.vision_feature_layer <= num_layers:
             raise ValueError(

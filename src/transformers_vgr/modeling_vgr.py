@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
@@ -18,6 +18,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
+from .generation_vgr import VGRGenerationMixin
 from .geometry_vgr import TileGeometry, unpadded_span
 
 
@@ -411,8 +412,9 @@ class VGRModel(VGRPreTrainedModel):
         )
 
 
-class VGRForConditionalGeneration(VGRPreTrainedModel, GenerationMixin):
-    """VGR with a language-modeling head and the detection head on `<eot>` hidden states."""
+class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
+    """VGR with a language-modeling head and the detection head on `<eot>` hidden states. Its `generate` replays the
+    box's region of the feature memory after each `<eot>` (see `generation_vgr.py`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 

@@ -11,6 +11,7 @@ from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpa
 from .box_text_vgr import (
     EOT_TOKEN,
     SOT_TOKEN,
+    box_token_table,
     extract_final_answer,
     find_boxes,
     format_box,
@@ -201,6 +202,11 @@ class VGRProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs) for ids in sequences]
+
+    def box_token_table(self) -> dict[str, list]:
+        """The tokens boxes are written with and their texts, for the model config: `generate` reads the boxes the
+        model writes without a tokenizer. `model.config.update(processor.box_token_table())`."""
+        return box_token_table(self.tokenizer)
 
     # Box text helpers, also reachable from the processor as transformers users expect.
     format_box = staticmethod(format_box)
