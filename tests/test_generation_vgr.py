@@ -342,3 +342,25 @@ class TestGenerateOptions:
         with pytest.raises(ValueError, match="box_token_ids"):
             bare.generate(**inputs, max_new_tokens=3)
         bare.generate(**inputs, max_new_tokens=3, tokenizer=processor.tokenizer)  # the table is built from it
+
+
+class TestPostProcessing:
+    def test_text_boxes_final_answer_and_drawing(self, setup, images):
+        model, processor = setup
+        image = images["rocket_640x427"]
+        inputs = make_inputs(processor, images, ["rocket_640x427"])
+        answer = f"See {BOX_A} and {BOX_B}. Final answer: rocket</s>"
+        output = generate(model, processor, inputs, [(0, 0, answer)], eos_token_id=2, max_new_tokens=80)
+        new_ids = output.sequences[:, inputs["input_ids"].shape[1]:]
+        assert processor.post_process_image_text_to_text(new_ids) == [answer[: -len("</s>")]]
+        result = processor.post_process_generation(new_ids, image_sizes=inputs["image_sizes"])[0]
+        assert result["boxes"] == [pytest.approx((0.1, 0.2, 0.5, 0.6)), pytest.approx((0.55, 0.05, 0.95, 0.45))]
+        assert result["pixel_boxes"][0] == pytest.approx((64.0, 85.4, 320.0, 256.2))
+        assert result["final_answer"] == "rocket"
+        assert [r.valid for r in output.replays[0]] == [True, True]
+
+        drawn = processor.draw_boxes(image, result["boxes"])
+        assert drawn.size == image.size and drawn is not image
+        pixels = drawn.load()
+        assert pixels[64, 150] == (255, 40, 40)  # on the left edge of box 1
+        assert pixels[200, 170] == image.convert("RGB").load()[200, 170]  # inside box 1, untouched

@@ -10,8 +10,17 @@ from transformers import (
     AutoProcessor,
 )
 
-from .box_text_vgr import extract_final_answer, find_boxes, format_box, format_grounded_box, parse_boxes
+from .box_text_vgr import (
+    box_token_table,
+    draw_boxes,
+    extract_final_answer,
+    find_boxes,
+    format_box,
+    format_grounded_box,
+    parse_boxes,
+)
 from .configuration_vgr import VGRConfig
+from .generation_vgr import ReplayRecord, VGRGenerateOutput
 from .geometry_vgr import VGRGeometry, llava_next_prompt_tokens
 from .image_processing_vgr import VGRImageProcessor
 from .modeling_vgr import VGRForConditionalGeneration, VGRModel, VGRPreTrainedModel
@@ -33,6 +42,10 @@ __all__ = [
     "VGRModel",
     "VGRPreTrainedModel",
     "VGRForConditionalGeneration",
+    "VGRGenerateOutput",
+    "ReplayRecord",
+    "box_token_table",
+    "draw_boxes",
     "extract_final_answer",
     "find_boxes",
     "format_box",

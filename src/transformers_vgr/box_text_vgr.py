@@ -115,3 +115,19 @@ def box_token_table(tokenizer) -> dict[str, list]:
             ids.append(token_id)
             texts.append(text)
     return {"box_token_ids": ids, "box_token_texts": texts}
+
+
+def draw_boxes(image, boxes, color=(255, 40, 40), width: int = 3):
+    """A copy of a PIL `image` with each normalized box drawn and numbered (1, 2, ...) in order."""
+    from PIL import ImageDraw
+
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    for number, box in enumerate(boxes, start=1):
+        x1, y1, x2, y2 = to_pixel_box(box, (canvas.height, canvas.width))
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
+        label = str(number)
+        left, top, right, bottom = draw.textbbox((x1, y1), label)
+        draw.rectangle([x1, y1, x1 + (right - left) + 6, y1 + (bottom - top) + 6], fill=color)
+        draw.text((x1 + 3, y1 + 1), label, fill=(255, 255, 255))
+    return canvas

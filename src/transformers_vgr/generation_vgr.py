@@ -7,6 +7,8 @@ feature memory S is pooled and its K tokens are fed right after `<eot>` through 
 recomputed and the vision tower is not rerun. The stock `generate` loop of transformers runs everything else
 (sampling, logits processors, stopping criteria, streamers); VGR hooks into it in one place, `VGRGenerationMixin`:
 
+- a stopping criterion of its own decides, as soon as tokens are appended, which fresh `<eot>` replays (box, caps,
+  context size) and stops a row whose replay would overflow the context;
 - `prepare_inputs_for_generation` turns the step after an `<eot>` into a chunk: `[pad.., <eot>, r_1 .. r_K]` for a
   replaying row and `[pad .. pad, token]` for the others (pads masked), so the last position of every row is the one
   whose logits pick the next token. The replayed positions live in the cache and in the attention mask kept here,

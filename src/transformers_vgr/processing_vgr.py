@@ -12,6 +12,8 @@ from .box_text_vgr import (
     EOT_TOKEN,
     SOT_TOKEN,
     box_token_table,
+    draw_boxes,
+    to_pixel_box,
     extract_final_answer,
     find_boxes,
     format_box,
@@ -203,6 +205,23 @@ class VGRProcessor(ProcessorMixin):
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs) for ids in sequences]
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Generated ids as text that keeps `<sot>[x1, y1, x2, y2]<eot>` exactly (used by the pipeline)."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def post_process_generation(self, generated_ids, image_sizes=None) -> list[dict]:
+        """Per row: `text` (boxes kept), `boxes` (normalized, valid ones in order), `pixel_boxes` (when `image_sizes`
+        (height, width) per row are given) and `final_answer` (the text after "Final answer:", or None)."""
+        results = []
+        for row, text in enumerate(self.batch_decode(generated_ids, skip_special_tokens=True)):
+            boxes = parse_boxes(text)
+            result = {"text": text, "boxes": boxes, "final_answer": extract_final_answer(text)}
+            if image_sizes is not None:
+                size = [int(v) for v in image_sizes[row]]
+                result["pixel_boxes"] = [to_pixel_box(box, size) for box in boxes]
+            results.append(result)
+        return results
+
     def box_token_table(self) -> dict[str, list]:
         """The tokens boxes are written with and their texts, for the model config: `generate` reads the boxes the
         model writes without a tokenizer. `model.config.update(processor.box_token_table())`."""
@@ -214,6 +233,7 @@ class VGRProcessor(ProcessorMixin):
     find_boxes = staticmethod(find_boxes)
     parse_boxes = staticmethod(parse_boxes)
     extract_final_answer = staticmethod(extract_final_answer)
+    draw_boxes = staticmethod(draw_boxes)
 
     @property
     def model_input_names(self):
