@@ -27,12 +27,19 @@ from .modeling_vgr import VGRForConditionalGeneration, VGRModel, VGRPreTrainedMo
 from .processing_vgr import VGRProcessor
 
 
-# Auto classes: AutoModel resolves to the generative class, as hub VLMs with remote code do.
+# Auto classes in this process: AutoModel resolves to the generative class, as hub VLMs with remote code do.
 AutoConfig.register("vgr", VGRConfig, exist_ok=True)
 AutoModel.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(VGRConfig, slow_image_processor_class=VGRImageProcessor, exist_ok=True)
 AutoProcessor.register(VGRConfig, VGRProcessor, exist_ok=True)
+
+# ... and in saved folders: `save_pretrained` writes `auto_map` and copies the flat modules, so the folder loads with
+# `trust_remote_code=True` where this package is not installed.
+VGRConfig.register_for_auto_class()
+VGRForConditionalGeneration.register_for_auto_class("AutoModel")
+VGRImageProcessor.register_for_auto_class("AutoImageProcessor")
+VGRProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "VGRConfig",

@@ -434,6 +434,17 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A class registers one auto class (AutoModel); the image-text-to-text pipeline loads through
+        # AutoModelForImageTextToText, so its auto_map entry is added here, next to the copied remote code.
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModelForImageTextToText": f"{module}.{type(self).__name__}",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,

@@ -26,6 +26,12 @@ from .box_text_vgr import (
 
 IMAGE_TOKEN = "<image>"
 
+# The prompt VGR's authors use at inference; format it with `question=`.
+REASONING_PROMPT = (
+    "Think step by step and answer the following question, you need to reference the key area with "
+    '"<sot>[x1, y1, x2, y2]<eot>" bounding-box format and give the final answer with "Final answer:". {question}'
+)
+
 VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -75,7 +81,7 @@ def add_vgr_tokens(tokenizer) -> None:
     if missing:
         tokenizer.add_tokens(missing, special_tokens=False)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
+        tokenizer.add_special_tokens({"pad_token": tokenizer.unk_token})  # saved with the tokenizer, unlike an attribute
 
 
 class VGRProcessor(ProcessorMixin):

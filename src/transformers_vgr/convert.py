@@ -1,0 +1,213 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""Convert LLaVA-NeXT weights into a VGR starting point (not shipped with checkpoints).
+
+    python -m transformers_vgr.convert --source llava-next SRC --output OUT        # transformers' LLaVA-NeXT layout
+    python -m transformers_vgr.convert --source llava SRC --output OUT             # the original LLaVA training layout
+
+The vision tower, projector and language model are copied; `<image>`, `<sot>` and `<eot>` are added to the tokenizer
+if missing (embeddings grown to fit, new rows set to the mean of the old ones); the detection head is new. Every key
+is checked: a source key with no place in VGR, a VGR weight that nothing fills, or a shape that does not fit is an
+error, never a silent random init. Weights are read from safetensors, or from `.bin` with `torch.load(weights_only=True)`.
+"""
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from .box_text_vgr import EOT_TOKEN, SOT_TOKEN, box_token_table
+from .configuration_vgr import CLIP_L14_336, VGRConfig
+from .image_processing_vgr import VGRImageProcessor
+from .modeling_vgr import VGRForConditionalGeneration
+from .processing_vgr import IMAGE_TOKEN, VGRProcessor, add_vgr_tokens
+
+
+# (source pattern, VGR name) in order; the first match wins.
+LLAVA_NEXT_KEYS = [
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.*)$", r"model.vision_tower.\1"),
+    (r"^(?:model\.)?multi_modal_projector\.(.*)$", r"model.multi_modal_projector.\1"),
+    (r"^(?:model\.)?image_newline$", r"model.image_newline"),
+    (r"^language_model\.lm_head\.(.*)$", r"lm_head.\1"),
+    (r"^lm_head\.(.*)$", r"lm_head.\1"),
+    (r"^language_model\.model\.(.*)$", r"model.language_model.\1"),
+    (r"^model\.language_model\.(.*)$", r"model.language_model.\1"),
+]
+LLAVA_KEYS = [
+    (r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?(.*)$", r"model.vision_tower.\1"),
+    (r"^model\.mm_projector\.0\.(.*)$", r"model.multi_modal_projector.linear_1.\1"),
+    (r"^model\.mm_projector\.2\.(.*)$", r"model.multi_modal_projector.linear_2.\1"),
+    (r"^model\.image_newline$", r"model.image_newline"),
+    (r"^lm_head\.(.*)$", r"lm_head.\1"),
+    (r"^model\.((?:layers|embed_tokens|norm)\..*)$", r"model.language_model.\1"),
+]
+# Weights whose first dimension is the vocabulary: grown when tokens are added.
+VOCAB_WEIGHTS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+
+def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint folder (sharded or not), safetensors first."""
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        state = {}
+        for file in files:
+            state.update(load_file(file))
+        return state
+    files = sorted(folder.glob("*.bin"))
+    if not files:
+        raise ValueError(f"no *.safetensors or *.bin weights in {folder}")
+    state = {}
+    for file in files:
+        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    return state
+
+
+def rename_keys(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    renamed, unmatched = {}, []
+    for key, tensor in state.items():
+        for pattern, replacement in rules:
+            if re.match(pattern, key):
+                renamed[re.sub(pattern, replacement, key)] = tensor
+                break
+        else:
+            unmatched.append(key)
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} source weight(s) have no place in VGR: {unmatched[:10]}")
+    return renamed
+
+
+def config_from_llava_next(source: dict) -> dict:
+    """VGRConfig arguments from a transformers LLaVA-NeXT config."""
+    return dict(
+        vision_config=source["vision_config"],
+        text_config=source["text_config"],
+        vision_feature_layer=source.get("vision_feature_layer", -2),
+        vision_feature_select_strategy=source.get("vision_feature_select_strategy", "default"),
+        projector_hidden_act=source.get("projector_hidden_act", "gelu"),
+        multimodal_projector_bias=source.get("multimodal_projector_bias", True),
+        image_grid_pinpoints=source.get("image_grid_pinpoints"),
+    )
+
+
+def config_from_llava(source: dict, vision_config: dict | None) -> dict:
+    """VGRConfig arguments from an original LLaVA config: a LLaMA config with `mm_*` fields, whose vision tower is
+    named, not described."""
+    if vision_config is None:
+        tower = source.get("mm_vision_tower", "")
+        if "clip-vit-large-patch14-336" not in tower:
+            raise ValueError(f"unknown vision tower {tower!r}: pass its CLIPVisionConfig as --vision-config")
+        vision_config = dict(CLIP_L14_336)
+    if source.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise ValueError(f"only the mlp2x_gelu projector is supported, got {source.get('mm_projector_type')!r}")
+    llava_only = {"architectures", "image_aspect_ratio", "image_grid_pinpoints", "tokenizer_padding_side",
+                  "tokenizer_model_max_length", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "use_mm_proj",
+                  "transformers_version", "_name_or_path", "model_type"}
+    text_config = {k: v for k, v in source.items() if not k.startswith("mm_") and k not in llava_only}
+    return dict(
+        vision_config=vision_config,
+        text_config={"model_type": "llama", **text_config},
+        vision_feature_layer=source.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default" if source.get("mm_vision_select_feature", "patch") == "patch" else "full",
+        image_grid_pinpoints=source.get("image_grid_pinpoints"),
+    )
+
+
+def grow_vocabulary(state: dict[str, torch.Tensor], vocab_size: int) -> None:
+    """New rows of the embeddings and the LM head: the mean of the old rows."""
+    for key in VOCAB_WEIGHTS:
+        weight = state.get(key)
+        if weight is not None and weight.shape[0] < vocab_size:
+            extra = weight.mean(0, keepdim=True).expand(vocab_size - weight.shape[0], -1)
+            state[key] = torch.cat([weight, extra])
+
+
+def convert(source: Path, source_format: str, tokenizer_path: Path | None = None, vision_config: dict | None = None,
+            image_layout: str = "vgr", max_crops: int = 20, snapshot_pool: int = 2, crop_pool: int = 4):
+    """Returns the VGR model and its processor, converted from a LLaVA-NeXT or LLaVA checkpoint folder. With
+    `image_layout="llava_next"` and pools of 1, the result computes what the LLaVA-NeXT checkpoint computes."""
+    source = Path(source)
+    source_config = json.loads((source / "config.json").read_text())
+    if source_format == "llava-next":
+        config_kwargs, rules = config_from_llava_next(source_config), LLAVA_NEXT_KEYS
+    elif source_format == "llava":
+        config_kwargs, rules = config_from_llava(source_config, vision_config), LLAVA_KEYS
+    else:
+        raise ValueError(f"unknown source format {source_format!r}: 'llava-next' or 'llava'")
+    if image_layout != "llava_next":
+        config_kwargs["image_grid_pinpoints"] = None  # VGR's own grids: every tiling up to max_crops
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or source)
+    add_vgr_tokens(tokenizer)
+    text_config = dict(config_kwargs.pop("text_config"))
+    text_config["vocab_size"] = max(text_config.get("vocab_size", 0), _round_up(len(tokenizer), 64))
+    config = VGRConfig(
+        **config_kwargs,
+        text_config=text_config,
+        image_layout=image_layout,
+        max_crops=max_crops,
+        snapshot_pool=snapshot_pool,
+        crop_pool=crop_pool,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        sot_token_id=tokenizer.convert_tokens_to_ids(SOT_TOKEN),
+        eot_token_id=tokenizer.convert_tokens_to_ids(EOT_TOKEN),
+        **box_token_table(tokenizer),
+    )
+    processor = VGRProcessor(VGRImageProcessor.from_model_config(config), tokenizer)
+
+    state = rename_keys(load_state_dict(source), rules)
+    if image_layout == "vgr":
+        state.pop("model.image_newline", None)  # VGR's own layout has no newline tokens
+    grow_vocabulary(state, config.text_config.vocab_size)
+
+    model = VGRForConditionalGeneration(config)
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(key for key in set(expected) - set(state) if not key.startswith("box_head."))
+    wrong_shape = sorted(key for key in set(state) & set(expected) if state[key].shape != expected[key].shape)
+    if unexpected or missing or wrong_shape:
+        raise ValueError(
+            f"the converted weights do not fit VGR: unexpected {unexpected[:10]}, missing {missing[:10]}, "
+            f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong_shape[:10]]}"
+        )
+    model.load_state_dict(state, strict=False)  # only the new detection head keeps its initialization
+    _set_generation_tokens(model, tokenizer)
+    return model, processor
+
+
+def _set_generation_tokens(model, tokenizer) -> None:
+    generation_config = model.generation_config
+    generation_config.bos_token_id = tokenizer.bos_token_id
+    generation_config.eos_token_id = tokenizer.eos_token_id
+    generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="folder of the LLaVA-NeXT or LLaVA checkpoint")
+    parser.add_argument("--source-format", choices=["llava-next", "llava"], required=True)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the source folder)")
+    parser.add_argument("--vision-config", type=Path, help="CLIPVisionConfig JSON (LLaVA layout, non-default tower)")
+    parser.add_argument("--image-layout", choices=["vgr", "llava_next"], default="vgr")
+    parser.add_argument("--max-crops", type=int, default=20)
+    parser.add_argument("--snapshot-pool", type=int, default=2)
+    parser.add_argument("--crop-pool", type=int, default=4)
+    args = parser.parse_args(argv)
+    vision_config = json.loads(args.vision_config.read_text()) if args.vision_config else None
+    model, processor = convert(args.source, args.source_format, args.tokenizer, vision_config, args.image_layout,
+                               args.max_crops, args.snapshot_pool, args.crop_pool)
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    print(f"wrote a VGR starting point to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""A hub checkpoint: exported folder, remote code in a fresh process that cannot import transformers_vgr, loading by
+repo id from an empty, offline Hugging Face cache, the pipeline, and the model card's snippets."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.export import export
+
+from conftest import tiny_config, tiny_processor
+
+
+REPO_ID = "org/vgr-tiny"
+# Every subprocess starts with this: the package must not be importable, only the folder's remote code.
+ISOLATION = "import sys\nsys.modules['transformers_vgr'] = None\n"
+BOX = "<sot>[0.10, 0.20, 0.50, 0.60]<eot>"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny VGR exported with sharded weights and placed in an HF cache layout as `org/vgr-tiny`."""
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    config = tiny_config()
+    processor = tiny_processor(config)
+    model = VGRForConditionalGeneration(config)
+    checkpoint = root / "checkpoint"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    image = root / "photo.jpg"
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 255, (240, 360, 3), dtype=np.uint8)).save(image)
+    folder = export(checkpoint, root / "export", REPO_ID, max_shard_size="4MB", datasets=["vgr-sft"],
+                    base_model="llava-hf/llava-v1.6-vicuna-7b-hf", example_image=image)
+    hf_home = root / "hf_home"
+    snapshot = hf_home / "hub" / ("models--" + REPO_ID.replace("/", "--")) / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    return folder, hf_home, root
+
+
+def run_isolated(code: str, hf_home: Path, cwd: Path) -> str:
+    """Run `code` in a fresh Python that cannot import transformers_vgr, offline, with its own HF cache."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", ISOLATION + textwrap.dedent(code)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_export_folder(exported):
+    folder, _, _ = exported
+    names = {path.name for path in folder.iterdir()}
+    shards = sorted(name for name in names if name.endswith(".safetensors"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in names
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
+    for module in ("configuration_vgr.py", "modeling_vgr.py", "generation_vgr.py", "geometry_vgr.py",
+                   "box_text_vgr.py", "image_processing_vgr.py", "processing_vgr.py"):
+        assert module in names
+    assert {"generation_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "README.md", "example.png"} <= names
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_vgr.VGRConfig",
+        "AutoModel": "modeling_vgr.VGRForConditionalGeneration",
+        "AutoModelForImageTextToText": "modeling_vgr.VGRForConditionalGeneration",
+    }
+    assert len(config["box_token_ids"]) == len(config["box_token_texts"]) > 20
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_vgr.VGRProcessor"
+    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == "image_processing_vgr.VGRImageProcessor"
+    assert json.loads((folder / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
+    card = (folder / "README.md").read_text()
+    front = card.split("---")[1]
+    for line in ("license: apache-2.0", "library_name: transformers", "pipeline_tag: image-text-to-text",
+                 "  - vgr-sft", "  - llava-hf/llava-v1.6-vicuna-7b-hf", "  - custom_code"):
+        assert line in front.splitlines()
+
+
+def test_remote_code_in_a_fresh_process(exported):
+    folder, hf_home, root = exported
+    state = {}
+    for shard in folder.glob("*.safetensors"):
+        state.update(load_file(shard))
+    torch.save({key: value.sum().item() for key, value in state.items()}, root / "sums.pt")
+    output = run_isolated(f"""
+        import re, torch
+        from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText,
+                                  AutoProcessor, AutoTokenizer)
+        try:
+            import transformers_vgr
+            raise SystemExit("transformers_vgr is importable")
+        except ImportError:
+            pass
+        folder = {str(folder)!r}
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        assert type(config).__name__ == "VGRConfig" and type(config).__module__.startswith("transformers_modules")
+        sums = torch.load({str(root / "sums.pt")!r})
+        for auto in (AutoModel, AutoModelForImageTextToText):
+            model, info = auto.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+            assert type(model).__name__ == "VGRForConditionalGeneration", type(model)
+            assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+            weights = model.state_dict()
+            assert set(weights) == set(sums)
+            assert all(abs(weights[k].sum().item() - v) <= 1e-6 * max(1.0, abs(v)) for k, v in sums.items())
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert type(processor).__name__ == "VGRProcessor"
+        assert type(AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)).__name__ == "VGRImageProcessor"
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        assert tokenizer.convert_tokens_to_ids(["<image>", "<sot>", "<eot>"]) == [32000, 32001, 32002]
+        assert "<image>" in tokenizer.all_special_tokens and "<sot>" not in tokenizer.all_special_tokens
+
+        # dtype="auto" keeps the saved fp32; bf16 on request; attention implementations; device_map through accelerate
+        assert AutoModel.from_pretrained(folder, trust_remote_code=True, dtype="auto").dtype == torch.float32
+        bf16 = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)
+        assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+        for implementation in ("sdpa", "eager"):
+            model = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation=implementation)
+            assert model.model.language_model.config._attn_implementation == implementation
+        mapped = AutoModel.from_pretrained(folder, trust_remote_code=True, device_map="auto")
+        assert {{p.device.type for p in mapped.parameters()}} == {{"cpu"}}
+        from accelerate import infer_auto_device_map
+        # a budget that cannot hold the model on one device: whole layers move, none is split
+        device_map = infer_auto_device_map(mapped, max_memory={{"cpu": "12MB", "disk": "1GB"}},
+                                           no_split_module_classes=mapped._no_split_modules)
+        assert set(device_map.values()) == {{"cpu", "disk"}}
+        for name in device_map:
+            assert not re.search(r"layers\.\d+\.", name), name  # decoder / encoder layers are never cut
+        assert {{"CLIPEncoderLayer", "LlamaDecoderLayer"}} <= set(mapped._no_split_modules)
+        from PIL import Image
+        image = Image.open("example.png")
+        inputs = processor(images=image, text="USER: <image>\\nWhat? ASSISTANT:", return_tensors="pt")
+        out = mapped.generate(**inputs, max_new_tokens=4, return_dict_in_generate=True)
+        assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4 and out.replays == [[]]
+        print("ok")
+    """, hf_home, folder)
+    assert output.strip().endswith("ok")
+
+
+def test_load_by_repo_id_from_an_offline_cache(exported):
+    _, hf_home, root = exported
+    output = run_isolated(f"""
+        from transformers import AutoConfig, AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({REPO_ID!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({REPO_ID!r}, trust_remote_code=True)
+        print(type(model).__name__, type(processor).__name__, AutoConfig.from_pretrained({REPO_ID!r},
+              trust_remote_code=True).model_type)
+    """, hf_home, root)
+    assert output.split() == ["VGRForConditionalGeneration", "VGRProcessor", "vgr"]
+
+
+def test_model_card_snippets_run(exported, tmp_path):
+    folder, hf_home, _ = exported
+    snippets = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), flags=re.DOTALL)
+    assert len(snippets) == 2
+    shutil.copy(folder / "example.png", tmp_path / "example.png")
+    for snippet in snippets:
+        assert REPO_ID in snippet
+        run_isolated(snippet, hf_home, tmp_path)
+    assert (tmp_path / "boxes.png").exists()
+
+
+def test_pipeline_runs_the_replay_loop(exported):
+    _, hf_home, root = exported
+    (root / "example.png").write_bytes((exported[0] / "example.png").read_bytes())
+    output = run_isolated(f"""
+        import torch
+        from PIL import Image
+        from transformers import LogitsProcessor, LogitsProcessorList, pipeline
+
+        pipe = pipeline("image-text-to-text", model={REPO_ID!r}, trust_remote_code=True)
+        box_ids = pipe.processor.tokenizer({BOX!r}, add_special_tokens=False).input_ids
+
+        class WriteBox(LogitsProcessor):  # writes the box from the second generated token on
+            def __init__(self):
+                self.prompt_length = None
+            def __call__(self, input_ids, scores):
+                self.prompt_length = self.prompt_length or input_ids.shape[1]
+                step = input_ids.shape[1] - self.prompt_length - 1
+                scores = scores.clone()
+                if 0 <= step < len(box_ids):
+                    scores[:] = -float("inf")
+                    scores[:, box_ids[step]] = 0
+                return scores
+
+        replays = []
+        replay_tokens = type(pipe.model.model).replay_tokens
+        type(pipe.model.model).replay_tokens = lambda self, memory, box: replays.append(box) or replay_tokens(self, memory, box)
+        image = Image.open("example.png")
+        messages = [{{"role": "user", "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "Where?"}}]}}]
+        chat = pipe(text=messages, max_new_tokens=40, generate_kwargs={{"logits_processor": LogitsProcessorList([WriteBox()])}})
+        answer = chat[0]["generated_text"][-1]["content"]
+        assert {BOX!r} in answer, answer
+        assert len(replays) == 1 and tuple(round(v, 2) for v in replays[0]) == (0.1, 0.2, 0.5, 0.6)
+        plain = pipe(images=image, text="USER: <image>\\nWhere? ASSISTANT:", max_new_tokens=40,
+                     generate_kwargs={{"logits_processor": LogitsProcessorList([WriteBox()])}})
+        assert {BOX!r} in plain[0]["generated_text"]
+        assert len(replays) == 2
+        print("ok")
+    """, hf_home, root)
+    assert output.strip().endswith("ok")
