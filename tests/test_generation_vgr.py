@@ -364,3 +364,58 @@ class TestPostProcessing:
         pixels = drawn.load()
         assert pixels[64, 150] == (255, 40, 40)  # on the left edge of box 1
         assert pixels[200, 170] == image.convert("RGB").load()[200, 170]  # inside box 1, untouched
+
+
+class TestReviewedEdges:
+    def test_unsupported_modes_from_the_model_generation_config(self, setup, images):
+        from transformers import GenerationConfig
+
+        model, processor = setup
+        inputs = make_inputs(processor, images, ["chelsea_451x300"])
+        model.generation_config.num_beams = 2
+        try:
+            with pytest.raises(ValueError, match="beam search"):
+                model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=5))
+        finally:
+            model.generation_config.num_beams = None
+        for kwargs, message in [(dict(inputs_embeds=torch.zeros(1, 3, 64)), "input_ids"),
+                                (dict(assistant_early_exit=1), "assisted decoding")]:
+            with pytest.raises(ValueError, match=message):
+                model.generate(**inputs, max_new_tokens=3, **kwargs)
+
+    def test_the_model_never_writes_image_placeholders(self, setup, images):
+        model, processor = setup
+
+        class PreferImage(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                scores = scores.clone()
+                scores[:, model.config.image_token_id] = 1e9
+                return scores
+
+        inputs = make_inputs(processor, images, ["chelsea_451x300"])
+        # positional logits_processor, as in the stock signature
+        sequences = model.generate(inputs["input_ids"], None, LogitsProcessorList([PreferImage()]),
+                                   pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                   attention_mask=inputs["attention_mask"], max_new_tokens=6, do_sample=False)
+        assert model.config.image_token_id not in sequences[0, inputs["input_ids"].shape[1]:].tolist()
+
+    def test_a_row_stopped_on_its_eot_does_not_replay(self, setup, images):
+        model, processor = setup
+
+        class StopRowZeroOnEot(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+                done[0] = input_ids[0, -1] == model.config.eot_token_id
+                return done
+
+        names, questions = ["chelsea_451x300", "rocket_640x427"], [QUESTION, "Which?"]
+        batch = make_inputs(processor, images, names, questions)
+        output = generate(model, processor, batch, [(0, 0, BOX_A), (1, 3, BOX_B)], eos_token_id=2, pad_token_id=0,
+                          stopping_criteria=StoppingCriteriaList([StopRowZeroOnEot()]))
+        ended = output.replays[0][0]
+        assert not ended.valid and ended.reason == "generation ended at this <eot>" and ended.head_box is None
+        assert output.replays[1][0].valid
+        alone_inputs = make_inputs(processor, images, names[1:], questions[1:])
+        alone = generate(model, processor, alone_inputs, [(0, 3, BOX_B)], eos_token_id=2, pad_token_id=0)
+        width = batch["input_ids"].shape[1]
+        assert output.sequences[1, width:].tolist() == alone.sequences[0, alone_inputs["input_ids"].shape[1]:].tolist()

@@ -376,3 +376,13 @@ def test_auto_classes_load_the_saved_model(tmp_path):
         assert type(loaded) is VGRForConditionalGeneration
         for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
             assert torch.equal(a, b), name
+
+
+def test_feature_memory_does_not_stand_for_prompt_images(images):
+    config = tiny_config()
+    model, processor = VGRForConditionalGeneration(config).eval(), tiny_processor(config)
+    inputs = processor(images=images["chelsea_451x300"], text=chat(), return_tensors="pt")
+    with torch.no_grad():
+        memory = model(**inputs).feature_memory
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"], feature_memory=memory)

@@ -113,7 +113,9 @@ class TestBoxText:
             ("[0.1, 0.2, 0.3]", "unparsable"),
             ("0.1, 0.2, 0.3, 0.4", "unparsable"),
             ("[nan, 0.2, 0.3, 0.4]", "unparsable"),
-            ("[1e999, 0.2, 0.3, 0.4]", "not finite"),
+            ("[1e-1, 0.2, 0.3, 0.4]", "unparsable"),
+            ("[0.1,\t0.2, 0.3, 0.4]", "unparsable"),
+            ("[" + "9" * 400 + ", 0.2, 0.3, 0.4]", "not finite"),
             ("[0.5, 0.2, 0.3, 0.4]", "empty"),
             ("[0.1, 0.4, 0.3, 0.4]", "empty"),
             ("[1.5, 1.5, 2.0, 2.0]", "outside"),
@@ -201,7 +203,8 @@ class TestBadInput:
         with pytest.raises(ValueError, match="before any image"):
             processor(images=images["chelsea_451x300"], text="<sot>[0, 0, 1, 1]<eot><image> then <image>")
 
-    @pytest.mark.parametrize("box", ["[nan, 0.1, 0.5, 0.5]", "[0.1, 0.1, inf, 0.5]", "[0.6, 0.1, 0.5, 0.5]", "[1e999, 0.1, 0.5, 0.5]"])
+    @pytest.mark.parametrize("box", ["[nan, 0.1, 0.5, 0.5]", "[0.1, 0.1, inf, 0.5]", "[0.6, 0.1, 0.5, 0.5]", "[1e999, 0.1, 0.5, 0.5]",
+                                     "[" + "9" * 400 + ", 0.1, 0.5, 0.5]"])
     def test_replay_marker_after_an_invalid_box(self, processor, images, box):
         with pytest.raises(ValueError, match="invalid"):
             processor(images=images["chelsea_451x300"], text=f"<image> look <sot>{box}<eot><image>")

@@ -15,8 +15,10 @@ SOT_TOKEN = "<sot>"
 EOT_TOKEN = "<eot>"
 FINAL_ANSWER_PREFIX = "Final answer:"
 
-_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-_BOX_BODY = re.compile(rf"\s*\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]\s*")
+# Plain decimals and spaces only: the same characters as BOX_CHARACTERS, so that the boxes read from text and the
+# boxes the model reads from token ids while it generates are the same boxes.
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_BOX_BODY = re.compile(rf" *\[ *({_NUMBER}) *, *({_NUMBER}) *, *({_NUMBER}) *, *({_NUMBER}) *\] *")
 _TAG = re.compile(r"<(sot|eot)>", re.IGNORECASE)
 _GROUNDED_BOX = re.compile(r"<sot>(.*?)<eot>", re.IGNORECASE | re.DOTALL)
 _FINAL_ANSWER = re.compile(r"final answer\s*:", re.IGNORECASE)

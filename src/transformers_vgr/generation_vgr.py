@@ -7,8 +7,9 @@ feature memory S is pooled and its K tokens are fed right after `<eot>` through 
 recomputed and the vision tower is not rerun. The stock `generate` loop of transformers runs everything else
 (sampling, logits processors, stopping criteria, streamers); VGR hooks into it in one place, `VGRGenerationMixin`:
 
-- a stopping criterion of its own decides, as soon as tokens are appended, which fresh `<eot>` replays (box, caps,
-  context size) and stops a row whose replay would overflow the context;
+- after the stopping criteria of the call (`_get_stopping_criteria`), VGR's own step decides, as soon as tokens are
+  appended, which fresh `<eot>` of a still unfinished row replays (box, caps, context size), and stops a row whose
+  replay would overflow the context;
 - `prepare_inputs_for_generation` turns the step after an `<eot>` into a chunk: `[pad.., <eot>, r_1 .. r_K]` for a
   replaying row and `[pad .. pad, token]` for the others (pads masked), so the last position of every row is the one
   whose logits pick the next token. The replayed positions live in the cache and in the attention mask kept here,
@@ -23,7 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationMixin
-from transformers.generation import StoppingCriteria, StoppingCriteriaList
+from transformers.generation import (
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    SuppressTokensLogitsProcessor,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .box_text_vgr import box_token_table, parse_box, to_pixel_box
@@ -70,6 +76,7 @@ class ReplayState:
     next_position: torch.Tensor | None = None  # (batch,) position id of each row's next real token
     records: list[list[ReplayRecord]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)  # rows any stopping criterion has finished
     replayed_tokens: list[int] = field(default_factory=list)
     head_box_rows: list[int] = field(default_factory=list)  # rows whose last record waits for its head box
     plans: list | None = None  # decided when the tokens are appended, consumed by the next step
@@ -82,6 +89,7 @@ class ReplayState:
         self.next_position = position_ids[:, -1] + 1
         self.records = [[] for _ in range(batch)]
         self.finish_reasons = [None] * batch
+        self.finished = [False] * batch
         self.replayed_tokens = [0] * batch
 
     def read_box(self, ids: list[int]):
@@ -94,22 +102,28 @@ class ReplayState:
             return "unparsable: the box text holds tokens that are not part of a box"
         return parse_box("".join(self.box_texts[token] for token in body))
 
-    def plan(self, input_ids: torch.Tensor) -> list[tuple[int, tuple] | None]:
-        """For each row, `(K, box)` if it replays after the token just appended, else None; records every fresh
-        `<eot>`. Runs as soon as the tokens are appended (in the stopping criteria), so that a row whose replay would
-        overflow the context stops on its `<eot>`."""
-        plans = []
-        self.head_box_rows = []
+    def after_append(self, input_ids: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Runs as soon as a token is appended to every row, with the rows the other stopping criteria just finished.
+        Records each fresh `<eot>`, plans the replays the next step feeds (`self.plans`: `(K, box)` or None per row)
+        and returns the rows VGR itself stops: those whose replay would overflow the context."""
+        self.plans, self.head_box_rows = [], []
+        stop = torch.zeros_like(done)
         for row, ids in enumerate(input_ids.tolist()):
-            if ids[-1] != self.eot_token_id or self.finish_reasons[row] is not None:
-                plans.append(None)
+            was_finished, self.finished[row] = self.finished[row], self.finished[row] or bool(done[row])
+            if was_finished or ids[-1] != self.eot_token_id:
+                self.plans.append(None)
                 continue
-            self.head_box_rows.append(row)
             step = len(ids) - 1 - self.prompt_length
-            record = self._decide(row, ids, step)
+            if self.finished[row]:
+                record = ReplayRecord(step, None, None, 0, False, "generation ended at this <eot>")
+            else:
+                record = self._decide(row, ids, step)
+                self.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
             self.records[row].append(record)
-            plans.append((record.num_tokens, record.box) if record.valid else None)
-        return plans
+            self.plans.append((record.num_tokens, record.box) if record.valid else None)
+            if self.finish_reasons[row] is not None:
+                stop[row] = self.finished[row] = True
+        return stop
 
     def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
@@ -135,15 +149,6 @@ class ReplayState:
         self.replayed_tokens[row] += num_tokens
         return ReplayRecord(step, box, pixel_box, num_tokens, True)
 
-    def drop_unfed_replays(self) -> None:
-        """Generation ended right after an `<eot>` whose replay was planned but never fed: record it as not done."""
-        for row, plan in enumerate(self.plans or []):
-            if plan is not None:
-                record = self.records[row][-1]
-                record.valid, record.num_tokens, record.reason = False, 0, "generation ended at this <eot>"
-                self.replayed_tokens[row] -= plan[0]
-        self.plans = None
-
     def chunk(self, last_tokens: torch.Tensor, plans) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """Input ids, attention mask and position ids of this step's chunk `(batch, 1 + max K)`, and its boxes.
         Pads come first and are masked, so every row ends on the position whose logits pick its next token."""
@@ -168,25 +173,34 @@ class ReplayState:
         return ids, self.cache_mask, positions, boxes
 
 
-class ReplayStoppingCriteria(StoppingCriteria):
-    """Decides the replays of the tokens just appended, and stops a row that VGR finished (a replay that would
-    overflow the context)."""
+class ReplayMarker(StoppingCriteria):
+    """Carries the replay state of one `generate` call into `_get_stopping_criteria`; never stops anything."""
 
     def __init__(self, state: ReplayState):
         self.state = state
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        self.state.plans = self.state.plan(input_ids)
-        reasons = self.state.finish_reasons
-        return torch.tensor([reason is not None for reason in reasons], dtype=torch.bool, device=input_ids.device)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class ReplayStoppingCriteriaList(StoppingCriteriaList):
+    """Every stopping criterion of the call, then VGR's own step: it sees which rows they finished, plans the replays
+    of the others and stops a row whose replay would overflow the context."""
+
+    def __init__(self, criteria, state: ReplayState):
+        super().__init__(criteria)
+        self.state = state
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = super().__call__(input_ids, scores, **kwargs)
+        return done | self.state.after_append(input_ids, done)
 
 
 class VGRGenerationMixin(GenerationMixin):
     """`generate` with selective feature replay (see the module docstring)."""
 
-    def generate(self, inputs=None, generation_config=None, stopping_criteria=None, **kwargs):
-        effective = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        effective.update(**{key: value for key, value in kwargs.items() if hasattr(effective, key)})
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None, **kwargs):
+        effective, _ = self._prepare_generation_config(copy.deepcopy(generation_config), **copy.copy(kwargs))
         self._check_generation_mode(effective, kwargs)
 
         state = ReplayState(
@@ -200,15 +214,26 @@ class VGRGenerationMixin(GenerationMixin):
             box_texts=self._box_texts(kwargs.get("tokenizer")),
             geometry=self.model.geometry,
         )
+        # The model never writes <image> itself: placeholders are the processor's and the replay loop's.
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
         criteria = StoppingCriteriaList(stopping_criteria or [])
-        criteria.append(ReplayStoppingCriteria(state))
+        criteria.append(ReplayMarker(state))
         output = super().generate(
-            inputs, generation_config=generation_config, stopping_criteria=criteria, replay_state=state, **kwargs
+            inputs, generation_config=generation_config, logits_processor=processors, stopping_criteria=criteria,
+            replay_state=state, **kwargs,
         )
-        state.drop_unfed_replays()
         if isinstance(output, GenerateDecoderOnlyOutput):
             output = VGRGenerateOutput(**output, replays=state.records, finish_reasons=state.finish_reasons)
         return output
+
+    def _get_stopping_criteria(self, generation_config, stopping_criteria, *args, **kwargs):
+        criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, *args, **kwargs)
+        markers = [criterion for criterion in criteria if isinstance(criterion, ReplayMarker)]
+        if not markers:
+            return criteria
+        others = [criterion for criterion in criteria if not isinstance(criterion, ReplayMarker)]
+        return ReplayStoppingCriteriaList(others, markers[0].state)
 
     def _check_generation_mode(self, config, kwargs) -> None:
         # v5 leaves unset generation options as None.
@@ -227,8 +252,13 @@ class VGRGenerationMixin(GenerationMixin):
             )
         if getattr(config, "prefill_chunk_size", None) is not None:
             raise ValueError("prefill_chunk_size is not supported by VGR's replay loop")
-        if kwargs.get("assistant_model") is not None or config.prompt_lookup_num_tokens is not None:
+        if (kwargs.get("assistant_model") is not None or config.prompt_lookup_num_tokens is not None
+                or getattr(config, "assistant_early_exit", None) is not None):
             raise ValueError("assisted decoding is not supported by VGR's replay loop")
+        if kwargs.get("custom_generate") is not None:
+            raise ValueError("custom_generate is not supported: VGR's generate is the replay loop")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("VGR generates from input_ids: the image placeholders say where the image features go")
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise ValueError("VGR's generate starts from an empty cache: do not pass a cache")
 

@@ -292,7 +292,7 @@ class VGRModel(VGRPreTrainedModel):
             raise ValueError(f"pixel_values crops are {tuple(pixel_values.shape[-3:])}, expected (3, {crop}, {crop})")
         return pixel_values.to(self.vision_tower.dtype)
 
-    def visual_embeddings(self, input_ids, prompt_tokens, memory: FeatureMemory, replay_boxes):
+    def visual_embeddings(self, input_ids, prompt_tokens, memory: FeatureMemory, replay_boxes, prefill: bool = True):
         """Features for the image placeholders of `input_ids`.
 
         A run of placeholders right after `<eot>` is a replay span: the pooled region of S under the row's next box in
@@ -321,7 +321,12 @@ class VGRModel(VGRPreTrainedModel):
                             f"{tuple(box)} replays {tokens.shape[0]} tokens"
                         )
                 elif not prompt_tokens:
-                    continue  # a generated <image> token: plain text
+                    if prefill:
+                        raise ValueError(
+                            "input_ids has image placeholders but no pixel_values were given (a feature memory "
+                            "holds S for replays, not the prompt tokens of an image)"
+                        )
+                    continue  # decoding: an <image> token that is not a replay span is plain text
                 else:
                     filled, run_tokens = start, []
                     while filled < start + length:
@@ -390,7 +395,9 @@ class VGRModel(VGRPreTrainedModel):
                 raise ValueError("input_ids has image placeholders but no pixel_values were given")
 
         if feature_memory is not None:
-            fill_mask, visual, row_images = self.visual_embeddings(input_ids, prompt_tokens, feature_memory, replay_boxes)
+            fill_mask, visual, row_images = self.visual_embeddings(
+                input_ids, prompt_tokens, feature_memory, replay_boxes, prefill=_is_prefill(cache)
+            )
             feature_memory = FeatureMemory(feature_memory.images, row_images)
             if visual is not None:  # (num_filled, hidden)
                 inputs_embeds = inputs_embeds.masked_scatter(fill_mask.unsqueeze(-1), visual.to(inputs_embeds.dtype))
