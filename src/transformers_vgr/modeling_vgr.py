@@ -483,6 +483,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             The memory of an earlier forward over the same rows: replay spans are cut from it and the vision tower is
             not run (generation passes it on every step).
         """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # label tokens of the whole batch (Trainer)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -508,7 +509,10 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
         lm_loss = box_l1_loss = box_giou_loss = None
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
         if box_targets is not None:
             box_l1_loss, box_giou_loss = self.box_losses(input_ids, hidden_states, box_targets)
 
@@ -550,7 +554,8 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
                     states.append(hidden_states[row, position])
                     boxes.append(box)
         if not boxes:
-            zero = hidden_states.sum() * 0.0  # keeps the graph connected for DDP
+            # No target in this batch: zero losses that still touch the head, so that DDP sees its parameters used.
+            zero = self.box_head(hidden_states[:1, 0]).sum() * 0.0
             return zero, zero
         predicted = self.box_head(torch.stack(states)).float()  # (n, 4) cx, cy, w, h
         target = torch.tensor(boxes, dtype=torch.float32, device=predicted.device)  # (n, 4) x1, y1, x2, y2

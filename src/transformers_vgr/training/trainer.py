@@ -1,0 +1,105 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""Training VGR with the stock `transformers.Trainer`: loss pieces in the logs, a lower learning rate for the vision
+tower, the two training stages, and LoRA on the language model."""
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+
+STAGES = ("projector", "full")
+LOSS_PIECES = ("lm_loss", "box_l1_loss", "box_giou_loss")
+
+
+def configure_stage(model, stage: str) -> None:
+    """`"projector"`: LLaVA's pre-training stage, only the projector (and LLaVA-NeXT's newline) learns.
+    `"full"`: supervised fine-tuning, everything learns (the vision tower at a lower rate, see `VGRTrainer`)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    for name, parameter in model.named_parameters():
+        trainable = stage == "full" or "multi_modal_projector." in name or name.endswith("image_newline")
+        parameter.requires_grad_(trainable)
+
+
+def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05):
+    """PEFT LoRA on the language model's attention and MLP projections; the projector and the detection head are
+    trained in full and saved with the adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        modules_to_save=["multi_modal_projector", "box_head"],
+    )
+    return get_peft_model(model, config)
+
+
+class VGRTrainer(Trainer):
+    """`Trainer` for VGR: logs `lm_loss`, `box_l1_loss` and `box_giou_loss` beside `loss`, and trains the vision
+    tower at `vision_tower_lr_ratio` times the learning rate (the paper: 0.1)."""
+
+    def __init__(self, *args, vision_tower_lr_ratio: float = 0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vision_tower_lr_ratio = vision_tower_lr_ratio
+        self._loss_sums = defaultdict(float)
+        self._loss_steps = 0
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator  # VGRDataCollator reads its own items: nothing to remove
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            vision, other = [], []
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad:
+                    (vision if "vision_tower." in name else other).append(parameter)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            rate = optimizer_kwargs.pop("lr", self.args.learning_rate)
+            groups = [{"params": other, "lr": rate, "weight_decay": self.args.weight_decay}]
+            if vision:
+                groups.append({"params": vision, "lr": rate * self.vision_tower_lr_ratio,
+                               "weight_decay": self.args.weight_decay})
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss, normalized the way the Trainer sums micro-batches and processes.
+
+        With `num_items_in_batch` (label tokens of the whole step, across gradient accumulation and, with
+        `average_tokens_across_devices`, across processes), the model's CE is a share of the step's mean and the
+        Trainer scales each process's loss by the number of processes. The detection losses are means over a
+        micro-batch's boxes: they are taken out of that scaling and divided by the accumulation steps, so that the
+        step's loss is CE + box losses as means, whatever the number of processes or micro-batches."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        accumulation = self.args.gradient_accumulation_steps
+        scale = 1
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            scale = self.accelerator.num_processes  # what the Trainer multiplied the loss by
+        config = self.accelerator.unwrap_model(model).config
+        if num_items_in_batch is not None and outputs.get("box_l1_loss") is not None:
+            box_loss = config.box_l1_weight * outputs["box_l1_loss"] + config.box_giou_weight * outputs["box_giou_loss"]
+            loss = loss - scale * box_loss + box_loss / accumulation
+        if model.training:
+            # each piece as its share of the optimizer step's loss, as the Trainer counts its own `loss`
+            lm_share = scale if num_items_in_batch is not None else 1.0 / accumulation
+            shares = {"lm_loss": lm_share, "box_l1_loss": 1.0 / accumulation, "box_giou_loss": 1.0 / accumulation}
+            for name, share in shares.items():
+                if outputs.get(name) is not None:
+                    self._loss_sums[name] += outputs[name].detach().float().item() * share
+            self._loss_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._loss_steps:
+            optimizer_steps = self._loss_steps / self.args.gradient_accumulation_steps
+            for name in LOSS_PIECES:
+                mean = torch.tensor(self._loss_sums[name] / optimizer_steps, device=self.args.device)
+                logs[name] = round(self.accelerator.gather(mean).mean().item(), 4)  # averaged over processes
+            self._loss_sums.clear()
+            self._loss_steps = 0
+        super().log(logs, *args, **kwargs)
