@@ -4,13 +4,14 @@
 
 import io
 import os
+import warnings
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict, load_image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 
 from .geometry_vgr import VGRGeometry
@@ -46,7 +47,8 @@ class VGRImageProcessorKwargs(ImagesKwargs, total=False):
 def to_rgb_image(image) -> PIL.Image.Image:
     """Any supported input as an 8-bit RGB PIL image, converted predictably:
 
-    - paths, URLs, bytes and file objects are read (EXIF orientation applied); an unreadable file is a `ValueError`;
+    - paths, bytes and file objects are read (EXIF orientation applied); an unreadable file, an image above Pillow's
+      decompression-bomb limit and a URL (this code never reaches the network) are a `ValueError`;
     - PIL: EXIF orientation applied; transparency (RGBA, LA, P with transparency) composited onto white;
       16/32-bit integer modes (I;16, I) scaled from 0..65535 to 0..255; every other mode (L, P, CMYK, ...) through
       PIL's own RGB conversion;
@@ -66,15 +68,18 @@ def to_rgb_image(image) -> PIL.Image.Image:
 
 def _read_image(source) -> PIL.Image.Image:
     name = source if isinstance(source, (str, os.PathLike)) else "<image bytes>"
+    if isinstance(source, str) and source.startswith(("http://", "https://", "ftp://")):
+        # This module ships with checkpoints as remote code, which must not reach the network.
+        raise ValueError(f"cannot read image {source}: download it first and pass the file or a PIL image")
     try:
-        if isinstance(source, bytes):
-            image = PIL.Image.open(io.BytesIO(source))
-        elif isinstance(source, str) and source.startswith(("http://", "https://")):
-            image = load_image(source)
-        else:  # a path or a file object, opened as is: transparency and 16-bit modes are converted below
-            image = PIL.Image.open(source)
-        image.load()  # PIL opens lazily: decode now so that a truncated file fails here
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice that limit: refuse those too.
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            image.load()  # PIL opens lazily: decode now so that a truncated file fails here
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
+        raise ValueError(f"cannot read image {name}: it is larger than Pillow's safety limit ({error})") from error
+    except (OSError, ValueError, SyntaxError) as error:
         raise ValueError(f"cannot read image {name}: the file is empty, corrupt or not an image ({error})") from error
     return image
 

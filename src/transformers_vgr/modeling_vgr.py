@@ -181,6 +181,11 @@ class VGRPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("use_safetensors", True)  # weights are never unpickled
+        return super().from_pretrained(*args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, VGRModel) and module.image_newline is not None:
