@@ -514,10 +514,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
         lm_loss = box_l1_loss = box_giou_loss = None
         if labels is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
-            lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-            )
+            lm_loss = self.language_modeling_loss(hidden_states, labels, num_items_in_batch)
         if box_targets is not None:
             box_l1_loss, box_giou_loss = self.box_losses(input_ids, hidden_states, box_targets)
 
@@ -541,6 +538,17 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             attentions=outputs.attentions,
             feature_memory=outputs.feature_memory,
         )
+
+    def language_modeling_loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
+        """Next-token cross-entropy, from the LM head applied only where there is a target: most positions of a VGR
+        sequence (prompt, image and replay tokens) have none, and the head over the vocabulary is the costliest part
+        of a small model's training step. The mean over targets, or their sum over `num_items_in_batch`."""
+        targets = labels[:, 1:]  # (batch, seq - 1): position p predicts token p + 1
+        supervised = targets != -100
+        logits = self.lm_head(hidden_states[:, :-1][supervised]).float()  # (num_targets, vocab)
+        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else supervised.sum()
+        return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
 
     def box_losses(self, input_ids, hidden_states, box_targets) -> tuple[torch.Tensor, torch.Tensor]:
         """L1 on (cx, cy, w, h) and 1 - GIoU on corners, of the detection head at every `<eot>` with a target."""

@@ -75,6 +75,8 @@ class VGRTrainer(Trainer):
         Trainer scales each process's loss by the number of processes. The detection losses are means over a
         micro-batch's boxes: they are taken out of that scaling and divided by the accumulation steps, so that the
         step's loss is CE + box losses as means, whatever the number of processes or micro-batches."""
+        if model.training:
+            inputs = {**inputs, "logits_to_keep": 1}  # the loss needs no logits output: skip the full vocabulary
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         accumulation = self.args.gradient_accumulation_steps
         scale = 1
