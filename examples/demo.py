@@ -1,47 +1,30 @@
-"""`make demo`: VGR's visual-token budget on real images, and one forward pass with a replay.
+"""`make demo`: VGR-Tiny answers a question about a bundled image, grounding and replaying its evidence, and the
+visual-token budget of VGR against LLaVA-NeXT on real images.
 
-Until the reference checkpoint exists (it will become this demo's default), the model is a small VGR with random
-weights but the paper's geometry: 336-px crops, patch 14, up to 20 crops, snapshot 2x2 and crops 4x4 pooled.
+    python examples/demo.py [--model checkpoints/vgr-tiny] [--image IMAGE --question QUESTION]
+
+The reasoning is printed with its boxes and final answer, and `outputs/demo.png` shows the replayed regions, numbered.
+The model is loaded as a hub checkpoint, with `trust_remote_code=True`.
 """
 
 import argparse
 import io
+import json
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModel, AutoProcessor
 
-from transformers_vgr import (
-    VGRConfig,
-    VGRForConditionalGeneration,
-    VGRImageProcessor,
-    VGRProcessor,
-    format_grounded_box,
-    llava_next_prompt_tokens,
-)
+from transformers_vgr import VGRGeometry, llava_next_prompt_tokens
 
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_FILE = ROOT / "assets" / "llama2-tokenizer.json"
-QUESTION = "What is the astronaut holding in her hand?"
-REPLAY_BOX = (0.55, 0.45, 0.80, 0.75)  # a region the model could ground its answer in
+DEFAULT_MODEL = ROOT / "checkpoints" / "vgr-tiny"
 
 
-def small_random_vgr() -> VGRForConditionalGeneration:
-    config = VGRConfig(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=336, patch_size=14),
-        text_config=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=32064,
-                         max_position_embeddings=4096),
-    )
-    torch.manual_seed(0)
-    return VGRForConditionalGeneration(config).eval()
-
-
-def demo_images() -> dict[str, PIL.Image.Image]:
+def real_images() -> dict[str, PIL.Image.Image]:
+    import numpy as np
     from skimage import data
 
     import matplotlib
@@ -56,65 +39,82 @@ def demo_images() -> dict[str, PIL.Image.Image]:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    chart = PIL.Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
     return {
         "astronaut (photo)": PIL.Image.fromarray(data.astronaut()),
         "rocket (photo)": PIL.Image.fromarray(data.rocket()),
         "text (document)": PIL.Image.fromarray(np.asarray(data.text())),
-        "bar chart (rendered)": chart,
+        "bar chart (rendered)": PIL.Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"),
     }
 
 
-def print_budget(processor: VGRProcessor, images: dict[str, PIL.Image.Image]) -> None:
-    geometry = processor.image_processor.geometry()
+def print_budget() -> None:
+    """VGR-7B's geometry (336-px crops, up to 20, pooled 2x2 / 4x4) against LLaVA-NeXT's count."""
+    geometry = VGRGeometry()
     header = f"{'image':<22} {'W x H':>11} {'grid':>6} {'snapshot':>9} {'crops':>6} {'total':>6} {'LLaVA-NeXT':>11} {'ratio':>6}"
+    print("Visual tokens per image, VGR-7B geometry (20 crops max) against LLaVA-NeXT-7B\n")
     print(header)
     print("-" * len(header))
-    for name, image in images.items():
+    for name, image in real_images().items():
         size = (image.height, image.width)
         rows, cols = geometry.tile(size).grid
         tokens = geometry.prompt_tokens(size)
         llava_next = llava_next_prompt_tokens(size)
-        print(
-            f"{name:<22} {image.width:>5} x {image.height:<5}{rows:>3}x{cols:<2} {tokens.snapshot:>9} {tokens.crops:>6} "
-            f"{tokens.total:>6} {llava_next:>11} {tokens.total / llava_next:>6.2f}"
-        )
+        print(f"{name:<22} {image.width:>5} x {image.height:<5}{rows:>3}x{cols:<2} {tokens.snapshot:>9} "
+              f"{tokens.crops:>6} {tokens.total:>6} {llava_next:>11} {tokens.total / llava_next:>6.2f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokenizer", default=str(TOKENIZER_FILE), help="LLaMA-2 tokenizer.json (make assets)")
-    args = parser.parse_args()
+def answer(model, processor, image, question: str, replay: bool):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")
+    limit = model.config.max_replays
+    model.config.max_replays = limit if replay else 0
+    try:
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=64, do_sample=False, return_dict_in_generate=True)
+    finally:
+        model.config.max_replays = limit
+    new_ids = output.sequences[:, inputs["input_ids"].shape[1] :]
+    result = processor.post_process_generation(new_ids, inputs["image_sizes"])[0]
+    return result, output.replays[0]
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=args.tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    model = small_random_vgr()
-    processor = VGRProcessor(VGRImageProcessor.from_model_config(model.config), tokenizer)
-    images = demo_images()
 
-    print("VGR visual-token budget (20 crops max; snapshot 2x2 pooled, crops 4x4 pooled)\n")
-    print_budget(processor, images)
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--image", type=Path, help="default: the checkpoint's bundled example")
+    parser.add_argument("--question")
+    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "demo.png")
+    args = parser.parse_args(argv)
 
-    image = images["astronaut (photo)"]
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
-        {"role": "assistant", "content": f"She holds it here {format_grounded_box(REPLAY_BOX)}<image> in her hand."},
-    ]
-    prompt = processor.apply_chat_template(messages)
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
-    with torch.no_grad():
-        output = model(**inputs)
-    memory = output.feature_memory.images[0]
-    geometry = processor.image_processor.geometry()
-    replayed = geometry.replay_tokens((image.height, image.width), REPLAY_BOX)
-    print(f"\nPrompt: {prompt!r}")
-    print(f"Sequence: {inputs['input_ids'].shape[1]} tokens, of which "
-          f"{geometry.prompt_tokens((image.height, image.width)).total} prompt visual tokens and {replayed} replayed "
-          f"for the box {list(REPLAY_BOX)}")
-    print(f"Feature memory S: {tuple(memory.features.shape)} (cells x cells x width), image cells {memory.tile.image_cells}")
-    print(f"Detection head's box at <eot> (random weights): {[round(v, 3) for v in output.eot_boxes[0].tolist()]}")
-    print("\nThe model has random weights: the trained reference checkpoint will make this demo's output meaningful.")
+    print_budget()
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"\nno checkpoint at {model_dir}: train it with `python -m transformers_vgr.reference.train`")
+    example = json.loads((model_dir / "example.json").read_text()) if (model_dir / "example.json").exists() else {}
+    image_path = args.image or model_dir / "example.png"
+    question = args.question or example.get("question")
+    if question is None:
+        raise SystemExit("give --question for this image")
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    image = PIL.Image.open(image_path).convert("RGB")
+    print(f"\nModel: {model_dir.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters), "
+          f"image {image_path.name} ({image.width} x {image.height})")
+    print(f"Question: {question}")
+    result, records = answer(model, processor, image, question, replay=True)
+    print(f"\nVGR (with replay): {result['text']}")
+    for number, record in enumerate([r for r in records if r.valid], start=1):
+        print(f"  replay {number}: box {[round(v, 2) for v in record.box]} -> {record.num_tokens} tokens from the "
+              f"feature memory; detection head's box {[round(v, 2) for v in record.head_box or ()]}")
+    print(f"  final answer: {result['final_answer']}" + (f" (truth: {example['answer']})" if "answer" in example else ""))
+    plain, _ = answer(model, processor, image, question, replay=False)
+    print(f"\nSame weights, replay off: {plain['text']}\n  final answer: {plain['final_answer']}")
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    processor.draw_boxes(image, [r.box for r in records if r.valid]).save(args.output)
+    print(f"\nReplayed regions drawn and numbered in {args.output}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ SIZES = [(224, 224), (336, 224), (224, 336), (336, 336), (336, 168), (168, 336),
 CELL = 56  # squares sit in distinct cells of a 56-px lattice
 SQUARE = 40
 SPLIT_SEEDS = {"train": 1000, "validation": 2000, "test": 3000}
+SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 300}
 QUESTION = "Which digit is written in the {colour} square?"
 
 
@@ -89,7 +90,8 @@ def make_split(output: Path, split: str, count: int) -> Path:
     return path
 
 
-def make_dataset(output: Path, train: int = 4000, validation: int = 200, test: int = 300) -> dict[str, Path]:
+def make_dataset(output: Path, train: int = SPLIT_SIZES["train"], validation: int = SPLIT_SIZES["validation"],
+                 test: int = SPLIT_SIZES["test"]) -> dict[str, Path]:
     output = Path(output)
     return {split: make_split(output, split, count)
             for split, count in (("train", train), ("validation", validation), ("test", test))}

@@ -24,7 +24,7 @@ from ..export import export
 from ..image_processing_vgr import VGRImageProcessor
 from ..modeling_vgr import VGRForConditionalGeneration
 from ..processing_vgr import VGRProcessor
-from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer
+from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer, read_records
 from .synthetic import make_dataset
 
 
@@ -95,9 +95,12 @@ def main(argv=None) -> None:
         checkpoint = Path(scratch) / "checkpoint"
         model.save_pretrained(checkpoint)
         processor.save_pretrained(checkpoint)
-        example = sorted((args.data / "images" / "test").glob("*.png"))[0]
+        example = read_records(args.data / "test.jsonl")[0]  # held out: the demo's image and question
         export(checkpoint, args.output, REPO_ID, license="apache-2.0", datasets=["synthetic-vgr-tiny"],
-               example_image=example)
+               example_image=args.data / example["image"])
+    question = example["conversations"][0]["value"].replace("<image>\n", "")
+    (args.output / "example.json").write_text(json.dumps({"question": question, "answer": example["answer"],
+                                                          "box": example["box"]}, indent=1))
     (args.output / "training_log.json").write_text(json.dumps(
         {"train_runtime_seconds": result.metrics["train_runtime"], "steps": args.max_steps, "logs": logs}, indent=1))
     size = sum(path.stat().st_size for path in args.output.iterdir()) / 2**20
