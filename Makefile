@@ -37,3 +37,8 @@ demo: $(STAMP) $(TOKENIZER)
 
 clean:
 	rm -rf $(VENV) assets build src/*.egg-info
+
+# Benchmarks (CPU, ~10 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
+.PHONY: bench
+bench: $(STAMP) $(TOKENIZER)
+	$(PY) benchmarks/run.py

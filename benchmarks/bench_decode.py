@@ -12,11 +12,16 @@ step goes.
 """
 
 import cProfile
+import inspect
 import pstats
 import statistics
 import time
 
 import torch
+from transformers import LlamaForCausalLM, LlamaModel, LogitsProcessorList, StoppingCriteriaList
+
+from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.generation_vgr import ReplayStoppingCriteriaList
 
 from common import (
     ForceTokens,
@@ -39,58 +44,112 @@ NEW_TOKENS = 64
 QUESTION = "Which quarter had the highest revenue?"
 
 
-def make_runs(vgr, llama, inputs, sequence):
+class ProfileDecoding(Timestamps):
+    """Timestamps, and a cProfile of the decoding steps only: on from the first generated token to the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.profiler = cProfile.Profile()
+
+    def put(self, value):
+        super().put(value)
+        if len(self.times) == 2:
+            self.profiler.enable()
+
+    def end(self):
+        self.profiler.disable()
+
+
+def make_runs(vgr, llama, inputs, sequence, streamer=Timestamps):
     prompt_length = inputs["input_ids"].shape[1]
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
 
     def run_vgr():
-        stamps = Timestamps()
+        stamps = streamer()
         start = time.perf_counter()
         out = vgr.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=stamps,
                            logits_processor=[ForceTokens(prompt_length, [sequence])], return_dict_in_generate=True)
         total = time.perf_counter() - start
         assert out.sequences.shape[1] - prompt_length == NEW_TOKENS and not out.replays[0]
+        run_vgr.streamer = stamps
         return {"per_token": stamps.decode_per_token(), "ttft": stamps.first_token(start), "total": total}
 
     def run_llama():
-        stamps = Timestamps()
+        stamps = streamer()
         start = time.perf_counter()
         out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                              streamer=stamps, logits_processor=[ForceTokens(prompt_length, [sequence])])
         total = time.perf_counter() - start
         assert out.shape[1] - prompt_length == NEW_TOKENS
+        run_llama.streamer = stamps
         return {"per_token": stamps.decode_per_token(), "ttft": stamps.first_token(start), "total": total}
 
     return run_vgr, run_llama
 
 
-# VGR's own code on the decoding path (generation_vgr.py, modeling_vgr.py), as cProfile names it.
-VGR_FUNCTIONS = (
-    "prepare_inputs_for_generation", "chunk", "after_append", "_update_model_kwargs_for_generation",
-    "visual_embeddings", "_as_box_lists", "_runs", "for_row", "_is_prefill",
-)
+def _entry(stats, path_part: str, function: str, line: int | None = None):
+    """(calls, ms per call) of one function in a cProfile run."""
+    for (filename, lineno, name), (_, calls, _, cumulative, _) in stats.stats.items():
+        if name == function and path_part in filename and (line is None or lineno == line):
+            return calls, 1000 * cumulative / calls
+    return 0, 0.0
 
 
-def profile(vgr, llama, run_vgr, run_llama) -> dict:
-    """Per decoding step: total time of each generate under cProfile, and the cumulative time of VGR's own functions
-    (top-level calls only)."""
-    report = {}
+def _line(function) -> int:
+    return inspect.getsourcelines(function)[1]
+
+
+def profile(vgr_model, llama_model, inputs, sequence) -> dict:
+    """cProfile of the decoding steps of one generate of each (the prefill excluded): milliseconds per call of the
+    pieces that differ between the two loops (cumulative times, so a line includes what it calls). Profiling slows
+    Python down, so these are relative."""
+    from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
+    suppress_line = inspect.getsourcelines(SuppressTokensLogitsProcessor.__call__)[1]
+    run_vgr, run_llama = make_runs(vgr_model, llama_model, inputs, sequence, streamer=ProfileDecoding)
+    stats = {}
     for name, fn in (("vgr", run_vgr), ("llama", run_llama)):
-        profiler = cProfile.Profile()
-        profiler.enable()
         fn()
-        profiler.disable()
-        stats = pstats.Stats(profiler)
-        report[f"{name}_profiled_total_s"] = stats.total_tt
-        if name == "vgr":
-            functions = {}
-            for (filename, _, function), (_, _, _, cumulative, _) in stats.stats.items():
-                if function in VGR_FUNCTIONS and "transformers_vgr" in filename:
-                    functions[function] = functions.get(function, 0.0) + cumulative
-            report["vgr_functions_ms_per_step"] = {
-                function: 1000 * seconds / NEW_TOKENS for function, seconds in sorted(functions.items())
-            }
-    return report
+        stats[name] = pstats.Stats(fn.streamer.profiler)
+    vgr, llama = stats["vgr"], stats["llama"]
+    rows = {
+        "prepare_inputs_for_generation (VGR: chunk + stock)": (
+            _entry(vgr, "generation_vgr.py", "prepare_inputs_for_generation"),
+            _entry(llama, "generation/utils.py", "prepare_inputs_for_generation"),
+        ),
+        "of which ReplayState.chunk": (_entry(vgr, "generation_vgr.py", "chunk"), (0, 0.0)),
+        "stopping criteria (VGR: + after_append)": (
+            _entry(vgr, "generation_vgr.py", "__call__", _line(ReplayStoppingCriteriaList.__call__)),
+            _entry(llama, "stopping_criteria.py", "__call__", _line(StoppingCriteriaList.__call__)),
+        ),
+        "logits processors (VGR: + SuppressTokens <image>)": (
+            _entry(vgr, "logits_process.py", "__call__", inspect.getsourcelines(LogitsProcessorList.__call__)[1]),
+            _entry(llama, "logits_process.py", "__call__", inspect.getsourcelines(LogitsProcessorList.__call__)[1]),
+        ),
+        "of which SuppressTokensLogitsProcessor": (
+            _entry(vgr, "logits_process.py", "__call__", suppress_line), (0, 0.0)
+        ),
+        "_update_model_kwargs_for_generation": (
+            _entry(vgr, "generation_vgr.py", "_update_model_kwargs_for_generation"),
+            _entry(llama, "generation/utils.py", "_update_model_kwargs_for_generation"),
+        ),
+        "model forward (VGR: both wrappers + LlamaModel)": (
+            _entry(vgr, "modeling_vgr.py", "forward", inspect.getsourcelines(VGRForConditionalGeneration.forward)[1]),
+            _entry(llama, "modeling_llama.py", "forward", inspect.getsourcelines(LlamaForCausalLM.forward)[1]),
+        ),
+        "of which LlamaModel.forward": (
+            _entry(vgr, "modeling_llama.py", "forward", inspect.getsourcelines(LlamaModel.forward)[1]),
+            _entry(llama, "modeling_llama.py", "forward", inspect.getsourcelines(LlamaModel.forward)[1]),
+        ),
+        "of which VGRModel.visual_embeddings": (_entry(vgr, "modeling_vgr.py", "visual_embeddings"), (0, 0.0)),
+    }
+    return {
+        "profiled_total_s": {"vgr": vgr.total_tt, "llama": llama.total_tt},
+        "ms_per_call": {
+            label: {"vgr": round(a[1], 4), "vgr_calls": a[0], "llama": round(b[1], 4), "llama_calls": b[0]}
+            for label, (a, b) in rows.items()
+        },
+    }
 
 
 def measure(ctx, name: str, vgr, processor, llama, repeats: int) -> dict:
@@ -112,6 +171,7 @@ def measure(ctx, name: str, vgr, processor, llama, repeats: int) -> dict:
         "ratio": paired_ratios(samples["vgr"]["per_token"], samples["llama"]["per_token"]),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "ratio_of_minimums": min(samples["vgr"]["per_token"]) / min(samples["llama"]["per_token"]),
         "overhead_ms_per_token": 1000 * statistics.median(
             a - b for a, b in zip(samples["vgr"]["per_token"], samples["llama"]["per_token"])
         ),
@@ -122,12 +182,12 @@ def measure(ctx, name: str, vgr, processor, llama, repeats: int) -> dict:
     }
     if name == "small":
         with torch.inference_mode():
-            result["profile"] = profile(vgr, llama, run_vgr, run_llama)
+            result["profile"] = profile(vgr, llama, inputs, sequence)
     return result
 
 
 def run(ctx) -> dict:
-    rows = [measure(ctx, "mid", ctx.vgr, ctx.processor, ctx.llama, ctx.repeats(5))]
+    rows = [measure(ctx, "mid", ctx.vgr, ctx.processor, ctx.llama, ctx.repeats(9))]
     config = vgr_config("small")
     processor = vgr_processor(config, ctx.tokenizer)
     small = build_vgr(config, processor)
@@ -137,13 +197,24 @@ def run(ctx) -> dict:
 
 def markdown(result) -> str:
     lines = [
-        "| config | params | context | VGR ms/token | LLaMA ms/token | ratio (goal <= 1.05) | overhead ms/token |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| config | params | context | VGR ms/token | LLaMA ms/token | ratio, median of rounds (range) | "
+        "ratio of fastest runs | overhead ms/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['config']} | {row['parameters_m']:.0f} M | {row['context_tokens']} | {row['vgr_ms_per_token']:.2f} | "
+            f"| {row['config']} | {row['parameters_m']:.0f} M | {row['context_tokens']} | "
+            f"{row['vgr_ms_per_token']:.2f} | "
             f"{row['llama_ms_per_token']:.2f} | {row['ratio']:.3f} ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}) | "
-            f"{row['overhead_ms_per_token']:.2f} |"
+            f"{row['ratio_of_minimums']:.3f} | {row['overhead_ms_per_token']:.2f} |"
         )
+    lines.append("")
+    lines.append(f"Goal: ratio <= {result['goal']}. Where the small configuration's extra time per step goes "
+                 "(cProfile, ms per call, cumulative):")
+    lines.append("")
+    lines.append("| piece of the loop | VGR | LLaMA |")
+    lines.append("|---|---:|---:|")
+    for row in result["rows"]:
+        for label, entry in row.get("profile", {}).get("ms_per_call", {}).items():
+            lines.append(f"| {label} | {entry['vgr']:.3f} | {entry['llama']:.3f} |")
     return "\n".join(lines)

@@ -47,7 +47,8 @@ def run(ctx) -> dict:
             "llava_next_crops": crops["llava_next"],
             "vgr_crops_per_s": crops["vgr"] / vgr_s,
             "llava_next_crops_per_s": crops["llava_next"] / llava_s,
-            "time_ratio_vgr_over_llava_next": paired_ratios(samples["vgr"]["seconds"], samples["llava_next"]["seconds"]),
+            "time_ratio_vgr_over_llava_next": paired_ratios(samples["vgr"]["seconds"],
+                                                            samples["llava_next"]["seconds"]),
             "samples_s": {"vgr": samples["vgr"]["seconds"], "llava_next": samples["llava_next"]["seconds"]},
         })
     return {"rows": results}

@@ -74,4 +74,8 @@ def markdown(result) -> str:
             f"{row['llava_next_tokens']} | {row['llava_next_no_unpad_tokens']} | {row['ratio_vs_llava_next']:.2f} | "
             f"{row['ratio_vs_no_unpad']:.2f} |"
         )
+    agree = result["geometry_matches_transformers_everywhere"]
+    lines += ["", "`transformers_vgr.llava_next_prompt_tokens` "
+              + ("equals transformers' count on every image above." if agree
+                 else "DIFFERS from transformers' count on some image (see results.json).")]
     return "\n".join(lines)

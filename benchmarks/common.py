@@ -47,7 +47,7 @@ MID_VISION = dict(
 )
 MID_TEXT = dict(
     model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-    num_key_value_heads=16, vocab_size=32064, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+    num_key_value_heads=16, vocab_size=32064, max_position_embeddings=8192, pad_token_id=0, bos_token_id=1,
     eos_token_id=2,
 )
 # A small configuration, where the fixed per-step costs of the Python loop show most.
