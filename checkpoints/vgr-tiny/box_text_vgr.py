@@ -1,0 +1,135 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""The box text VGR writes while it reasons: `<sot>[x1, y1, x2, y2]<eot>`, normalized to the original image.
+
+Written with two decimals; read leniently as the VGR-SFT data has it (`1.0`, `1`, spaces, upper-case tags).
+Anything else is an invalid box, with the reason recorded: no replay, and generation goes on.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+
+SOT_TOKEN = "<sot>"
+EOT_TOKEN = "<eot>"
+FINAL_ANSWER_PREFIX = "Final answer:"
+
+# Plain decimals and spaces only: the same characters as BOX_CHARACTERS, so that the boxes read from text and the
+# boxes the model reads from token ids while it generates are the same boxes.
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_BOX_BODY = re.compile(rf" *\[ *({_NUMBER}) *, *({_NUMBER}) *, *({_NUMBER}) *, *({_NUMBER}) *\] *")
+_TAG = re.compile(r"<(sot|eot)>", re.IGNORECASE)
+_GROUNDED_BOX = re.compile(r"<sot>(.*?)<eot>", re.IGNORECASE | re.DOTALL)
+_FINAL_ANSWER = re.compile(r"final answer\s*:", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ParsedBox:
+    """One `<sot>...<eot>` of a text: `box` is normalized and clamped to the image when `valid`."""
+
+    text: str
+    box: tuple[float, float, float, float] | None
+    valid: bool
+    reason: str | None = None
+
+
+def normalize_tags(text: str) -> str:
+    """`<SOT>` / `<EOT>` (the VGR-SFT data's spelling) as the tokenizer's `<sot>` / `<eot>`."""
+    return _TAG.sub(lambda match: f"<{match.group(1).lower()}>", text)
+
+
+def format_box(box, decimals: int = 2) -> str:
+    """`[0.12, 0.34, 0.56, 0.78]`: the text the model writes between `<sot>` and `<eot>`."""
+    return "[" + ", ".join(f"{float(value):.{decimals}f}" for value in box) + "]"
+
+
+def format_grounded_box(box, decimals: int = 2) -> str:
+    return f"{SOT_TOKEN}{format_box(box, decimals)}{EOT_TOKEN}"
+
+
+def parse_box(body: str) -> ParsedBox:
+    """Parse the text between `<sot>` and `<eot>`. Partly outside the image: clamped. Invalid, with a reason:
+    not four numbers in brackets, not finite, `x2 <= x1` or `y2 <= y1`, or no area left inside the image."""
+    match = _BOX_BODY.fullmatch(body)
+    if match is None:
+        return ParsedBox(body, None, False, "unparsable: expected [x1, y1, x2, y2]")
+    x1, y1, x2, y2 = (float(value) for value in match.groups())
+    return check_box((x1, y1, x2, y2), text=body)
+
+
+def check_box(box, text: str = "") -> ParsedBox:
+    """Validate and clamp a normalized `(x1, y1, x2, y2)` box given as numbers."""
+    try:
+        x1, y1, x2, y2 = (float(value) for value in box)
+    except (TypeError, ValueError):
+        return ParsedBox(text, None, False, f"not four numbers: {box!r}")
+    if not all(math.isfinite(value) for value in (x1, y1, x2, y2)):
+        return ParsedBox(text, None, False, "coordinates are not finite (NaN or infinity)")
+    if x2 <= x1 or y2 <= y1:
+        return ParsedBox(text, None, False, "empty box: needs x1 < x2 and y1 < y2")
+    clamped = tuple(min(max(value, 0.0), 1.0) for value in (x1, y1, x2, y2))
+    if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
+        return ParsedBox(text, None, False, "box lies outside the image")
+    return ParsedBox(text, clamped, True)
+
+
+def find_boxes(text: str) -> list[ParsedBox]:
+    """Every `<sot>...<eot>` of a text in order, valid or not."""
+    return [parse_box(match.group(1)) for match in _GROUNDED_BOX.finditer(text)]
+
+
+def to_pixel_box(box, image_size) -> tuple[float, float, float, float]:
+    """A normalized box in pixels of an image of `(height, width)`."""
+    height, width = image_size
+    x1, y1, x2, y2 = box
+    return x1 * width, y1 * height, x2 * width, y2 * height
+
+
+def parse_boxes(text: str, image_size=None) -> list[tuple[float, float, float, float]]:
+    """The valid boxes of a text, normalized, or in pixels when `image_size` `(height, width)` is given."""
+    boxes = [parsed.box for parsed in find_boxes(text) if parsed.valid]
+    if image_size is None:
+        return boxes
+    return [to_pixel_box(box, image_size) for box in boxes]
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The text after the last "Final answer:", stripped; `None` if there is none."""
+    matches = list(_FINAL_ANSWER.finditer(text))
+    return text[matches[-1].end() :].strip() if matches else None
+
+
+# Characters that may stand between <sot> and <eot> in a box the model writes.
+BOX_CHARACTERS = frozenset("0123456789.,[]-+ ")
+
+
+def box_token_table(tokenizer) -> dict[str, list]:
+    """The id-to-text table the model reads boxes with (`generate` gets no tokenizer from the pipeline): every token
+    whose text is made of digits, ".", ",", "[", "]", signs and spaces. Store it in the config:
+    `model.config.update(box_token_table(tokenizer))`."""
+    ids, texts = [], []
+    for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        if token_id in tokenizer.added_tokens_decoder:
+            continue
+        text = tokenizer.convert_tokens_to_string([token]) if not token.startswith("▁") else " " + token[1:]
+        if text and set(text) <= BOX_CHARACTERS:
+            ids.append(token_id)
+            texts.append(text)
+    return {"box_token_ids": ids, "box_token_texts": texts}
+
+
+def draw_boxes(image, boxes, color=(255, 40, 40), width: int = 3):
+    """A copy of a PIL `image` with each normalized box drawn and numbered (1, 2, ...) in order."""
+    from PIL import ImageDraw
+
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    for number, box in enumerate(boxes, start=1):
+        x1, y1, x2, y2 = to_pixel_box(box, (canvas.height, canvas.width))
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
+        label = str(number)
+        left, top, right, bottom = draw.textbbox((x1, y1), label)
+        draw.rectangle([x1, y1, x1 + (right - left) + 6, y1 + (bottom - top) + 6], fill=color)
+        draw.text((x1 + 3, y1 + 1), label, fill=(255, 255, 255))
+    return canvas

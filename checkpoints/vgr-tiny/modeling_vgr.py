@@ -1,0 +1,627 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""PyTorch VGR: a LLaVA-NeXT-style vision-language model with pooled AnyRes tokens, a feature memory S of the
+unpooled crop features, selective replay of S regions after `<eot>`, and a detection head on `<eot>` states."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .box_text_vgr import check_box
+from .configuration_vgr import VGRConfig
+from .generation_vgr import VGRGenerationMixin
+from .geometry_vgr import TileGeometry, unpadded_span
+
+
+@dataclass
+class ImageMemory:
+    """The feature memory S of one image: unpooled post-projector features of all its local crops, stitched.
+
+    `features` is `(rows * crop_side, cols * crop_side, hidden_size)`; `tile` says where the image lies in it (the
+    rest is padding)."""
+
+    features: torch.Tensor
+    tile: TileGeometry
+
+
+@dataclass
+class FeatureMemory:
+    """The feature memory of a batch: S of every image, and for each row the image its replays cut from (the row's
+    last image; `None` for a row without one). Kept for a whole generation, so that a replay never reruns the vision
+    tower."""
+
+    images: list[ImageMemory]
+    row_images: list[int | None]
+
+    def for_row(self, row: int) -> ImageMemory | None:
+        index = self.row_images[row]
+        return None if index is None else self.images[index]
+
+
+@dataclass
+class VGRModelOutputWithPast(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Hidden states of the language model's last layer.
+    cache (`Cache`, *optional*):
+        The language model's key/value cache.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Hidden states of every layer of the language model, when asked for.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Attention weights of the language model, when asked for.
+    feature_memory (`FeatureMemory`, *optional*):
+        S of every image of `pixel_values` (or the memory that was passed in), and which image each row replays from.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    feature_memory: FeatureMemory | None = None
+
+
+@dataclass
+class VGRCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*):
+        `lm_loss + box_l1_weight * box_l1_loss + box_giou_weight * box_giou_loss`, of the pieces that were computed.
+    lm_loss (`torch.FloatTensor`, *optional*):
+        Next-token cross-entropy; image and replay positions never count.
+    box_l1_loss (`torch.FloatTensor`, *optional*):
+        L1 distance of the detection head's (cx, cy, w, h) to the target, summed over the 4 values, mean over boxes.
+    box_giou_loss (`torch.FloatTensor`, *optional*):
+        `1 - GIoU` of the detection head's box and the target (corner form), mean over boxes.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Language-modeling logits.
+    eot_boxes (`torch.FloatTensor` of shape `(num_eot, 4)`, *optional*):
+        The detection head's box at each `<eot>` of `input_ids` (rows in order, then positions), normalized
+        `(x1, y1, x2, y2)`.
+    cache, hidden_states, attentions, feature_memory:
+        As in [`VGRModelOutputWithPast`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    box_l1_loss: torch.FloatTensor | None = None
+    box_giou_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    eot_boxes: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    feature_memory: FeatureMemory | None = None
+
+
+def pool_grid(grid: torch.Tensor, pool: int) -> torch.Tensor:
+    """Average-pool a `(..., height, width, channels)` grid by `pool` in ceil mode: a partial cell at the bottom or
+    right edge is the mean of the features it covers."""
+    if pool == 1:
+        return grid
+    *leading, height, width, channels = grid.shape
+    grid = grid.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(grid, kernel_size=pool, stride=pool, ceil_mode=True)
+    return pooled.permute(0, 2, 3, 1).reshape(*leading, pooled.shape[-2], pooled.shape[-1], channels)
+
+
+def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
+
+
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """GIoU of paired `(x1, y1, x2, y2)` boxes, shape `(n,)`."""
+    area1 = (boxes1[:, 2] - boxes1[:, 0]).clamp(min=0) * (boxes1[:, 3] - boxes1[:, 1]).clamp(min=0)
+    area2 = (boxes2[:, 2] - boxes2[:, 0]).clamp(min=0) * (boxes2[:, 3] - boxes2[:, 1]).clamp(min=0)
+    inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    union = area1 + area2 - inter
+    iou = inter / union.clamp(min=1e-7)
+    hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    return iou - (hull - union) / hull.clamp(min=1e-7)
+
+
+class VGRMultiModalProjector(nn.Module):
+    """LLaVA's `mlp2x_gelu`: vision width -> text width -> text width."""
+
+    def __init__(self, config: VGRConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(
+            config.vision_config.hidden_size, config.text_config.hidden_size, bias=config.multimodal_projector_bias
+        )
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(
+            config.text_config.hidden_size, config.text_config.hidden_size, bias=config.multimodal_projector_bias
+        )
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class VGRDetectionHead(nn.Module):
+    """DETR-style box head: 3-layer MLP (d -> d -> d -> 4, ReLU) and a sigmoid, giving (cx, cy, w, h) in [0, 1]."""
+
+    def __init__(self, config: VGRConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.layers = nn.ModuleList(
+            [nn.Linear(hidden_size, hidden_size), nn.Linear(hidden_size, hidden_size), nn.Linear(hidden_size, 4)]
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            hidden_states = F.relu(layer(hidden_states))
+        return self.layers[-1](hidden_states).sigmoid()
+
+
+class VGRPreTrainedModel(PreTrainedModel):
+    config: VGRConfig
+    config_class = VGRConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CLIPEncoderLayer", "LlamaDecoderLayer"]
+    _skip_keys_device_placement = "cache"
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("use_safetensors", True)  # weights are never unpickled
+        return super().from_pretrained(*args, **kwargs)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, VGRModel) and module.image_newline is not None:
+            with torch.no_grad():
+                module.image_newline.normal_(mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
+
+
+class VGRModel(VGRPreTrainedModel):
+    """Vision tower, projector, pooling, feature memory and the language model (no LM head)."""
+
+    def __init__(self, config: VGRConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = VGRMultiModalProjector(config)
+        # Only LLaVA-NeXT's layout ends each row of crop tokens with a learned newline.
+        if config.image_layout == "llava_next":
+            embed_std = 1 / math.sqrt(config.text_config.hidden_size)
+            self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size) * embed_std)
+        else:
+            self.image_newline = None
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.geometry = config.geometry()
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes) -> tuple[list[torch.Tensor], list[ImageMemory]]:
+        """Run the vision tower once over every crop of every image.
+
+        Args:
+            pixel_values: `(num_images, max_patches, 3, crop, crop)` as the image processor pads them, or the
+                patches of all images concatenated, `(total_patches, 3, crop, crop)`.
+            image_sizes: `(num_images, 2)` original (height, width).
+        Returns:
+            Per image, its prompt tokens `(snapshot + crop tokens, hidden_size)`, and its feature memory S.
+        """
+        image_sizes = _as_size_list(image_sizes)
+        tiles = [self.geometry.tile(size) for size in image_sizes]
+        num_patches = [1 + tile.num_crops for tile in tiles]
+        pixel_values = self._flatten_patches(pixel_values, num_patches)
+
+        vision_outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        features = vision_outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]  # drop CLS
+        side = self.geometry.crop_side
+        if features.shape[1] != side * side:
+            raise ValueError(
+                f"the vision tower gives {features.shape[1]} patch features per crop, but a {self.geometry.crop_size}"
+                f"-px crop with patch size {self.geometry.patch_size} needs {side}x{side}; check "
+                "vision_feature_select_strategy ('default' drops a CLS token, 'full' keeps every token)"
+            )
+        features = self.multi_modal_projector(features)  # (total_patches, side * side, hidden)
+        features = features.view(features.shape[0], side, side, -1)  # (total_patches, side, side, hidden)
+
+        prompt_tokens, memories = [], []
+        for tile, image_features in zip(tiles, torch.split(features, num_patches)):
+            snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)  # (144, hidden)
+            crops = image_features[1:]  # (rows * cols, side, side, hidden)
+            rows, cols = tile.grid
+            memory = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+            memories.append(ImageMemory(memory, tile))
+            prompt_tokens.append(torch.cat([snapshot, self._crop_tokens(crops, tile)]))
+        return prompt_tokens, memories
+
+    def _crop_tokens(self, crops: torch.Tensor, tile: TileGeometry) -> torch.Tensor:
+        """Prompt tokens of the local crops: `(num_crop_tokens, hidden)`."""
+        pooled = pool_grid(crops, self.config.crop_pool)  # (rows * cols, side', side', hidden)
+        if self.config.image_layout == "vgr":
+            return pooled.flatten(0, 2)  # each crop row-major, crops in row-major order
+        rows, cols = tile.grid
+        side = pooled.shape[1]
+        stitched = pooled.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+        top, bottom, left, right = unpadded_span(tile.image_size, tuple(stitched.shape[:2]))
+        stitched = stitched[top:bottom, left:right]
+        newline = self.image_newline.to(stitched.dtype).expand(stitched.shape[0], 1, -1)
+        return torch.cat([stitched, newline], dim=1).flatten(0, 1)
+
+    def replay_tokens(self, memory: ImageMemory, box) -> torch.Tensor:
+        """The tokens a replay of `box` feeds to the LLM: its cells of S, `replay_pool`-pooled, row-major `(K, hidden)`."""
+        top, bottom, left, right = memory.tile.box_to_cells(box)
+        region = memory.features[top:bottom, left:right]
+        return pool_grid(region, self.config.replay_pool).flatten(0, 1)
+
+    def _flatten_patches(self, pixel_values: torch.Tensor, num_patches: list[int]) -> torch.Tensor:
+        """`(total_patches, 3, crop, crop)`, dropping the batch padding of the image processor."""
+        crop = self.geometry.crop_size
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(num_patches):
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[0]} image(s) but image_sizes gives {len(num_patches)}"
+                )
+            if pixel_values.shape[1] < max(num_patches):
+                raise ValueError(
+                    f"pixel_values has {pixel_values.shape[1]} crops per image, but image_sizes needs up to "
+                    f"{max(num_patches)} (snapshot + grid): were they made by an image processor with another grid?"
+                )
+            pixel_values = torch.cat([patches[:count] for patches, count in zip(pixel_values, num_patches)])
+        elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(num_patches):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} does not hold the {sum(num_patches)} crops that "
+                "image_sizes implies (expected (num_images, max_patches, 3, H, W) or (total_patches, 3, H, W))"
+            )
+        if tuple(pixel_values.shape[-3:]) != (3, crop, crop):
+            raise ValueError(f"pixel_values crops are {tuple(pixel_values.shape[-3:])}, expected (3, {crop}, {crop})")
+        return pixel_values.to(self.vision_tower.dtype)
+
+    def visual_embeddings(self, input_ids, prompt_tokens, memory: FeatureMemory, replay_boxes, prefill: bool = True):
+        """Features for the image placeholders of `input_ids`.
+
+        A run of placeholders right after `<eot>` is a replay span: the pooled region of S under the row's next box in
+        `replay_boxes`, on the row's last image. Every other run is filled with the prompt tokens of the next images
+        (in order, across rows); without `prompt_tokens` (a decoding step) it is left as plain token embeddings.
+
+        Returns the mask of filled positions `(batch, seq)`, their features `(num_filled, hidden)` in row-major
+        order, and for each row the index of its last image (for `FeatureMemory.row_images`)."""
+        config = self.config
+        replay_boxes = _as_box_lists(replay_boxes, input_ids.shape[0])
+        fill_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        pieces, row_images, next_image = [], [], 0
+        for row, ids in enumerate(input_ids.tolist()):
+            row_image, boxes = memory.row_images[row], list(replay_boxes[row])
+            for start, length in _runs(ids, config.image_token_id):
+                if start > 0 and ids[start - 1] == config.eot_token_id:
+                    if not boxes:
+                        raise ValueError(f"row {row}: a replay span at position {start} has no box in replay_boxes")
+                    if row_image is None:
+                        raise ValueError(f"row {row}: a replay span at position {start} comes before any image")
+                    box = boxes.pop(0)
+                    tokens = self.replay_tokens(memory.images[row_image], box)
+                    if tokens.shape[0] != length:
+                        raise ValueError(
+                            f"row {row}: the replay span at position {start} has {length} placeholders but the box "
+                            f"{tuple(box)} replays {tokens.shape[0]} tokens"
+                        )
+                elif not prompt_tokens:
+                    if prefill:
+                        raise ValueError(
+                            "input_ids has image placeholders but no pixel_values were given (a feature memory "
+                            "holds S for replays, not the prompt tokens of an image)"
+                        )
+                    continue  # decoding: an <image> token that is not a replay span is plain text
+                else:
+                    filled, run_tokens = start, []
+                    while filled < start + length:
+                        if next_image >= len(prompt_tokens):
+                            raise ValueError(
+                                f"input_ids has more image placeholders than the {len(prompt_tokens)} image(s) provide "
+                                f"(row {row}, position {filled})"
+                            )
+                        image_tokens = prompt_tokens[next_image]
+                        if image_tokens.shape[0] > start + length - filled:
+                            raise ValueError(
+                                f"row {row}: image {next_image} needs {image_tokens.shape[0]} placeholders but the run "
+                                f"at position {filled} has {start + length - filled} left; was the text expanded by a "
+                                "processor with another geometry?"
+                            )
+                        run_tokens.append(image_tokens)
+                        filled += image_tokens.shape[0]
+                        row_image, next_image = next_image, next_image + 1
+                    tokens = torch.cat(run_tokens)
+                fill_mask[row, start : start + length] = True
+                pieces.append(tokens)
+            if boxes:
+                raise ValueError(f"row {row}: replay_boxes has {len(boxes)} box(es) more than the row's replay spans")
+            row_images.append(row_image)
+        if prompt_tokens and next_image != len(prompt_tokens):
+            raise ValueError(f"{len(prompt_tokens)} image(s) were given but input_ids has placeholders for {next_image}")
+        features = torch.cat(pieces) if pieces else None
+        return fill_mask, features, row_images
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        replay_boxes=None,
+        feature_memory: FeatureMemory | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> VGRModelOutputWithPast:
+        r"""
+        replay_boxes: per row, the normalized box of each replay span (see `VGRForConditionalGeneration.forward`).
+        feature_memory (`FeatureMemory`, *optional*):
+            The memory of an earlier forward over the same rows (generation): replay spans are cut from it without
+            running the vision tower.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        prompt_tokens = []
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            if input_ids is None:
+                raise ValueError("images need input_ids: the image placeholders say where their tokens go")
+            if image_sizes is None:
+                raise ValueError("pixel_values were given without image_sizes")
+            prompt_tokens, image_memories = self.encode_images(pixel_values, image_sizes)
+            feature_memory = FeatureMemory(image_memories, [None] * input_ids.shape[0])
+        elif input_ids is not None and feature_memory is None and _is_prefill(cache):
+            if (input_ids == self.config.image_token_id).any():
+                raise ValueError("input_ids has image placeholders but no pixel_values were given")
+
+        if feature_memory is not None:
+            fill_mask, visual, row_images = self.visual_embeddings(
+                input_ids, prompt_tokens, feature_memory, replay_boxes, prefill=_is_prefill(cache)
+            )
+            feature_memory = FeatureMemory(feature_memory.images, row_images)
+            if visual is not None:  # (num_filled, hidden)
+                inputs_embeds = inputs_embeds.masked_scatter(fill_mask.unsqueeze(-1), visual.to(inputs_embeds.dtype))
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return VGRModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            feature_memory=feature_memory,
+        )
+
+
+class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
+    """VGR with a language-modeling head and the detection head on `<eot>` hidden states. Its `generate` replays the
+    box's region of the feature memory after each `<eot>` (see `generation_vgr.py`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: VGRConfig):
+        super().__init__(config)
+        self.model = VGRModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.box_head = VGRDetectionHead(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A class registers one auto class (AutoModel); the image-text-to-text pipeline loads through
+        # AutoModelForImageTextToText, so its auto_map entry is added here, next to the copied remote code.
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModelForImageTextToText": f"{module}.{type(self).__name__}",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        replay_boxes=None,
+        feature_memory: FeatureMemory | None = None,
+        labels: torch.LongTensor | None = None,
+        box_targets=None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> VGRCausalLMOutputWithPast:
+        r"""
+        replay_boxes (`list[list[tuple[float, float, float, float]]]` or `torch.FloatTensor`, *optional*):
+            Per row, the normalized `(x1, y1, x2, y2)` box of each replay span (a run of image placeholders right
+            after `<eot>`), in order. A `(batch, max_boxes, 4)` tensor padded with NaN rows is accepted too.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets (-100 to ignore). Image and replay positions are always ignored.
+        box_targets (`list[list[tuple]]` or `torch.FloatTensor`, *optional*):
+            Per row, the normalized `(x1, y1, x2, y2)` target of each `<eot>` of the row, in order (`None` for an
+            `<eot>` without a target). Enables the detection loss.
+        feature_memory (`FeatureMemory`, *optional*):
+            The memory of an earlier forward over the same rows: replay spans are cut from it and the vision tower is
+            not run (generation passes it on every step).
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # label tokens of the whole batch (Trainer)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            replay_boxes=replay_boxes,
+            feature_memory=feature_memory,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        eot_boxes = None
+        if input_ids is not None and input_ids.shape == hidden_states.shape[:2]:
+            eot_mask = input_ids == self.config.eot_token_id
+            if eot_mask.any():
+                eot_boxes = box_cxcywh_to_xyxy(self.box_head(hidden_states[eot_mask]))  # (num_eot, 4)
+
+        lm_loss = box_l1_loss = box_giou_loss = None
+        if labels is not None:
+            labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            lm_loss = self.language_modeling_loss(hidden_states, labels, num_items_in_batch)
+        if box_targets is not None:
+            box_l1_loss, box_giou_loss = self.box_losses(input_ids, hidden_states, box_targets)
+
+        pieces = [
+            (lm_loss, 1.0),
+            (box_l1_loss, self.config.box_l1_weight),
+            (box_giou_loss, self.config.box_giou_weight),
+        ]
+        present = [weight * piece for piece, weight in pieces if piece is not None]
+        loss = sum(present) if present else None
+
+        return VGRCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            box_l1_loss=box_l1_loss,
+            box_giou_loss=box_giou_loss,
+            logits=logits,
+            eot_boxes=eot_boxes,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            feature_memory=outputs.feature_memory,
+        )
+
+    def language_modeling_loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
+        """Next-token cross-entropy, from the LM head applied only where there is a target: most positions of a VGR
+        sequence (prompt, image and replay tokens) have none, and the head over the vocabulary is the costliest part
+        of a small model's training step. The mean over targets, or their sum over `num_items_in_batch`."""
+        targets = labels[:, 1:]  # (batch, seq - 1): position p predicts token p + 1
+        supervised = targets != -100
+        logits = self.lm_head(hidden_states[:, :-1][supervised]).float()  # (num_targets, vocab)
+        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else supervised.sum()
+        return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+
+    def box_losses(self, input_ids, hidden_states, box_targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """L1 on (cx, cy, w, h) and 1 - GIoU on corners, of the detection head at every `<eot>` with a target."""
+        if input_ids is None:
+            raise ValueError("box_targets need input_ids to find the <eot> positions")
+        targets = _as_box_lists(box_targets, input_ids.shape[0], allow_missing=True)
+        states, boxes = [], []
+        for row in range(input_ids.shape[0]):
+            positions = (input_ids[row] == self.config.eot_token_id).nonzero().flatten().tolist()
+            if len(positions) != len(targets[row]):
+                raise ValueError(
+                    f"row {row}: box_targets has {len(targets[row])} box(es) for {len(positions)} <eot> token(s)"
+                )
+            for position, box in zip(positions, targets[row]):
+                if box is not None:
+                    states.append(hidden_states[row, position])
+                    boxes.append(box)
+        if not boxes:
+            # No target in this batch: zero losses that still touch the head, so that DDP sees its parameters used.
+            zero = self.box_head(hidden_states[:1, 0]).sum() * 0.0
+            return zero, zero
+        predicted = self.box_head(torch.stack(states)).float()  # (n, 4) cx, cy, w, h
+        target = torch.tensor(boxes, dtype=torch.float32, device=predicted.device)  # (n, 4) x1, y1, x2, y2
+        l1 = (predicted - box_xyxy_to_cxcywh(target)).abs().sum(-1).mean()
+        giou = (1 - generalized_box_iou(box_cxcywh_to_xyxy(predicted), target)).mean()
+        return l1, giou
+
+
+def _is_prefill(cache) -> bool:
+    return cache is None or cache.get_seq_length() == 0
+
+
+def _runs(ids: list[int], token_id: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of `token_id`."""
+    runs, start = [], None
+    for position, token in enumerate(ids + [None]):
+        if token == token_id and start is None:
+            start = position
+        elif token != token_id and start is not None:
+            runs.append((start, position - start))
+            start = None
+    return runs
+
+
+def _as_size_list(image_sizes) -> list[tuple[int, int]]:
+    if isinstance(image_sizes, torch.Tensor):
+        image_sizes = image_sizes.tolist()
+    return [tuple(int(v) for v in size) for size in image_sizes]
+
+
+def _as_box_lists(boxes, batch_size: int, allow_missing: bool = False) -> list[list]:
+    """Per-row lists of validated, clamped boxes from a nested list or a NaN-padded `(batch, n, 4)` tensor."""
+    if boxes is None:
+        return [[] for _ in range(batch_size)]
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 3 or boxes.shape[-1] != 4:
+            raise ValueError(f"a box tensor must be (batch, max_boxes, 4) padded with NaN, got {tuple(boxes.shape)}")
+        boxes = [[box for box in row.tolist() if not all(math.isnan(v) for v in box)] for row in boxes]
+    if len(boxes) != batch_size:
+        raise ValueError(f"boxes are given for {len(boxes)} row(s) but the batch has {batch_size}")
+    rows = []
+    for row, row_boxes in enumerate(boxes):
+        checked = []
+        for box in row_boxes:
+            if box is None and allow_missing:
+                checked.append(None)
+                continue
+            parsed = check_box(box)
+            if not parsed.valid:
+                raise ValueError(f"row {row}: invalid box {box!r}: {parsed.reason}")
+            checked.append(parsed.box)
+        rows.append(checked)
+    return rows
+
+
+__all__ = ["VGRForConditionalGeneration", "VGRModel", "VGRPreTrainedModel"]
