@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
-assets: $(TOKENIZER)
+assets: $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 
 $(TOKENIZER): | $(STAMP)
 	mkdir -p assets/.download
@@ -29,10 +29,15 @@ $(TOKENIZER): | $(STAMP)
 	open(sys.argv[1], 'wb').write(z.read('wordllama/tokenizers/l2_supercat_tokenizer_config.json'))" $@
 	rm -rf assets/.download
 
-test: $(STAMP) $(TOKENIZER)
+# The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
+CHECKPOINT := checkpoints/vgr-tiny
+$(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
+	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
+
+test: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) -m pytest -q
 
-demo: $(STAMP) $(TOKENIZER)
+demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) examples/demo.py
 
 clean:

@@ -23,7 +23,7 @@ from ..configuration_vgr import VGRConfig
 from ..export import export
 from ..image_processing_vgr import VGRImageProcessor
 from ..modeling_vgr import VGRForConditionalGeneration
-from ..processing_vgr import VGRProcessor
+from ..processing_vgr import VGRProcessor, add_vgr_tokens
 from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer, read_records
 from .synthetic import make_dataset
 
@@ -43,6 +43,21 @@ def tiny_config() -> VGRConfig:
         max_crops=9,
         tie_word_embeddings=True,  # the 32k-token embeddings dominate a model this small
     )
+
+
+def restore_tokenizer(checkpoint: Path, tokenizer_file: Path) -> None:
+    """Write the checkpoint's tokenizer from the LLaMA-2 tokenizer fetched at set-up: the repository does not carry
+    it (Llama 2 licence). Same added tokens and ids as at export, checked against the config."""
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    add_vgr_tokens(tokenizer)
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    ids = tokenizer.convert_tokens_to_ids(["<image>", "<sot>", "<eot>"])
+    if ids != [config["image_token_id"], config["sot_token_id"], config["eot_token_id"]]:
+        raise ValueError(f"the tokenizer's <image>, <sot>, <eot> ids {ids} do not match {checkpoint}/config.json")
+    with tempfile.TemporaryDirectory() as scratch:  # only tokenizer.json: the committed tokenizer_config.json stays
+        tokenizer.save_pretrained(scratch)
+        (Path(checkpoint) / "tokenizer.json").write_bytes((Path(scratch) / "tokenizer.json").read_bytes())
 
 
 def main(argv=None) -> None:
@@ -98,6 +113,7 @@ def main(argv=None) -> None:
         example = read_records(args.data / "test.jsonl")[0]  # held out: the demo's image and question
         export(checkpoint, args.output, REPO_ID, license="apache-2.0", datasets=["synthetic-vgr-tiny"],
                example_image=args.data / example["image"])
+    (args.output / "tokenizer.json").unlink()  # not committed (Llama 2 licence): `make assets` restores it
     question = example["conversations"][0]["value"].replace("<image>\n", "")
     (args.output / "example.json").write_text(json.dumps({"question": question, "answer": example["answer"],
                                                           "box": example["box"]}, indent=1))
