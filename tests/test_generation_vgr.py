@@ -11,6 +11,8 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     MaxLengthCriteria,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -18,6 +20,7 @@ from transformers import (
 )
 
 from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.processing_vgr import REASONING_PROMPT
 
 from conftest import tiny_config, tiny_processor
 
@@ -82,6 +85,11 @@ def generate(model, processor, inputs, plan, **kwargs):
 def teacher_forced_logits(model, inputs, row, output):
     """Logits of a forward over the whole spliced sequence: prompt + generated ids, with K placeholders after each
     replayed <eot>; returns the logits that predicted each generated token."""
+    return teacher_forced(model, inputs, row, output)[0]
+
+
+def teacher_forced(model, inputs, row, output):
+    """`teacher_forced_logits` and the detection head's box at each <eot> of that forward."""
     config = model.config
     prompt_ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
     generated = output.sequences[row, inputs["input_ids"].shape[1]:].tolist()
@@ -98,7 +106,7 @@ def teacher_forced_logits(model, inputs, row, output):
     with torch.no_grad():
         out = model(input_ids=torch.tensor([sequence]), pixel_values=inputs["pixel_values"][row : row + 1],
                     image_sizes=inputs["image_sizes"][row : row + 1], replay_boxes=[boxes])
-    return out.logits[0, positions]
+    return out.logits[0, positions], out.eot_boxes
 
 
 BOX_A = "<sot>[0.10, 0.20, 0.50, 0.60]<eot>"
@@ -143,6 +151,22 @@ class TestEquivalence:
             torch.testing.assert_close(torch.stack(together.logits)[:, row], torch.stack(alone.logits)[:, 0],
                                        rtol=1e-4, atol=1e-4)
 
+    def test_eager_attention_generates_like_sdpa(self, setup, images):
+        model, processor = setup
+        inputs = make_inputs(processor, images, ["chelsea_451x300", "rocket_640x427"], [QUESTION, "Which one?"])
+        plan = [(0, 1, BOX_A), (1, 6, BOX_B)]  # replays at different steps: chunks with masked pads
+        assert model.model.language_model.config._attn_implementation == "sdpa"
+        sdpa = generate(model, processor, inputs, plan, max_new_tokens=40, pad_token_id=0)
+        model.set_attn_implementation("eager")
+        try:
+            assert model.model.language_model.config._attn_implementation == "eager"
+            eager = generate(model, processor, inputs, plan, max_new_tokens=40, pad_token_id=0)
+        finally:
+            model.set_attn_implementation("sdpa")
+        assert [[r.valid for r in rows] for rows in eager.replays] == [[True], [True]]
+        assert torch.equal(eager.sequences, sdpa.sequences)
+        torch.testing.assert_close(torch.stack(eager.logits), torch.stack(sdpa.logits), rtol=1e-4, atol=1e-4)
+
     def test_vision_tower_runs_once(self, setup, images):
         model, processor = setup
         calls = []
@@ -163,6 +187,8 @@ class TestEquivalence:
                                  top_k=50, top_p=0.95))
         assert torch.equal(runs[0].sequences, runs[1].sequences)
         assert runs[0].replays[0][0].valid
+        greedy = generate(model, processor, inputs, [(0, 3, BOX_A)])
+        assert not torch.equal(runs[0].sequences, greedy.sequences)  # it did sample
         expected = teacher_forced_logits(model, inputs, 0, runs[0])
         torch.testing.assert_close(torch.stack(runs[0].logits)[:, 0], expected, rtol=1e-4, atol=1e-4)
 
@@ -171,14 +197,17 @@ class TestRecords:
     def test_record_fields(self, setup, images):
         model, processor = setup
         inputs = make_inputs(processor, images, ["rocket_640x427"])
-        record = generate(model, processor, inputs, [(0, 4, BOX_A)]).replays[0][0]
+        output = generate(model, processor, inputs, [(0, 4, BOX_A)])
+        record = output.replays[0][0]
         assert record.step == 4 + 25  # the <eot> is the 26th token of the box text
         assert record.valid and record.reason is None
         assert record.pixel_box == pytest.approx((64.0, 85.4, 320.0, 256.2))
         geometry = model.config.geometry()
         assert record.num_tokens == geometry.replay_tokens((427, 640), record.box)
-        assert record.head_box is not None and len(record.head_box) == 4
-        assert all(0.0 <= v <= 1.0 for v in record.head_box) or record.head_box[0] < record.head_box[2]
+        # the head's box at this <eot> is the teacher-forced forward's box at the same <eot>
+        _, eot_boxes = teacher_forced(model, inputs, 0, output)
+        assert eot_boxes.shape == (1, 4)
+        assert record.head_box == pytest.approx(eot_boxes[0].tolist(), abs=1e-5)
 
     @pytest.mark.parametrize(
         "text, reason",
@@ -269,10 +298,27 @@ class TestGenerateOptions:
     def test_scores_and_logits_processors(self, setup, images):
         model, processor = setup
         inputs = make_inputs(processor, images, ["chelsea_451x300"])
-        output = generate(model, processor, inputs, [(0, 2, BOX_A)], repetition_penalty=1.3, output_scores=True,
-                          no_repeat_ngram_size=3)
+        repeated = "cat dog cat dog"  # at the step after it, no_repeat_ngram_size=3 bans "cat"
+        cat, dog = processor.tokenizer("cat dog", add_special_tokens=False).input_ids
+        assert processor.tokenizer(repeated, add_special_tokens=False).input_ids == [cat, dog, cat, dog]
+        output = generate(model, processor, inputs, [(0, 2, BOX_A), (0, 30, repeated)], repetition_penalty=1.3,
+                          output_scores=True, no_repeat_ngram_size=3)
         assert len(output.scores) == 40 and output.replays[0][0].valid
-        assert torch.equal(torch.stack(output.scores)[:, 0].argmax(-1), output.sequences[0, -40:])
+        scores, logits = torch.stack(output.scores)[:, 0], torch.stack(output.logits)[:, 0]
+        assert torch.equal(scores.argmax(-1), output.sequences[0, -40:])
+        # At each free step the scores are the raw logits after the stock processors (given the tokens so far) and
+        # the <image> suppression; the forced steps are the forcing processor's.
+        stock = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3), NoRepeatNGramLogitsProcessor(3)])
+        prompt_length = inputs["input_ids"].shape[1]
+        free = [step for step in range(40) if not (2 <= step < 2 + 26 or 30 <= step < 34)]
+        for step in free:
+            expected = stock(output.sequences[:, : prompt_length + step], logits[step : step + 1].clone())[0]
+            expected[model.config.image_token_id] = -float("inf")
+            torch.testing.assert_close(scores[step], expected, rtol=0, atol=0)
+        text_tokens = torch.ones(scores.shape[-1], dtype=torch.bool)
+        text_tokens[model.config.image_token_id] = False
+        assert (scores[free][:, text_tokens] != logits[free][:, text_tokens]).any(-1).all()  # every step penalized
+        assert scores[34, cat] == -float("inf") and torch.isfinite(logits[34, cat])
 
     def test_eos_and_custom_stopping_criteria(self, setup, images):
         model, processor = setup
@@ -372,12 +418,16 @@ class TestReviewedEdges:
 
         model, processor = setup
         inputs = make_inputs(processor, images, ["chelsea_451x300"])
-        model.generation_config.num_beams = 2
-        try:
-            with pytest.raises(ValueError, match="beam search"):
-                model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=5))
-        finally:
-            model.generation_config.num_beams = None
+        for attribute, value, message in [("num_beams", 2, "beam search"), ("use_cache", False, "use_cache=False")]:
+            default = getattr(model.generation_config, attribute)
+            setattr(model.generation_config, attribute, value)
+            try:
+                with pytest.raises(ValueError, match=message):
+                    model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=5))
+                with pytest.raises(ValueError, match=message):
+                    model.generate(**inputs, max_new_tokens=5)
+            finally:
+                setattr(model.generation_config, attribute, default)
         for kwargs, message in [(dict(inputs_embeds=torch.zeros(1, 3, 64)), "input_ids"),
                                 (dict(assistant_early_exit=1), "assisted decoding")]:
             with pytest.raises(ValueError, match=message):
@@ -398,6 +448,42 @@ class TestReviewedEdges:
                                    pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
                                    attention_mask=inputs["attention_mask"], max_new_tokens=6, do_sample=False)
         assert model.config.image_token_id not in sequences[0, inputs["input_ids"].shape[1]:].tolist()
+
+    def test_user_suppress_tokens_and_the_image_suppression_both_apply(self, setup, images):
+        model, processor = setup
+        image_id, liked = model.config.image_token_id, 450
+
+        class PreferImageThenLiked(LogitsProcessor):  # adds, so that a suppressed token stays at -inf
+            def __call__(self, input_ids, scores):
+                bonus = torch.zeros_like(scores)
+                bonus[:, image_id], bonus[:, liked] = 1e9, 1e8
+                return scores + bonus
+
+        inputs = make_inputs(processor, images, ["chelsea_451x300"])
+        prompt_length = inputs["input_ids"].shape[1]
+        prefer = LogitsProcessorList([PreferImageThenLiked()])
+        free = model.generate(**inputs, logits_processor=prefer, max_new_tokens=4, do_sample=False)
+        assert free[0, prompt_length:].tolist() == [liked] * 4  # <image> suppressed, "liked" wins
+        suppressed = model.generate(**inputs, logits_processor=prefer, max_new_tokens=4, do_sample=False,
+                                    suppress_tokens=[liked])
+        generated = suppressed[0, prompt_length:].tolist()
+        assert len(generated) == 4 and image_id not in generated and liked not in generated
+
+    def test_a_stray_eot_after_a_box_has_no_sot(self, setup, images):
+        model, processor = setup
+        inputs = make_inputs(processor, images, ["chelsea_451x300"])
+        output = generate(model, processor, inputs, [(0, 1, BOX_A + " so<eot>")], max_new_tokens=45)
+        box, stray = output.replays[0][:2]
+        assert box.valid and not stray.valid and stray.reason == "no <sot> before <eot>"
+
+    def test_the_prompt_is_never_read_as_a_box(self, setup, images):
+        model, processor = setup
+        question = REASONING_PROMPT.format(question="Where is the cat?")  # spells out <sot>[x1, y1, x2, y2]<eot>
+        inputs = make_inputs(processor, images, ["chelsea_451x300"], [question])
+        assert (inputs["input_ids"] == model.config.sot_token_id).sum() == 1
+        output = generate(model, processor, inputs, [(0, 1, "[0.10, 0.20, 0.50, 0.60]<eot>")], max_new_tokens=30)
+        record = output.replays[0][0]
+        assert not record.valid and record.reason == "no <sot> before <eot>"
 
     def test_a_row_stopped_on_its_eot_does_not_replay(self, setup, images):
         model, processor = setup

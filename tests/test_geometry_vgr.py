@@ -111,6 +111,28 @@ class TestBoxToCells:
         # floor start, ceil end
         assert tile.box_to_cells((0.1, 0.2, 0.3, 0.4)) == (math.floor(0.2 * 24), math.ceil(0.4 * 24), 2, math.ceil(0.3 * 24))
 
+    def test_padded_images_by_hand(self):
+        tiny = VGRGeometry.build(112, 14, max_crops=20)  # the tests' tiny config: 8 x 8 cells per crop
+        # (172, 448): the smallest grid that holds it unscaled is 2 x 4 crops (224 x 448); 52 px of padding,
+        # 26 on top: image rows floor(26 / 14) = 1 .. ceil(198 / 14) = 15 of S's 16, every column of 32.
+        tile = tiny.tile((172, 448))
+        assert (tile.canvas_size, tile.resized_size, tile.padding) == ((224, 448), (172, 448), (26, 26, 0, 0))
+        assert tile.box_to_cells((0, 0, 1, 1)) == (1, 15, 0, 32)
+        assert tile.box_to_cells((0.9, 0.9, 1, 1)) == (12, 15, 28, 32)  # floor((26 + 154.8) / 14), floor(403.2 / 14)
+        # (300, 451): 3 x 5 crops (336 x 560); scale min(560 / 451, 336 / 300) = 1.12 gives 336 x ceil(505.12) = 506,
+        # 27 px of padding left and right. Box (0, 0, .3, .3): rows 0 .. ceil(100.8 / 14) = 8, columns floor(27 / 14)
+        # = 1 .. ceil((27 + 151.8) / 14) = 13.
+        tile = tiny.tile((300, 451))
+        assert (tile.canvas_size, tile.resized_size, tile.padding) == ((336, 560), (336, 506), (0, 0, 27, 27))
+        assert tile.box_to_cells((0, 0, 0.3, 0.3)) == (0, 8, 1, 13)
+        assert tiny.replay_tokens((300, 451), (0, 0, 0.3, 0.3)) == 4 * 6  # 8 x 12 cells, 2 x 2 pooled
+        # (512, 512): no grid of <= 20 crops holds it unscaled; 4 x 4 (448 x 448) keeps the most pixels, no padding.
+        # A box of 224 .. 228.48 px each way is one cell: floor(224 / 14) = 16 .. ceil(228.48 / 14) = 17.
+        tile = tiny.tile((512, 512))
+        assert (tile.canvas_size, tile.resized_size, tile.padding) == ((448, 448), (448, 448), (0, 0, 0, 0))
+        assert tile.box_to_cells((0.5, 0.5, 0.51, 0.51)) == (16, 17, 16, 17)
+        assert tiny.replay_tokens((512, 512), (0.5, 0.5, 0.51, 0.51)) == 1
+
     def test_replay_token_count_is_ceil_pooled_cells(self):
         tile = PAPER.tile((336, 336))
         for box, cells in [((0, 0, 1 / 24, 1 / 24), (1, 1)), ((0, 0, 3 / 24, 5 / 24), (3, 5)), ((0, 0, 1, 1), (24, 24))]:

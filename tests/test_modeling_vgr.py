@@ -1,5 +1,6 @@
 """VGR's forward: token counts on real images, parity with transformers' LLaVA-NeXT, replay spans, losses."""
 
+import copy
 import io
 import math
 
@@ -12,6 +13,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
 from transformers_vgr import VGRForConditionalGeneration, VGRImageProcessor, VGRProcessor, format_grounded_box
+from transformers_vgr.geometry_vgr import unpadded_span
 
 from conftest import LLAVA_NEXT_PINPOINTS, _chart, llama2_tokenizer, tiny_config, tiny_processor
 
@@ -67,6 +69,27 @@ class TestTokenCounts:
         assert memories[0].tile.num_crops == 20
         assert prompt_tokens[0].shape[0] == 864
         assert (inputs["input_ids"] == paper_model.config.image_token_id).sum().item() == 864
+
+
+    @pytest.mark.parametrize("image_name", ["chelsea_451x300", "text_448x172", "line_chart_400x1600", "rocket_640x427"])
+    def test_llava_next_layout_with_pooled_crops(self, images, image_name):
+        # LLaVA-NeXT's layout (stitched, unpadded, a newline per row) on VGR's 4x4-pooled crop tokens. Tiny config:
+        # 8 x 8 cells per crop, so 2 x 2 tokens per crop after pooling and a 4 x 4 = 16-token snapshot (2x2-pooled);
+        # the rocket's padding removes a row of crop tokens.
+        torch.manual_seed(0)
+        config = tiny_config(image_layout="llava_next", crop_pool=4)
+        model, processor = VGRForConditionalGeneration(config).eval(), tiny_processor(config)
+        inputs = processor(images=images[image_name], text=chat(), return_tensors="pt")
+        with torch.no_grad():
+            prompt_tokens, memories = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+            model(**inputs)
+        tile = memories[0].tile
+        top, bottom, left, right = unpadded_span(tile.image_size, (tile.grid[0] * 2, tile.grid[1] * 2))  # 8 / 4 = 2
+        placeholders = (inputs["input_ids"] == config.image_token_id).sum().item()
+        assert prompt_tokens[0].shape[0] == placeholders == 16 + (bottom - top) * (right - left + 1)
+        newline = model.model.image_newline
+        crop_rows = prompt_tokens[0][16:].view(bottom - top, right - left + 1, -1)
+        torch.testing.assert_close(crop_rows[:, -1], newline.expand(bottom - top, -1))
 
 
 @pytest.fixture(scope="module")
@@ -147,20 +170,29 @@ def stitched_by_hand(model, pixel_values: torch.Tensor, tile) -> torch.Tensor:
 
 
 class TestReplaySpans:
+    # Expected cells (top, bottom, left, right) of S, by hand from DESIGN's rules for the tiny config (112-px crops,
+    # patch 14: 8 x 8 cells per crop, up to 20 crops): best-fit grid, aspect-kept resize (free side rounded up),
+    # centred padding, then rows = floor((pad_top + y1 * h) / 14) .. ceil((pad_top + y2 * h) / 14), columns alike.
+    # chelsea (300, 451): 3 x 5 crops (336 x 560), resized to 336 x 506, 27 px padding left and right; S 24 x 40.
+    # text (172, 448): 2 x 4 crops (224 x 448), not resized, 26 px padding top and bottom; S 16 x 32.
+    # astronaut (512, 512): 4 x 4 crops, resized to 448 x 448, no padding; S 32 x 32.
+    # rocket (427, 640): 4 x 5 crops (448 x 560), resized to 374 x 560, 37 px padding top and bottom; S 32 x 40.
+    # line chart (1600, 400): 8 x 2 crops (896 x 224), resized to 896 x 224: no padding; S 64 x 16.
     @pytest.mark.parametrize(
-        "image_name, box",
+        "image_name, box, cells",
         [
-            ("chelsea_451x300", (0.0, 0.0, 0.3, 0.3)),  # top-left corner
-            ("chelsea_451x300", (0.7, 0.7, 1.0, 1.0)),  # bottom-right corner
-            ("chelsea_451x300", (0.0, 0.4, 1.0, 0.6)),  # left and right edges
-            ("chelsea_451x300", (0.45, 0.0, 0.55, 1.0)),  # top and bottom edges
-            ("text_448x172", (0.0, 0.0, 1.0, 1.0)),  # padded image: the whole image, never the padding
-            ("line_chart_400x1600", (0.9, 0.9, 1.0, 1.0)),  # padded image, corner
-            ("astronaut_512x512", (0.5, 0.5, 0.51, 0.51)),  # one cell (S is 32 x 32 cells)
-            ("rocket_640x427", (0.1, 0.13, 0.37, 0.71)),  # odd sizes: partial pooling cells
+            ("chelsea_451x300", (0.0, 0.0, 0.3, 0.3), (0, 8, 1, 13)),  # top-left corner: 27 // 14 = 1
+            ("chelsea_451x300", (0.7, 0.7, 1.0, 1.0), (16, 24, 27, 39)),  # bottom-right: ceil(533 / 14) = 39
+            ("chelsea_451x300", (0.0, 0.4, 1.0, 0.6), (9, 15, 1, 39)),  # left and right edges
+            ("chelsea_451x300", (0.45, 0.0, 0.55, 1.0), (0, 24, 18, 22)),  # top and bottom edges
+            ("text_448x172", (0.0, 0.0, 1.0, 1.0), (1, 15, 0, 32)),  # padded: the whole image, never the padding
+            ("text_448x172", (0.9, 0.9, 1.0, 1.0), (12, 15, 28, 32)),  # padded, corner: ceil(198 / 14) = 15
+            ("line_chart_400x1600", (0.9, 0.9, 1.0, 1.0), (57, 64, 14, 16)),  # 1:4 image, corner
+            ("astronaut_512x512", (0.5, 0.5, 0.51, 0.51), (16, 17, 16, 17)),  # one cell: 224 .. 228.5 px
+            ("rocket_640x427", (0.1, 0.13, 0.37, 0.71), (6, 22, 4, 15)),  # 16 x 11 cells: a partial pooling cell
         ],
     )
-    def test_replayed_features_are_the_pooled_cells_of_s(self, images, image_name, box):
+    def test_replayed_features_are_the_pooled_cells_of_s(self, images, image_name, box, cells):
         torch.manual_seed(0)
         config = tiny_config()  # 112-px crops: 8 x 8 cells each
         model = VGRForConditionalGeneration(config).eval()
@@ -175,6 +207,7 @@ class TestReplaySpans:
         handle.remove()
 
         top, bottom, left, right = tile.box_to_cells(inputs["replay_boxes"][0][0])
+        assert (top, bottom, left, right) == cells
         image_top, image_bottom, image_left, image_right = tile.image_cells
         assert image_top <= top < bottom <= image_bottom and image_left <= left < right <= image_right
         expected = pooled_by_hand(memory[top:bottom, left:right])
@@ -262,6 +295,72 @@ class TestLosses:
                      "model.multi_modal_projector.linear_1.weight", "box_head.layers.0.weight"):
             grad = dict(model.named_parameters())[name].grad
             assert grad is not None and grad.abs().sum() > 0, name
+
+
+    def test_gradients_reach_the_vision_tower_through_the_replay_positions(self, setup):
+        model, inputs = setup
+        embeds = {}
+
+        def keep_inputs_embeds(module, args, kwargs):
+            embeds["value"] = kwargs["inputs_embeds"]
+
+        handle = model.model.language_model.register_forward_pre_hook(keep_inputs_embeds, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+        ids = inputs["input_ids"][0].tolist()
+        start = ids.index(model.config.eot_token_id) + 1
+        length = model.config.geometry().replay_tokens((300, 451), inputs["replay_boxes"][0][0])
+        # a loss on the replayed embeddings alone: its only path to the vision tower is the feature memory S
+        embeds["value"][0, start : start + length].square().sum().backward()
+        parameters = dict(model.named_parameters())
+        for name in ("model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+                     "model.multi_modal_projector.linear_1.weight"):
+            assert parameters[name].grad is not None and parameters[name].grad.abs().sum() > 0, name
+
+
+class TestDetectionHeadInit:
+    def test_the_box_head_starts_from_fan_in_initialization(self, tmp_path):
+        torch.manual_seed(0)
+        model = VGRForConditionalGeneration(tiny_config())
+        # saved without the head, as a checkpoint converted from LLaVA-NeXT: from_pretrained initializes it
+        model.save_pretrained(tmp_path, state_dict={k: v for k, v in model.state_dict().items() if "box_head" not in k})
+        loaded = VGRForConditionalGeneration.from_pretrained(tmp_path)
+        for head in (model.box_head, loaded.box_head):
+            for layer in head.layers:
+                bound = 1 / math.sqrt(layer.in_features)  # nn.Linear's own: U(-bound, bound), std bound / sqrt(3)
+                assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
+                assert layer.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+
+    def test_the_box_head_fits_a_small_batch_fast(self):
+        torch.manual_seed(0)
+        model = VGRForConditionalGeneration(tiny_config())
+        eot_ids = torch.full((8, 1), model.config.eot_token_id)
+        # stand-ins for the language model's last hidden states at 8 <eot>: unit RMS per channel, as after its norm
+        states = torch.randn(8, 1, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+        targets = [[(0.05, 0.10, 0.30, 0.40)], [(0.60, 0.55, 0.95, 0.90)], [(0.20, 0.60, 0.50, 0.95)],
+                   [(0.50, 0.05, 0.90, 0.35)], [(0.35, 0.30, 0.65, 0.70)], [(0.00, 0.00, 1.00, 1.00)],
+                   [(0.10, 0.45, 0.25, 0.60)], [(0.70, 0.20, 0.80, 0.85)]]
+
+        def l1_after_40_adam_steps(head):
+            model.box_head = head
+            optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+            for _ in range(40):
+                l1, giou = model.box_losses(eot_ids, states, targets)
+                optimizer.zero_grad()
+                (l1 + 2 * giou).backward()
+                optimizer.step()
+            with torch.no_grad():
+                return model.box_losses(eot_ids, states, targets)[0].item()
+
+        # the language model's rule (PreTrainedModel._init_weights): N(0, 0.02) weights, zero biases
+        small = copy.deepcopy(model.box_head)
+        for layer in small.layers:
+            torch.nn.init.normal_(layer.weight, std=model.config.text_config.initializer_range)
+            torch.nn.init.zeros_(layer.bias)
+        fan_in_l1, small_l1 = l1_after_40_adam_steps(model.box_head), l1_after_40_adam_steps(small)
+        assert fan_in_l1 < 0.3 < small_l1
 
 
 class TestAttentionAndDtypes:
@@ -357,6 +456,23 @@ class TestBadInput:
             model(**inputs, box_targets=[[(0, 0, 1, 1), (0, 0, 1, 1)]])
         with pytest.raises(ValueError, match="invalid box"):
             model(**inputs, box_targets=[[(float("nan"), 0, 1, 1)]])
+
+    @pytest.mark.parametrize("image_sizes", [torch.tensor([300, 451]), [300, 451], torch.tensor([[[300, 451]]])])
+    def test_image_sizes_must_be_pairs(self, setup, image_sizes):
+        model, processor, image = setup
+        inputs = processor(images=image, text=chat(), return_tensors="pt")
+        with pytest.raises(ValueError, match=r"image_sizes must hold one \(height, width\) pair per image"):
+            model(**{**inputs, "image_sizes": image_sizes})
+
+    def test_labels_with_inputs_embeds(self, setup):
+        model, processor, _ = setup
+        ids = processor(text="USER: Hello there. ASSISTANT: Hi!", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            from_ids = model(input_ids=ids, labels=ids)
+            from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids), labels=ids)
+        torch.testing.assert_close(from_embeds.lm_loss, from_ids.lm_loss)
+        with pytest.raises(ValueError, match="labels of shape"):
+            model(input_ids=ids, labels=ids[:, :-1])
 
     def test_pixel_values_from_another_grid(self, setup):
         model, processor, image = setup

@@ -3,7 +3,7 @@
 import math
 
 import numpy as np
-
+import PIL.Image
 import pytest
 import torch
 
@@ -130,6 +130,27 @@ class TestBoxText:
     def test_partly_outside_is_clamped(self):
         assert parse_box("[-0.2, 0.5, 1.3, 0.9]").box == (0.0, 0.5, 1.0, 0.9)
 
+    def test_the_last_sot_before_an_eot_opens_the_box(self):
+        # as the replay loop and the processor's replay markers read it
+        assert parse_boxes("<sot> oops <sot>[0.1, 0.2, 0.3, 0.4]<eot>") == [(0.1, 0.2, 0.3, 0.4)]
+        text = "<SOT> a <sot>[0.1, 0.2, 0.3, 0.4]<EOT> b <SOT>[0.5, 0.5, 0.6, 0.6]<eot>"
+        assert parse_boxes(text) == [(0.1, 0.2, 0.3, 0.4), (0.5, 0.5, 0.6, 0.6)]
+        assert [parsed.text for parsed in find_boxes("<sot> x <sot> y <eot> <eot>")] == [" y "]
+
+    def test_draw_boxes_on_an_exif_rotated_image(self, processor, tmp_path):
+        stored = PIL.Image.new("RGB", (200, 100), (20, 20, 220))  # width x height as stored
+        exif = PIL.Image.Exif()
+        exif[0x0112] = 6  # shown rotated by 90 degrees: 100 wide, 200 high
+        path = tmp_path / "rotated.jpg"
+        stored.save(path, "JPEG", exif=exif, quality=95)
+        image = PIL.Image.open(path)
+        assert image.size == (200, 100)
+        assert processor.image_processor(image, return_tensors="pt")["image_sizes"].tolist() == [[200, 100]]
+        drawn = processor.draw_boxes(image, [(0.2, 0.1, 0.8, 0.4)])  # pixels (20, 20, 80, 80) of the upright image
+        assert drawn.size == (100, 200)
+        assert drawn.getpixel((21, 50)) == (255, 40, 40)  # on the box's left edge
+        assert drawn.getpixel((79, 50)) == (255, 40, 40)  # on its right edge, inside the upright image's width
+
     def test_final_answer(self):
         assert extract_final_answer("Reasoning... Final answer: 42") == "42"
         assert extract_final_answer("final answer:  B\n") == "B"
@@ -208,6 +229,23 @@ class TestBadInput:
     def test_replay_marker_after_an_invalid_box(self, processor, images, box):
         with pytest.raises(ValueError, match="invalid"):
             processor(images=images["chelsea_451x300"], text=f"<image> look <sot>{box}<eot><image>")
+
+    def test_replay_marker_followed_directly_by_an_image_marker(self, processor, images):
+        image = images["chelsea_451x300"]
+        with pytest.raises(ValueError, match="followed directly by another <image>"):
+            processor(images=[image, image], text="<image>\nQ <sot>[0.1, 0.1, 0.5, 0.5]<eot><image><image>\nA")
+        # apart, they are a replay span and a second image, whose runs of placeholders stay separate
+        inputs = processor(images=[image, image], text="<image>\nQ <sot>[0.1, 0.1, 0.5, 0.5]<eot><image>\n<image>\nA")
+        assert inputs["replay_boxes"] == [[(0.1, 0.1, 0.5, 0.5)]]
+        ids = inputs["input_ids"][0]
+        eot = ids.index(processor.eot_token_id)
+        replay = processor.image_processor.geometry().replay_tokens((300, 451), (0.1, 0.1, 0.5, 0.5))
+        assert ids[eot + 1 : eot + 1 + replay] == [processor.image_token_id] * replay
+        assert ids[eot + 1 + replay] != processor.image_token_id
+
+    def test_a_plain_eot_closes_the_box(self, processor, images):
+        with pytest.raises(ValueError, match="no <sot>"):
+            processor(images=images["chelsea_451x300"], text="<image> <sot>[0.1, 0.1, 0.5, 0.5]<eot> so <eot><image>")
 
     def test_text_is_required(self, processor, images):
         with pytest.raises(ValueError, match="text"):

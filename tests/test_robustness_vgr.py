@@ -11,12 +11,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from transformers_vgr import VGRConfig, VGRForConditionalGeneration, VGRGeometry
-from transformers_vgr.box_text_vgr import check_box, find_boxes, parse_box
+from transformers_vgr.box_text_vgr import box_token_table, check_box, find_boxes, normalize_tags, parse_box
 from transformers_vgr.export import export
 from transformers_vgr.generation_vgr import ReplayState
 
@@ -81,7 +81,8 @@ def setup():
     return VGRForConditionalGeneration(config).eval(), processor
 
 
-BOX_TABLE = tiny_processor(tiny_config()).box_token_table()
+TOKENIZER = tiny_processor(tiny_config()).tokenizer  # LLaMA-2 with <image>, <sot>, <eot>
+BOX_TABLE = box_token_table(TOKENIZER)
 
 
 @settings(max_examples=200, deadline=None)
@@ -94,6 +95,31 @@ def test_reading_boxes_from_arbitrary_ids_never_raises(ids):
                         config.geometry())
     result = state.read_box(ids + [config.eot_token_id])
     assert isinstance(result, str) or result.valid or result.reason
+
+
+TAG_SOUP = st.lists(
+    st.sampled_from(["<sot>", "<eot>", "<SOT>", "<EOT>", "[0.1, 0.2, 0.5, 0.6]", "[0.3,  0.1, 0.9, 0.8]", "x", " ",
+                     "[", "]", "0.5", ","]),
+    max_size=30,
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=TAG_SOUP)
+@example(text="<sot> oops <sot>[0.1, 0.2, 0.5, 0.6]<eot>")
+@example(text="<SOT>[0.3,  0.1, 0.9, 0.8]<EOT>")
+def test_the_replay_loop_and_the_box_parser_read_the_same_boxes(text):
+    """What generate replays at each <eot> is what post-processing reports for the same text: the last <sot> before
+    an <eot> opens the box, and runs of spaces are read alike. (The model writes the tags as tokens, so the text is
+    tokenized with the tags in lower case, as the processor does.)"""
+    config = tiny_config()
+    texts = dict(zip(BOX_TABLE["box_token_ids"], BOX_TABLE["box_token_texts"]))
+    state = ReplayState(config.eot_token_id, config.sot_token_id, config.image_token_id, 0, 8, 4096, 4096, texts,
+                        config.geometry())
+    ids = TOKENIZER(normalize_tags(text), add_special_tokens=False).input_ids
+    read = [state.read_box(ids[: end + 1]) for end, token in enumerate(ids) if token == config.eot_token_id]
+    replayed = [parsed.box for parsed in read if not isinstance(parsed, str) and parsed.valid]
+    assert replayed == [parsed.box for parsed in find_boxes(text) if parsed.valid]
 
 
 class ForceTokens(LogitsProcessor):
@@ -306,27 +332,38 @@ def test_greedy_output_of_a_row_is_the_same_alone_and_in_a_batch_of_4(setup, ima
     questions = ["Where is it?", "Read this long line of text for me, please, word by word.", "Hm?", "Which one?"]
     texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
                                            add_generation_prompt=True) for q in questions]
-    box = processor.tokenizer("<sot>[0.20, 0.10, 0.70, 0.60]<eot>", add_special_tokens=False).input_ids
+    # row i writes boxes[i] from its generated token first_steps[i] on, then is free
+    boxes = [processor.tokenizer(text, add_special_tokens=False).input_ids for text in (
+        "<sot>[0.20, 0.10, 0.70, 0.60]<eot>", "<sot>[0.00, 0.00, 1.00, 1.00]<eot>",
+        "<sot>[0.10, 0.30, 0.40, 0.90]<eot>", "<sot>[0.50, 0.50, 0.60, 0.60]<eot>")]
+    first_steps = [1, 6, 11, 16]
+    box_length = len(boxes[0])
+    assert all(len(box) == box_length for box in boxes)
 
-    class BoxAtStep(LogitsProcessor):  # every row writes the box at its 3rd token, then is free
-        def __init__(self):
-            self.start = None
+    class BoxAtStep(LogitsProcessor):
+        def __init__(self, indices):
+            self.indices, self.start = indices, None
 
         def __call__(self, input_ids, scores):
             self.start = self.start or input_ids.shape[1]
-            step = input_ids.shape[1] - self.start - 3
-            if 0 <= step < len(box):
-                scores = torch.full_like(scores, -float("inf"))
-                scores[:, box[step]] = 0.0
+            scores = scores.clone()
+            for row, index in enumerate(self.indices):
+                step = input_ids.shape[1] - self.start - first_steps[index]
+                if 0 <= step < box_length:
+                    scores[row] = -float("inf")
+                    scores[row, boxes[index][step]] = 0.0
             return scores
 
     def run(indices):
         inputs = processor(images=[images[names[i]] for i in indices], text=[texts[i] for i in indices],
                            padding=True, return_tensors="pt")
-        out = model.generate(**inputs, logits_processor=LogitsProcessorList([BoxAtStep()]), max_new_tokens=45,
-                             do_sample=False)
-        return out[:, inputs["input_ids"].shape[1]:].tolist()
+        out = model.generate(**inputs, logits_processor=LogitsProcessorList([BoxAtStep(indices)]), max_new_tokens=45,
+                             do_sample=False, return_dict_in_generate=True)
+        return out.sequences[:, inputs["input_ids"].shape[1]:].tolist(), out.replays
 
-    together = run([0, 1, 2, 3])
+    together, replays = run([0, 1, 2, 3])
+    # each row replays once, at its own step and with its own K
+    assert [[(r.step, r.valid) for r in row] for row in replays] == [[(s + box_length - 1, True)] for s in first_steps]
+    assert len({row[0].num_tokens for row in replays}) == 4
     for index in range(4):
-        assert run([index])[0] == together[index]
+        assert run([index])[0][0] == together[index]
