@@ -1,25 +1,32 @@
 """Supervised fine-tuning of VGR on VGR-SFT-format data with the stock `transformers.Trainer`.
 
-    python examples/train_sft.py --output outputs/sft                      # a small sample made here, ~2 min on CPU
-    python examples/train_sft.py --data train.parquet --image-root data/ --model vgr-init --output outputs/sft
-    torchrun --nproc_per_node 2 examples/train_sft.py --output outputs/sft-ddp   # DDP (gloo on CPU)
-    accelerate launch --num_processes 2 examples/train_sft.py --output outputs/sft-ddp
+    python examples/train_sft.py --output_dir outputs/sft     # a small sample made here, ~2 min on 2 idle CPU cores
+    python examples/train_sft.py --data train.parquet --image_root data/ --model vgr-init --output_dir outputs/sft
+    torchrun --nproc_per_node 2 examples/train_sft.py --output_dir outputs/sft-ddp   # DDP (gloo on CPU)
+    accelerate launch --num_processes 2 examples/train_sft.py --output_dir outputs/sft-ddp
 
-FSDP and DeepSpeed go through the standard Trainer arguments (on GPUs): `--fsdp "full_shard auto_wrap"
---fsdp-transformer-layer-cls LlamaDecoderLayer,CLIPEncoderLayer`, or `--deepspeed ds_config.json` with
-`deepspeed examples/train_sft.py ...`.
+Every `TrainingArguments` field is a flag (`--learning_rate`, `--num_train_epochs`, `--per_device_train_batch_size`,
+`--activation_checkpointing`, `--train_sampling_strategy sequential`, ...; dashes work as well as underscores). FSDP
+and DeepSpeed are configured through them too (on GPUs; on CPU the Trainer runs `--fsdp` as plain DDP):
+
+    torchrun --nproc_per_node 8 examples/train_sft.py ... --fsdp --fsdp_config fsdp.json
+    deepspeed examples/train_sft.py ... --deepspeed ds_config.json
+
+FSDP2 wraps the model's `_no_split_modules` (`LlamaDecoderLayer`, `CLIPEncoderLayer`) unless `fsdp.json` names
+`transformer_layer_cls_to_wrap`.
 
 Without `--model`, a small VGR is built from scratch (same code paths as VGR-7B: multi-crop AnyRes, both pooling
 levels, feature memory, replay spans, detection head) with the real LLaMA-2 tokenizer of `make assets`.
 """
 
-import argparse
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import PreTrainedTokenizerFast, TrainingArguments
+from transformers import HfArgumentParser, PreTrainedTokenizerFast, TrainingArguments
 
 from transformers_vgr import VGRConfig, VGRForConditionalGeneration, VGRImageProcessor, VGRProcessor
 from transformers_vgr.training import VGRDataCollator, VGRSFTDataset, VGRTrainer, add_lora, configure_stage
@@ -27,6 +34,58 @@ from transformers_vgr.training.sample_data import make_sample
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ScriptArguments:
+    """What this script adds to `TrainingArguments`: data, model and VGR's training options."""
+
+    data: list[str] | None = field(
+        default=None, metadata={"help": "parquet / json / jsonl files (default: a sample made in output_dir/sample)"}
+    )
+    image_root: str | None = field(default=None, metadata={"help": "the folder record image paths are relative to"})
+    model: str | None = field(
+        default=None, metadata={"help": "a VGR checkpoint folder (default: a small VGR from scratch)"}
+    )
+    tokenizer: str = field(
+        default=str(ROOT / "assets" / "llama2-tokenizer.json"),
+        metadata={"help": "tokenizer.json of the model built from scratch"},
+    )
+    stage: Literal["projector", "full"] = field(
+        default="full", metadata={"help": "projector: LLaVA's pre-training stage; full: supervised fine-tuning"}
+    )
+    lora: bool = field(default=False, metadata={"help": "LoRA on the language model (PEFT)"})
+    max_length: int = field(default=1024, metadata={"help": "records longer than this are cut or dropped"})
+    vision_lr_ratio: float = field(default=0.1, metadata={"help": "vision tower learning rate / learning rate"})
+    sample_records: int = field(default=64, metadata={"help": "records of the sample made without --data"})
+
+
+def parser() -> HfArgumentParser:
+    """`ScriptArguments` and `TrainingArguments`, with this script's defaults for the latter (a small run on CPU,
+    cosine schedule with 3% warmup and no weight decay as in the paper, a log line per step, no checkpoints)."""
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch
+    parser.set_defaults(
+        output_dir="outputs/sft",
+        num_train_epochs=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,  # a float below 1 is a ratio of the training steps (the paper: 0.03)
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        # On a machine without GPUs, torchrun's processes form a distributed group only with use_cpu (gloo)
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+    )
+    return parser
+
+
+def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
+    return parser().parse_args_into_dataclasses(argv)
 
 
 def small_config() -> VGRConfig:
@@ -40,92 +99,54 @@ def small_config() -> VGRConfig:
     )
 
 
-def build(args):
-    if args.model:
-        model = VGRForConditionalGeneration.from_pretrained(args.model)
-        processor = VGRProcessor.from_pretrained(args.model)
+def build_model(script_args: ScriptArguments, seed: int):
+    if script_args.model:
+        model = VGRForConditionalGeneration.from_pretrained(script_args.model)
+        processor = VGRProcessor.from_pretrained(script_args.model)
     else:
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(args.tokenizer), bos_token="<s>", eos_token="</s>",
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=script_args.tokenizer, bos_token="<s>", eos_token="</s>",
                                             unk_token="<unk>")
         config = small_config()
         processor = VGRProcessor(VGRImageProcessor.from_model_config(config), tokenizer)
         config.update(processor.box_token_table())
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         model = VGRForConditionalGeneration(config)
     return model, processor
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, nargs="*", help="parquet / json / jsonl files (default: a sample)")
-    parser.add_argument("--image-root", type=Path)
-    parser.add_argument("--model", type=Path, help="a VGR checkpoint folder (default: a small VGR from scratch)")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json")
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--stage", choices=["projector", "full"], default="full")
-    parser.add_argument("--lora", action="store_true", help="LoRA on the language model (PEFT)")
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--epochs", type=float, default=8)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--batch-size", type=int, default=4, help="per process")
-    parser.add_argument("--gradient-accumulation", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--vision-lr-ratio", type=float, default=0.1)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--sample-records", type=int, default=64)
-    parser.add_argument("--sequential", action="store_true", help="no shuffling (reproducible global batches)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    model, processor = build(args)
-    data = args.data
-    image_root = args.image_root
+def build_trainer(script_args: ScriptArguments, training_args: TrainingArguments) -> VGRTrainer:
+    model, processor = build_model(script_args, training_args.seed)
+    data, image_root = script_args.data, script_args.image_root
     if not data:
-        sample = args.output / "sample"
-        data = [sample / "train.parquet"] if (sample / "train.parquet").exists() else [
-            make_sample(sample, args.sample_records, args.seed)
-        ]
-        image_root = sample
-    dataset = VGRSFTDataset(data, image_root, processor, max_length=args.max_length)
-    configure_stage(model, args.stage)
-    if args.lora:
+        sample = Path(training_args.output_dir) / "sample"
+        # Every process would write the same folder: the main process writes it, the others then read it.
+        with training_args.main_process_first(local=False, desc="writing the sample data"):
+            if not (sample / "train.parquet").exists():
+                make_sample(sample, script_args.sample_records, training_args.seed)
+        data, image_root = [sample / "train.parquet"], sample
+    dataset = VGRSFTDataset(data, image_root, processor, max_length=script_args.max_length)
+    configure_stage(model, script_args.stage)
+    if script_args.lora:
         model = add_lora(model)
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun / accelerate launch
-    training_args = TrainingArguments(
-        output_dir=str(args.output),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.03,  # a float below 1 is a ratio of the training steps (the paper: 0.03)
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        data_seed=args.seed,
-        activation_checkpointing=args.gradient_checkpointing,
-        train_sampling_strategy="sequential" if args.sequential else "random",
-        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    trainer = VGRTrainer(
+    return VGRTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=VGRDataCollator(processor),
-        vision_tower_lr_ratio=args.vision_lr_ratio,
+        processing_class=processor, vision_tower_lr_ratio=script_args.vision_lr_ratio,
     )
+
+
+def main(argv=None) -> None:
+    script_args, training_args = parse_args(argv)
+    trainer = build_trainer(script_args, training_args)
     if trainer.is_world_process_zero():
-        print(f"data: {dataset.report}")
+        print(f"data: {trainer.train_dataset.report}")
     trainer.train()
+    output = Path(training_args.output_dir)
+    # Every process: under FSDP / DeepSpeed ZeRO-3 gathering the weights is a collective; only the main one writes.
+    trainer.save_model(str(output / "model"))
     if trainer.is_world_process_zero():
         losses = [entry for entry in trainer.state.log_history if "loss" in entry]
-        (args.output / "losses.json").write_text(json.dumps(losses))
+        (output / "losses.json").write_text(json.dumps(losses))
         print(f"loss: first {losses[0]['loss']:.4f}, last {losses[-1]['loss']:.4f} over {len(losses)} steps")
-        trainer.save_model(str(args.output / "model"))
-        processor.save_pretrained(str(args.output / "model"))
 
 
 if __name__ == "__main__":

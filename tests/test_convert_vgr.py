@@ -48,8 +48,19 @@ def test_llava_next_layout_into_vgr(llava_next_checkpoint):
     ours, theirs = model.state_dict(), llava.state_dict()
     copied = [key for key in ours if not key.startswith("box_head.")]
     assert set(copied) == set(theirs) - {"model.image_newline"}
+    vocabulary = {"model.language_model.embed_tokens.weight": "model.language_model.embed_tokens.weight",
+                  "lm_head.weight": "lm_head.weight"}
     for key in copied:
-        assert torch.equal(ours[key], theirs[key]), key
+        if key not in vocabulary:
+            assert torch.equal(ours[key], theirs[key]), key
+    # llava-hf has 32064 rows for 32002 tokens: <sot> and <eot> (32002, 32003) land on its spare rows, which are set
+    # to the mean of the source tokens' rows; every other row is copied
+    assert model.config.text_config.vocab_size == 32064 and len(processor.tokenizer) == 32004
+    for key in vocabulary:
+        source = theirs[key]
+        assert not torch.allclose(source[32002], source[:32002].mean(0))  # not what the source had there
+        torch.testing.assert_close(ours[key][32002:32004], source[:32002].mean(0).expand(2, -1))
+        assert torch.equal(ours[key][:32002], source[:32002]) and torch.equal(ours[key][32004:], source[32004:])
     assert model.config.box_token_ids and model.generation_config.pad_token_id == 32001
 
 
@@ -62,7 +73,11 @@ def test_llava_next_parity_after_conversion(llava_next_checkpoint, tmp_path):
     image = real_images()["rocket_640x427"]
     inputs = processor(images=image, text="USER: <image>\nWhat is this? ASSISTANT:", return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, llava(**inputs).logits, rtol=1e-5, atol=1e-5)
+        ours, theirs = model(**inputs).logits, llava(**inputs).logits
+    # the same computation; only the logits of <sot> and <eot> (32002, 32003) come from their new LM-head rows
+    kept = torch.ones(ours.shape[-1], dtype=torch.bool)
+    kept[[32002, 32003]] = False
+    torch.testing.assert_close(ours[..., kept], theirs[..., kept], rtol=1e-5, atol=1e-5)
 
 
 def test_old_hub_layout_with_vision_model_prefix(llava_next_checkpoint, tmp_path):
@@ -150,17 +165,64 @@ def test_strict_key_check(llava_checkpoint, tmp_path, damage, message):
         convert(tmp_path, "llava", vision_config=json.loads((folder / "vision_config.json").read_text()))
 
 
+def copy_files(source, target, names=("config.json", "tokenizer.json", "tokenizer_config.json")):
+    for name in names:
+        (target / name).write_bytes((source / name).read_bytes())
+
+
 def test_bin_weights_are_read_with_weights_only(llava_checkpoint, tmp_path, monkeypatch):
     folder, state = llava_checkpoint
     torch.save(state, tmp_path / "pytorch_model.bin")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    torch.save({"not": "weights"}, tmp_path / "training_args.bin")  # beside the weights, never to be read
+    copy_files(folder, tmp_path)
     calls = []
     original = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or original(*a, **k))
+    monkeypatch.setattr(torch, "load",
+                        lambda *a, **k: calls.append((a[0].name, k.get("weights_only"))) or original(*a, **k))
     model, _ = convert(tmp_path, "llava", vision_config=json.loads((folder / "vision_config.json").read_text()))
-    assert calls == [True]
+    assert calls == [("pytorch_model.bin", True)]
     assert torch.equal(model.state_dict()["model.language_model.norm.weight"], state["model.norm.weight"])
+
+
+def test_shards_are_read_from_the_index(llava_checkpoint, tmp_path):
+    folder, state = llava_checkpoint
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    for name, names in shards.items():
+        save_file({key: state[key] for key in names}, tmp_path / name)
+    index = {"metadata": {}, "weight_map": {key: name for name, names in shards.items() for key in names}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"base_model.model.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "adapter_model.safetensors")
+    torch.save({"not": "weights"}, tmp_path / "training_args.bin")
+    copy_files(folder, tmp_path)
+    vision_config = json.loads((folder / "vision_config.json").read_text())
+    model, _ = convert(tmp_path, "llava", vision_config=vision_config)  # the adapter file would be an unknown key
+    assert torch.equal(model.state_dict()["lm_head.weight"][:32000], state["lm_head.weight"])
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
+        convert(tmp_path, "llava", vision_config=vision_config)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(ValueError, match="no weights in"):
+        convert(tmp_path, "llava", vision_config=vision_config)
+
+
+def test_the_source_dtype_is_kept(llava_next_checkpoint, tmp_path):
+    folder, llava = llava_next_checkpoint
+    source = tmp_path / "fp16"
+    llava.to(torch.float16).save_pretrained(source)
+    llava.to(torch.float32)  # the module-scoped fixture stays fp32 for the other tests
+    copy_files(folder, source, ("tokenizer.json", "tokenizer_config.json"))
+    model, processor = convert(source, "llava-next")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    model.save_pretrained(tmp_path / "vgr")
+    assert json.loads((tmp_path / "vgr" / "config.json").read_text())["dtype"] == "float16"
+    weights = load_file(tmp_path / "vgr" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float16}
+    up_proj = "model.language_model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(weights[up_proj], llava.state_dict()[up_proj].half())
+    reloaded = VGRForConditionalGeneration.from_pretrained(tmp_path / "vgr", dtype="auto")
+    assert reloaded.dtype == torch.float16
 
 
 def test_command_line(llava_next_checkpoint, tmp_path):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.export import export
+from transformers_vgr.export import main as export_main
 
 from conftest import tiny_config, tiny_processor
 
@@ -42,8 +43,8 @@ def exported(tmp_path_factory):
     image = root / "photo.jpg"
     rng = np.random.default_rng(0)
     PIL.Image.fromarray(rng.integers(0, 255, (240, 360, 3), dtype=np.uint8)).save(image)
-    folder = export(checkpoint, root / "export", REPO_ID, max_shard_size="4MB", datasets=["vgr-sft"],
-                    base_model="llava-hf/llava-v1.6-vicuna-7b-hf", example_image=image)
+    folder = export(checkpoint, root / "export", REPO_ID, max_shard_size="4MB", license="llama2",
+                    datasets=["vgr-sft"], base_model="llava-hf/llava-v1.6-vicuna-7b-hf", example_image=image)
     hf_home = root / "hf_home"
     snapshot = hf_home / "hub" / ("models--" + REPO_ID.replace("/", "--")) / "snapshots" / ("0" * 40)
     shutil.copytree(folder, snapshot)
@@ -88,7 +89,7 @@ def test_export_folder(exported):
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
     card = (folder / "README.md").read_text()
     front = card.split("---")[1]
-    for line in ("license: apache-2.0", "library_name: transformers", "pipeline_tag: image-text-to-text",
+    for line in ("license: llama2", "library_name: transformers", "pipeline_tag: image-text-to-text",
                  "  - vgr-sft", "  - llava-hf/llava-v1.6-vicuna-7b-hf", "  - custom_code"):
         assert line in front.splitlines()
 
@@ -135,19 +136,29 @@ def test_remote_code_in_a_fresh_process(exported):
             assert model.model.language_model.config._attn_implementation == implementation
         mapped = AutoModel.from_pretrained(folder, trust_remote_code=True, device_map="auto")
         assert {{p.device.type for p in mapped.parameters()}} == {{"cpu"}}
-        from accelerate import infer_auto_device_map
-        # a budget that cannot hold the model on one device: whole layers move, none is split
-        device_map = infer_auto_device_map(mapped, max_memory={{"cpu": "12MB", "disk": "1GB"}},
-                                           no_split_module_classes=mapped._no_split_modules)
-        assert set(device_map.values()) == {{"cpu", "disk"}}
+        assert {{"CLIPEncoderLayer", "LlamaDecoderLayer"}} <= set(mapped._no_split_modules)
+        # a CPU budget one decoder layer short of the model: accelerate offloads the rest to disk, cutting the
+        # language model between whole layers (the model's own _no_split_modules), and generate still works
+        full = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
+        budget = size(full) - size(full.model.language_model.layers[0])
+        offloaded = AutoModel.from_pretrained(folder, trust_remote_code=True, device_map="auto",
+                                              max_memory={{"cpu": budget}}, offload_folder={str(root / "offload")!r})
+        device_map = offloaded.hf_device_map
+        assert set(device_map.values()) == {{"cpu", "disk"}}, device_map
+        assert {{device for name, device in device_map.items() if ".layers." in name}} == {{"cpu", "disk"}}, device_map
         for name in device_map:
             assert not re.search(r"layers\\.\\d+\\.", name), name  # decoder / encoder layers are never cut
-        assert {{"CLIPEncoderLayer", "LlamaDecoderLayer"}} <= set(mapped._no_split_modules)
         from PIL import Image
         image = Image.open("example.png")
         inputs = processor(images=image, text="USER: <image>\\nWhat? ASSISTANT:", return_tensors="pt")
-        out = mapped.generate(**inputs, max_new_tokens=4, return_dict_in_generate=True)
+        settings = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        expected = full.generate(**inputs, **settings)
+        out = offloaded.generate(**inputs, **settings)
         assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4 and out.replays == [[]]
+        assert torch.equal(out.sequences, expected.sequences)
+        for ours, theirs in zip(out.scores, expected.scores):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         print("ok")
     """, hf_home, folder)
     assert output.strip().endswith("ok")
@@ -215,3 +226,23 @@ def test_pipeline_runs_the_replay_loop(exported):
         print("ok")
     """, hf_home, root)
     assert output.strip().endswith("ok")
+
+
+def test_export_command_line_needs_a_stated_license(exported, tmp_path, capsys):
+    """The license of the weights is the user's to state (LLaMA-2 / Vicuna derivatives are not Apache-2.0): the
+    command requires it, and the Python API never writes one it was not given."""
+    _, _, root = exported
+    checkpoint = root / "checkpoint"
+    with pytest.raises(SystemExit):
+        export_main([str(checkpoint), "--output", str(tmp_path / "none"), "--repo-id", REPO_ID])
+    assert "--license" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    export_main([str(checkpoint), "--output", str(tmp_path / "cli"), "--repo-id", REPO_ID, "--license", "llama2",
+                 "--dataset", "vgr-sft", "--max-shard-size", "4MB"])
+    front = (tmp_path / "cli" / "README.md").read_text().split("---")[1].splitlines()
+    assert "license: llama2" in front and "  - vgr-sft" in front
+    assert len(list((tmp_path / "cli").glob("model-*.safetensors"))) > 1
+    card = (export(checkpoint, tmp_path / "api", REPO_ID) / "README.md").read_text()
+    assert not any(line.startswith("license:") for line in card.split("---")[1].splitlines())
+    assert "No license was stated" in card
+    with pytest.raises(ValueError, match="hub license id"):
+        export(checkpoint, tmp_path / "bad", REPO_ID, license="apache-2.0\ntags: [x]")

@@ -1,5 +1,6 @@
 """Training: VGR-SFT reader and cleaning policy, collator and label masks, Trainer, stages, checkpointing, LoRA, DDP."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -14,6 +16,7 @@ from transformers import TrainingArguments
 
 from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.training import (
+    STAGES,
     VGRDataCollator,
     VGRSFTDataset,
     VGRTrainer,
@@ -22,6 +25,7 @@ from transformers_vgr.training import (
     configure_stage,
     encode_conversation,
     read_records,
+    unused_vision_parameters,
 )
 from transformers_vgr.training.sample_data import make_sample
 
@@ -123,6 +127,26 @@ class TestCleaning:
         }
         assert "dropped bad_turns: 1, invalid_box: 1, missing_image: 1" in str(report)
 
+    def test_images_the_collator_would_refuse_are_dropped_at_build(self, processor, tmp_path, monkeypatch):
+        """Truncated files and images above Pillow's decompression-bomb limit or in its warning band are dropped when
+        the dataset is built, not found by the collator mid-training."""
+        rng = np.random.default_rng(0)
+        for name, (width, height) in {"good.png": (50, 40), "band.png": (100, 100), "bomb.png": (200, 100),
+                                      "whole.png": (60, 40)}.items():
+            PIL.Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(tmp_path / name)
+        whole = (tmp_path / "whole.png").read_bytes()
+        (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
+        # 10,000 pixels: in the warning band (the limit to twice it); 20,000: above twice the limit
+        monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 6000)
+        answer = "It is <sot>[0.1, 0.2, 0.5, 0.6]<eot><image> here."
+        names = ("good.png", "truncated.png", "band.png", "bomb.png", "whole.png")
+        (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(record(answer, image=name)) for name in names))
+        dataset = VGRSFTDataset(tmp_path / "data.jsonl", tmp_path, processor)
+        assert (dataset.report.kept, dict(dataset.report.dropped)) == (2, {"unreadable_image": 3})
+        assert [item["image_path"].name for item in dataset] == ["good.png", "whole.png"]
+        batch = VGRDataCollator(processor)(list(dataset))
+        assert batch["image_sizes"].tolist() == [[40, 50], [40, 60]]
+
 
 def records_0(parquet):
     return read_records(parquet)[0]
@@ -192,26 +216,40 @@ class TestLabels:
 
 
 class TestCollator:
-    def test_batch_equals_records_one_by_one(self, sample, processor):
+    def test_batch_equals_records_one_by_one(self, sample, processor, tmp_path):
         parquet, folder = sample
-        dataset = VGRSFTDataset(parquet, folder, processor)
+        records = read_records(parquet)[:3]
+        image = records[0]["image"]
+        records += [
+            record("A <sot>[0.1, 0.1, 0.5, 0.4]<eot><image> and B <sot>[0.5, 0.3, 0.9, 0.8]<eot><image>.", image=image),
+            record("Here <sot>[0.2, 0.2, 0.6, 0.7]<eot><image>.", image=image,  # a user <eot>: no target
+                   question='<image>\nAnswer with "<sot>[x1, y1, x2, y2]<eot>" boxes. Where?'),
+        ]
+        (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+        dataset = VGRSFTDataset(tmp_path / "data.jsonl", folder, processor)
+        items = [dataset[i] for i in range(5)]
+        assert [len(item["features"].box_targets) for item in items] == [1, 1, 1, 2, 2]
+        assert items[4]["features"].box_targets[0] is None
         torch.manual_seed(0)
         model = VGRForConditionalGeneration(tiny_config()).eval()
         collator = VGRDataCollator(processor)
-        items = [dataset[i] for i in range(4)]
         batch = collator(items)
-        assert batch["input_ids"].shape[0] == 4 and (batch["attention_mask"].sum(-1) == torch.tensor(
+        assert batch["input_ids"].shape[0] == 5 and (batch["attention_mask"].sum(-1) == torch.tensor(
             [len(item["features"].input_ids) for item in items])).all()
         assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # right padding, never learned
         with torch.no_grad():
             together = model(**batch)
             alone = [model(**collator([item])) for item in items]
         counts = [(collator([item])["labels"][0, 1:] != -100).sum().item() for item in items]
-        expected_lm = sum(out.lm_loss * n for out, n in zip(alone, counts)) / sum(counts)
-        torch.testing.assert_close(together.lm_loss, expected_lm, rtol=1e-5, atol=1e-5)
-        boxes = [len(item["features"].box_targets) for item in items]
-        expected_l1 = sum(out.box_l1_loss * n for out, n in zip(alone, boxes)) / sum(boxes)
-        torch.testing.assert_close(together.box_l1_loss, expected_l1, rtol=1e-5, atol=1e-5)
+        expected = {"lm_loss": sum(out.lm_loss * n for out, n in zip(alone, counts)) / sum(counts)}
+        boxes = [sum(target is not None for target in item["features"].box_targets) for item in items]
+        for name in ("box_l1_loss", "box_giou_loss"):  # means over the batch's boxes
+            expected[name] = sum(out[name] * n for out, n in zip(alone, boxes)) / sum(boxes)
+        expected["loss"] = (expected["lm_loss"] + model.config.box_l1_weight * expected["box_l1_loss"]
+                            + model.config.box_giou_weight * expected["box_giou_loss"])
+        for name, value in expected.items():
+            torch.testing.assert_close(together[name], value, rtol=1e-5, atol=1e-5, msg=name)
+        assert expected["box_giou_loss"] > 0.1 and model.config.box_giou_weight > 0  # a piece that counts
         for row, out in enumerate(alone):
             length = out.logits.shape[1]
             torch.testing.assert_close(together.logits[row, :length], out.logits[0], rtol=1e-4, atol=1e-4)
@@ -268,6 +306,40 @@ class TestTrainer:
         with pytest.raises(ValueError, match="stage"):
             configure_stage(model, "everything")
 
+    @pytest.mark.parametrize("feature_layer, unused_layers", [(-2, [2]), (-1, []), (1, [1, 2])])
+    @pytest.mark.parametrize("stage", STAGES)
+    def test_every_trainable_parameter_gets_a_gradient(self, sample, processor, stage, feature_layer, unused_layers):
+        """DDP without `find_unused_parameters` (the Trainer's choice with gradient checkpointing) fails on the second
+        step when a trainable parameter got no gradient: the vision layers after the feature layer must be frozen."""
+        parquet, folder = sample
+        batch = VGRDataCollator(processor)([VGRSFTDataset(parquet, folder, processor)[i] for i in range(2)])
+        config = tiny_config(vision={"num_hidden_layers": 3}, vision_feature_layer=feature_layer)
+        model = VGRForConditionalGeneration(config).train()
+        model.activation_checkpointing_enable()
+        configure_stage(model, stage)
+        model(**batch).loss.backward()
+        parameters = dict(model.named_parameters())
+        trainable = {name for name, p in parameters.items() if p.requires_grad}
+        assert trainable and trainable == {name for name, p in parameters.items() if p.grad is not None}
+        assert all(parameters[name].grad.abs().sum() > 0 for name in trainable if "multi_modal_projector" in name)
+        if stage == "full":  # frozen: exactly what the features do not use (nothing more)
+            unused = ("model.vision_tower.post_layernorm.",
+                      *(f"model.vision_tower.encoder.layers.{index}." for index in unused_layers))
+            assert set(parameters) - trainable == {name for name in parameters if name.startswith(unused)}
+
+    def test_trainer_freezes_what_the_features_do_not_use(self, sample, processor, tmp_path):
+        parquet, folder = sample
+        model = VGRForConditionalGeneration(tiny_config())  # no configure_stage: everything trainable
+        tower = model.model.vision_tower
+        assert tower.post_layernorm.weight.requires_grad
+        trainer_for(model, processor, VGRSFTDataset(parquet, folder, processor), tmp_path, max_steps=1)
+        assert not tower.post_layernorm.weight.requires_grad
+        assert not any(p.requires_grad for p in tower.encoder.layers[1].parameters())  # layer -2 is the last used
+        assert all(p.requires_grad for p in tower.encoder.layers[0].parameters())
+        assert set(unused_vision_parameters(add_lora(VGRForConditionalGeneration(tiny_config())))) == {
+            "base_model.model." + name for name in unused_vision_parameters(model)
+        }
+
     def test_gradient_checkpointing_gives_the_same_gradients(self, sample, processor):
         parquet, folder = sample
         batch = VGRDataCollator(processor)([VGRSFTDataset(parquet, folder, processor)[i] for i in range(2)])
@@ -311,25 +383,73 @@ class TestTrainer:
             assert not torch.allclose(untrained, trained, atol=1e-3)
 
 
+def load_train_sft():
+    spec = importlib.util.spec_from_file_location("train_sft", ROOT / "examples" / "train_sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_takes_the_trainer_arguments_fsdp_included(tmp_path, monkeypatch):
+    """The documented launch lines parse: every `TrainingArguments` flag (FSDP's and DeepSpeed's too) beside the
+    script's own, and the FSDP wrap policy they configure finds VGR's layers. FSDP itself needs GPUs: in one CPU process
+    the Trainer stops at its own distributed check, which shows that the flags reach it."""
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # TrainingArguments sets it for FSDP: restored after
+    train_sft = load_train_sft()
+    (tmp_path / "fsdp.json").write_text(json.dumps({"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer",
+                                                                                      "CLIPEncoderLayer"]}))
+    script_args, training_args = train_sft.parse_args([
+        "--output_dir", str(tmp_path), "--fsdp", "--fsdp_config", str(tmp_path / "fsdp.json"), "--stage", "projector",
+        "--learning-rate", "2e-5", "--max_steps", "1", "--sample_records", "4",
+    ])
+    assert (script_args.stage, training_args.learning_rate, training_args.lr_scheduler_type) == ("projector", 2e-5,
+                                                                                                 "cosine")
+    assert training_args.fsdp is True
+    assert training_args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer,CLIPEncoderLayer"
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(**training_args.fsdp_plugin_args)
+    plugin.set_auto_wrap_policy(VGRForConditionalGeneration(tiny_config()))  # an unknown class name raises here
+    wrapped = {cls.__name__ for cls in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]}
+    assert wrapped == {"LlamaDecoderLayer", "CLIPEncoderLayer"}
+    with pytest.raises(ValueError, match="fsdp only works in distributed training"):
+        train_sft.build_trainer(script_args, training_args)
+    assert (tmp_path / "sample" / "train.parquet").exists()
+    assert {"--deepspeed", "--fsdp", "--fsdp_config", "--activation_checkpointing"} <= set(
+        train_sft.parser()._option_string_actions)
+
+
 def test_two_processes_match_one(tmp_path):
-    """The same script under torchrun with 2 processes (gloo on CPU) and in 1 process, same global batch and seed."""
+    """The same script under torchrun with 2 processes (gloo on CPU) and in 1 process, same global batch and seed.
+
+    The 2 processes also checkpoint activations (the Trainer then sets DDP's `find_unused_parameters=False`, which
+    fails on the second step if a trainable parameter gets no gradient) and write the sample data themselves (one
+    process writes, the other waits)."""
     script = ROOT / "examples" / "train_sft.py"
-    common = ["--max-steps", "4", "--sequential", "--sample-records", "16", "--learning-rate", "3e-3"]
+    common = ["--max_steps", "4", "--train_sampling_strategy", "sequential", "--sample_records", "16",
+              "--learning_rate", "3e-3"]
     make_sample(tmp_path / "data", records=16, seed=0)
-    data = ["--data", str(tmp_path / "data" / "train.parquet"), "--image-root", str(tmp_path / "data")]
+    data = ["--data", str(tmp_path / "data" / "train.parquet"), "--image_root", str(tmp_path / "data")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(script), "--output", str(tmp_path / "one"), "--batch-size", "4",
-                             *common, *data], capture_output=True, text=True, timeout=600, env=env)
+    single = subprocess.run([sys.executable, str(script), "--output_dir", str(tmp_path / "one"),
+                             "--per_device_train_batch_size", "4", *common, *data],
+                            capture_output=True, text=True, timeout=600, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = Path(sys.executable).with_name("torchrun")
     double = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script),
-                             "--output", str(tmp_path / "two"), "--batch-size", "2", *common, *data],
+                             "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "2",
+                             "--activation_checkpointing", *common],
                             capture_output=True, text=True, timeout=600, env=env)
     assert double.returncode == 0, double.stderr[-3000:]
+    sample_records = read_records(tmp_path / "two" / "sample" / "train.parquet")
+    assert sample_records == read_records(tmp_path / "data" / "train.parquet")
     one = json.loads((tmp_path / "one" / "losses.json").read_text())
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
-        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=2e-3)
+        for name in ("loss", "lm_loss", "box_l1_loss", "box_giou_loss"):
+            assert b[name] == pytest.approx(a[name], rel=2e-3), name
     assert one[-1]["loss"] < one[0]["loss"]
+    for run in ("one", "two"):  # save_model on every process: the model and its processor, written once
+        saved = {path.name for path in (tmp_path / run / "model").iterdir()}
+        assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json"} <= saved

@@ -6,19 +6,25 @@
     python -m transformers_vgr.convert --source llava SRC --output OUT             # the original LLaVA training layout
 
 The vision tower, projector and language model are copied; `<image>`, `<sot>` and `<eot>` are added to the tokenizer
-if missing (embeddings grown to fit, new rows set to the mean of the old ones); the detection head is new. Every key
-is checked: a source key with no place in VGR, a VGR weight that nothing fills, or a shape that does not fit is an
-error, never a silent random init. Weights are read from safetensors, or from `.bin` with `torch.load(weights_only=True)`.
+if missing (embeddings grown to fit; the rows of the added tokens, and any new padding rows, set to the mean of the
+rows of the source tokenizer's tokens, also where the source already had spare rows, as llava-hf's 32064 do); the
+detection head is new. Every key is checked: a source key with no place in VGR, a VGR weight that nothing fills, or a
+shape that does not fit is an error, never a silent random init. Weights are read from the files that
+`model.safetensors.index.json` names, or `model.safetensors`, or else (`pytorch_model.bin.index.json`,
+`pytorch_model.bin`) with `torch.load(weights_only=True)`; no other file is read. The output keeps the source's
+floating-point dtype (an fp16 checkpoint gives an fp16 VGR).
 """
 
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .box_text_vgr import EOT_TOKEN, SOT_TOKEN, box_token_table
 from .configuration_vgr import CLIP_L14_336, VGRConfig
@@ -50,20 +56,42 @@ VOCAB_WEIGHTS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All weights of a checkpoint folder (sharded or not), safetensors first."""
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
+    """The model weights of a checkpoint folder, sharded or not, safetensors first. Only the weight files
+    transformers itself writes are read: a folder also holds other `.bin` files (`training_args.bin`, optimizer
+    states) that are not weights."""
+    for index_name, single_name, read in (
+        (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, load_file),
+        (WEIGHTS_INDEX_NAME, WEIGHTS_NAME, lambda file: torch.load(file, map_location="cpu", weights_only=True)),
+    ):
+        if (folder / index_name).is_file():
+            weight_map = json.loads((folder / index_name).read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{folder / index_name} has no weight_map")
+            files = sorted(set(weight_map.values()))
+        elif (folder / single_name).is_file():
+            files = [single_name]
+        else:
+            continue
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"{folder}: weight files {missing} are missing")
         state = {}
-        for file in files:
-            state.update(load_file(file))
+        for name in files:
+            state.update(read(folder / name))
         return state
-    files = sorted(folder.glob("*.bin"))
-    if not files:
-        raise ValueError(f"no *.safetensors or *.bin weights in {folder}")
-    state = {}
-    for file in files:
-        state.update(torch.load(file, map_location="cpu", weights_only=True))
-    return state
+    raise ValueError(
+        f"no weights in {folder}: expected {SAFE_WEIGHTS_INDEX_NAME}, {SAFE_WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or "
+        f"{WEIGHTS_NAME}"
+    )
+
+
+def checkpoint_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating-point dtype that holds most of the checkpoint's weights."""
+    sizes = Counter()
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] += tensor.numel()
+    return sizes.most_common(1)[0][0] if sizes else torch.float32
 
 
 def rename_keys(state: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
@@ -116,13 +144,24 @@ def config_from_llava(source: dict, vision_config: dict | None) -> dict:
     )
 
 
-def grow_vocabulary(state: dict[str, torch.Tensor], vocab_size: int) -> None:
-    """New rows of the embeddings and the LM head: the mean of the old rows."""
+def init_new_token_rows(state: dict[str, torch.Tensor], vocab_size: int, source_ids: list[int],
+                        new_ids: list[int]) -> None:
+    """Rows of the embeddings and the LM head for what the source did not have: the tokens added here (`new_ids`) and
+    padding rows up to `vocab_size`, all set to the mean of the source tokens' rows (`source_ids`). The added tokens'
+    rows are set even when the source already has rows there: llava-hf checkpoints carry 32064 rows for 32002 tokens,
+    and `<sot>` / `<eot>` would otherwise inherit whatever its padding rows hold."""
     for key in VOCAB_WEIGHTS:
         weight = state.get(key)
-        if weight is not None and weight.shape[0] < vocab_size:
-            extra = weight.mean(0, keepdim=True).expand(vocab_size - weight.shape[0], -1)
-            state[key] = torch.cat([weight, extra])
+        if weight is None:
+            continue  # tied to the input embeddings
+        known = [index for index in source_ids if index < weight.shape[0]]
+        mean = weight[known].float().mean(0).to(weight.dtype)  # in fp32: a mean of 32,000 rows in fp16 is coarse
+        if weight.shape[0] < vocab_size:
+            weight = torch.cat([weight, mean.expand(vocab_size - weight.shape[0], -1)])
+        else:
+            weight = weight.clone()
+        weight[new_ids] = mean
+        state[key] = weight
 
 
 def convert(source: Path, source_format: str, tokenizer_path: Path | None = None, vision_config: dict | None = None,
@@ -141,7 +180,9 @@ def convert(source: Path, source_format: str, tokenizer_path: Path | None = None
         config_kwargs["image_grid_pinpoints"] = None  # VGR's own grids: every tiling up to max_crops
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or source)
+    source_ids = sorted(tokenizer.get_vocab().values())
     add_vgr_tokens(tokenizer)
+    new_ids = sorted(set(tokenizer.get_vocab().values()) - set(source_ids))
     text_config = dict(config_kwargs.pop("text_config"))
     text_config["vocab_size"] = max(text_config.get("vocab_size", 0), _round_up(len(tokenizer), 64))
     config = VGRConfig(
@@ -161,9 +202,9 @@ def convert(source: Path, source_format: str, tokenizer_path: Path | None = None
     state = rename_keys(load_state_dict(source), rules)
     if image_layout == "vgr":
         state.pop("model.image_newline", None)  # VGR's own layout has no newline tokens
-    grow_vocabulary(state, config.text_config.vocab_size)
+    init_new_token_rows(state, config.text_config.vocab_size, source_ids, new_ids)
 
-    model = VGRForConditionalGeneration(config)
+    model = VGRForConditionalGeneration._from_config(config, dtype=checkpoint_dtype(state))
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(key for key in set(expected) - set(state) if not key.startswith("box_head."))

@@ -2,16 +2,20 @@
 # Licensed under the Apache License, Version 2.0.
 """Write a hub-ready VGR folder (not shipped with checkpoints).
 
-    python -m transformers_vgr.export CHECKPOINT --output OUT --repo-id org/vgr-7b [--max-shard-size 5GB] \\
-        [--license llama2] [--base-model llava-hf/llava-v1.6-vicuna-7b-hf] [--dataset ...]
+    python -m transformers_vgr.export CHECKPOINT --output OUT --repo-id org/vgr-7b --license llama2 \\
+        [--max-shard-size 5GB] [--base-model llava-hf/llava-v1.6-vicuna-7b-hf] [--dataset ...]
 
 CHECKPOINT is a folder with a VGR model and its processor (from `convert`, training or `save_pretrained`). The output
 holds safetensors shards, the config with `auto_map` and the box-token table, the generation config, the processor,
 tokenizer and chat template, the remote code (the flat `*_vgr.py` modules) and a model card whose usage snippets
 load the model by repo id with `trust_remote_code=True`.
+
+The license is whatever the weights' origin imposes, so it is never guessed: the command requires `--license` (a hub
+license id: `llama2` for a model on Vicuna-v1.5 / LLaMA-2 weights, `apache-2.0` for one trained from scratch, ...).
 """
 
 import argparse
+import re
 from pathlib import Path
 
 from .box_text_vgr import format_grounded_box
@@ -20,8 +24,12 @@ from .modeling_vgr import VGRForConditionalGeneration
 from .processing_vgr import REASONING_PROMPT, VGRProcessor
 
 
-def export(checkpoint: Path, output: Path, repo_id: str, max_shard_size: str = "5GB", license: str = "apache-2.0",
+def export(checkpoint: Path, output: Path, repo_id: str, max_shard_size: str = "5GB", license: str | None = None,
            base_model: str | None = None, datasets: list[str] | None = None, example_image: Path | None = None) -> Path:
+    """Writes the hub-ready folder and returns it. `license` is the model card's hub license id; without one (the
+    Python API allows it for local folders) the card states no license and says so, it is never guessed."""
+    if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise ValueError(f"license must be a hub license id such as 'llama2' or 'apache-2.0', got {license!r}")
     model = VGRForConditionalGeneration.from_pretrained(checkpoint)
     processor = VGRProcessor.from_pretrained(checkpoint)
     check_tokens(model.config, processor)
@@ -56,19 +64,21 @@ def check_tokens(config, processor) -> None:
         )
 
 
-def model_card(model, processor, repo_id: str, license: str, base_model: str | None, datasets: list[str]) -> str:
+def model_card(model, processor, repo_id: str, license: str | None, base_model: str | None, datasets: list[str]) -> str:
     config = model.config
     geometry = config.geometry()
     crop = geometry.crop_size
     most = max(geometry.prompt_tokens((h, w)).total for h, w in geometry.resolutions)
     parameters = sum(p.numel() for p in model.parameters())
-    front = ["---", f"license: {license}", "library_name: transformers", "pipeline_tag: image-text-to-text", "tags:"]
+    front = ["---"] + ([f"license: {license}"] if license else [])
+    front += ["library_name: transformers", "pipeline_tag: image-text-to-text", "tags:"]
     front += [f"  - {tag}" for tag in ("vgr", "visual-grounded-reasoning", "llava-next", "multimodal", "custom_code")]
     if datasets:
         front += ["datasets:"] + [f"  - {name}" for name in datasets]
     if base_model:
         front += ["base_model:", f"  - {base_model}"]
     front.append("---")
+    note = "" if license else "\n**No license was stated for these weights**: check their origin before use."
     question = "What is shown in the highlighted region?"
     example_box = format_grounded_box((0.25, 0.25, 0.75, 0.75))
     return "\n".join(front) + f"""
@@ -78,7 +88,7 @@ def model_card(model, processor, repo_id: str, license: str, base_model: str | N
 A **VGR** (Visual Grounded Reasoning, [arXiv 2506.11991](https://arxiv.org/abs/2506.11991)) vision-language model
 ({parameters / 1e6:,.1f} M parameters). While it reasons it writes a box `{example_box}` (normalized to the image) and
 then *replays* the visual features of that region from its feature memory into its context before it goes on.
-Made with transformers-vgr; it runs with `trust_remote_code=True` (the model's code ships in this repository).
+Made with transformers-vgr; it runs with `trust_remote_code=True` (the model's code ships in this repository).{note}
 
 - Vision: {type(model.model.vision_tower).__name__}, {crop}-px crops, patch {geometry.patch_size}; AnyRes over every
   grid of up to {config.max_crops} crops; snapshot pooled {config.snapshot_pool}x{config.snapshot_pool}, crops
@@ -141,7 +151,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--repo-id", required=True, help="the hub repo id the model card's snippets load")
     parser.add_argument("--max-shard-size", default="5GB")
-    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--license", required=True,
+                        help="hub license id of the weights, e.g. llama2 (Vicuna / LLaMA-2 based) or apache-2.0")
     parser.add_argument("--base-model")
     parser.add_argument("--dataset", action="append", default=[])
     parser.add_argument("--example-image", type=Path, help="an image to ship as example.png for the snippets")

@@ -4,7 +4,14 @@
 
 from .collator import VGRDataCollator, VGRSFTDataset
 from .data import CleaningReport, Features, clean_record, encode_conversation, read_records
-from .trainer import STAGES, VGRTrainer, add_lora, configure_stage
+from .trainer import (
+    STAGES,
+    VGRTrainer,
+    add_lora,
+    configure_stage,
+    freeze_unused_vision_parameters,
+    unused_vision_parameters,
+)
 
 __all__ = [
     "CleaningReport",
@@ -17,5 +24,7 @@ __all__ = [
     "clean_record",
     "configure_stage",
     "encode_conversation",
+    "freeze_unused_vision_parameters",
     "read_records",
+    "unused_vision_parameters",
 ]

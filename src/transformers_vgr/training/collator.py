@@ -15,8 +15,9 @@ from .data import CleaningReport, Features, clean_record, encode_conversation, i
 class VGRSFTDataset(Dataset):
     """VGR-SFT records of one or more files, cleaned by the documented policy and encoded with the processor.
 
-    Records are encoded when the dataset is built (images are opened for their size only), so that records that are
-    dropped are known and counted up front: `dataset.report`."""
+    Records are encoded when the dataset is built, and each image is read once with the collator's checks (its pixels
+    are not kept), so that records that are dropped are known and counted up front (`dataset.report`) and no image
+    fails mid-training."""
 
     def __init__(self, data_files, image_root, processor, max_length: int | None = None):
         self.image_root = Path(image_root) if image_root is not None else None
@@ -44,7 +45,7 @@ class VGRSFTDataset(Dataset):
                 return None, "missing_image"
         try:
             size = image_size(path) if path is not None else None
-        except OSError:
+        except (ValueError, OSError):
             return None, "unreadable_image"
         features, reason = encode_conversation(messages, size, processor, max_length)
         return (None, reason) if features is None else ((features, path), None)

@@ -15,8 +15,10 @@ Cleaning policy (every fix and every drop is counted in `CleaningReport`):
   an `<eot>` with no open `<sot>` is an orphan and is stripped with the `<image>` after it. A box whose text is not a
   valid box drops the record. A valid box without a replay marker gets one (generation always replays after a valid
   box, so training does too), and any other `<image>` in an assistant turn is stripped.
-- A record whose image file does not exist is dropped; one that does not fit in `max_length` is truncated at a
-  place that cuts no image or replay span and no box from its replay, or dropped if nothing to learn would remain.
+- A record whose image file does not exist is dropped (`missing_image`), and so is one whose image the image
+  processor would refuse (`unreadable_image`: corrupt or truncated, or above Pillow's decompression-bomb limit or in
+  its warning band). A record that does not fit in `max_length` is truncated at a place that cuts no image or replay
+  span and no box from its replay, or dropped if nothing to learn would remain.
 """
 
 import json
@@ -25,14 +27,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import PIL.Image
-
 from ..box_text_vgr import EOT_TOKEN, SOT_TOKEN, normalize_tags, parse_box
+from ..image_processing_vgr import to_rgb_image
 from ..processing_vgr import IMAGE_TOKEN
 
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-EXIF_ORIENTATION = 0x0112
 _ASSISTANT_TAGS = re.compile(r"<sot>|<eot>[ \t]*<image>|<eot>|<image>")
 
 
@@ -146,12 +146,12 @@ def _clean_assistant_text(text: str, has_image: bool, fixed: Counter) -> tuple[s
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) as the image processor will see it, EXIF orientation applied, without decoding pixels."""
-    with PIL.Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):
-            width, height = height, width
-    return height, width
+    """(height, width) as the image processor will see it. The image is read by `to_rgb_image`, the collator's own
+    reader, with the same checks (decoded in full, so truncated files fail; Pillow's decompression-bomb limit and its
+    warning band; EXIF orientation): an image that passes here cannot fail in the collator mid-training. A
+    `ValueError` for an image that does not pass."""
+    image = to_rgb_image(path)
+    return image.height, image.width
 
 
 @dataclass

@@ -6,21 +6,70 @@ tower, the two training stages, and LoRA on the language model."""
 from collections import defaultdict
 
 import torch
+from torch import nn
 from transformers import Trainer
+from transformers.utils import logging
 
+
+logger = logging.get_logger(__name__)
 
 STAGES = ("projector", "full")
 LOSS_PIECES = ("lm_loss", "box_l1_loss", "box_giou_loss")
 
 
+def unused_vision_parameters(model) -> dict[str, nn.Parameter]:
+    """The vision tower's parameters that the image features never depend on, by name.
+
+    The features are the hidden states of layer `config.vision_feature_layer` (LLaVA's -2): the encoder layers after
+    it and whatever the tower computes after its encoder (CLIP's `post_layernorm`, SigLIP's head) get no gradient.
+    Under DDP without `find_unused_parameters` (the Trainer's choice with gradient checkpointing) a trainable
+    parameter without a gradient is an error, so these must be frozen. Works on VGR and on a PEFT model wrapping it."""
+    towers = [(name, module) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "vision_tower"]
+    if not towers:
+        raise ValueError(f"{type(model).__name__} has no vision_tower")
+    prefix, tower = towers[0]
+    transformer = next(
+        (module for module in tower.modules()
+         if isinstance(getattr(getattr(module, "encoder", None), "layers", None), nn.ModuleList)),
+        None,
+    )
+    if transformer is None:
+        raise ValueError(f"cannot find the encoder layers of the vision tower {type(tower).__name__}")
+    layers = transformer.encoder.layers
+    # hidden_states[i] is the output of the first i layers (index 0: the embeddings), negative indices from the end
+    layers_used = model.config.vision_feature_layer % (len(layers) + 1)
+    unused = [f"encoder.layers.{index}" for index in range(layers_used, len(layers))]
+    children = [name for name, _ in transformer.named_children()]
+    unused += children[children.index("encoder") + 1 :]  # registered after the encoder: its output side
+    transformer_prefix = next(name for name, module in tower.named_modules() if module is transformer)
+    parameters = {}
+    for module_name in unused:
+        full_name = ".".join(part for part in (prefix, transformer_prefix, module_name) if part)
+        for name, parameter in transformer.get_submodule(module_name).named_parameters(prefix=full_name):
+            parameters[name] = parameter
+    return parameters
+
+
+def freeze_unused_vision_parameters(model) -> list[str]:
+    """Freezes `unused_vision_parameters(model)` and returns the names of those that were trainable."""
+    frozen = []
+    for name, parameter in unused_vision_parameters(model).items():
+        if parameter.requires_grad:
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def configure_stage(model, stage: str) -> None:
     """`"projector"`: LLaVA's pre-training stage, only the projector (and LLaVA-NeXT's newline) learns.
-    `"full"`: supervised fine-tuning, everything learns (the vision tower at a lower rate, see `VGRTrainer`)."""
+    `"full"`: supervised fine-tuning, everything the loss reaches learns (the vision tower at a lower rate, see
+    `VGRTrainer`); the vision layers after `config.vision_feature_layer` stay frozen, see `unused_vision_parameters`."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     for name, parameter in model.named_parameters():
         trainable = stage == "full" or "multi_modal_projector." in name or name.endswith("image_newline")
         parameter.requires_grad_(trainable)
+    freeze_unused_vision_parameters(model)
 
 
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05):
@@ -40,10 +89,17 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05):
 
 class VGRTrainer(Trainer):
     """`Trainer` for VGR: logs `lm_loss`, `box_l1_loss` and `box_giou_loss` beside `loss`, and trains the vision
-    tower at `vision_tower_lr_ratio` times the learning rate (the paper: 0.1)."""
+    tower at `vision_tower_lr_ratio` times the learning rate (the paper: 0.1).
 
-    def __init__(self, *args, vision_tower_lr_ratio: float = 0.1, **kwargs):
-        super().__init__(*args, **kwargs)
+    It freezes the vision layers that the image features never use (`unused_vision_parameters`), so that every
+    trainable parameter gets a gradient, as DDP with gradient checkpointing requires."""
+
+    def __init__(self, model=None, *args, vision_tower_lr_ratio: float = 0.1, **kwargs):
+        if model is not None:
+            frozen = freeze_unused_vision_parameters(model)
+            if frozen:
+                logger.info(f"froze {len(frozen)} vision parameters the image features do not use: {frozen[:4]} ...")
+        super().__init__(model, *args, **kwargs)
         self.vision_tower_lr_ratio = vision_tower_lr_ratio
         self._loss_sums = defaultdict(float)
         self._loss_steps = 0
