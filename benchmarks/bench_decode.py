@@ -21,7 +21,7 @@ import torch
 from transformers import LlamaForCausalLM, LlamaModel, LogitsProcessorList, StoppingCriteriaList
 
 from transformers_vgr import VGRForConditionalGeneration
-from transformers_vgr.generation_vgr import ReplayStoppingCriteriaList
+from transformers_vgr.generation_vgr import ReplayStoppingCriteriaList, SuppressImagePlaceholderLogitsProcessor
 
 from common import (
     ForceTokens,
@@ -103,9 +103,7 @@ def profile(vgr_model, llama_model, inputs, sequence) -> dict:
     """cProfile of the decoding steps of one generate of each (the prefill excluded): milliseconds per call of the
     pieces that differ between the two loops (cumulative times, so a line includes what it calls). Profiling slows
     Python down, so these are relative."""
-    from transformers.generation.logits_process import SuppressTokensLogitsProcessor
-
-    suppress_line = inspect.getsourcelines(SuppressTokensLogitsProcessor.__call__)[1]
+    suppress_line = _line(SuppressImagePlaceholderLogitsProcessor.__call__)
     run_vgr, run_llama = make_runs(vgr_model, llama_model, inputs, sequence, streamer=ProfileDecoding)
     stats = {}
     for name, fn in (("vgr", run_vgr), ("llama", run_llama)):
@@ -122,12 +120,12 @@ def profile(vgr_model, llama_model, inputs, sequence) -> dict:
             _entry(vgr, "generation_vgr.py", "__call__", _line(ReplayStoppingCriteriaList.__call__)),
             _entry(llama, "stopping_criteria.py", "__call__", _line(StoppingCriteriaList.__call__)),
         ),
-        "logits processors (VGR: + SuppressTokens <image>)": (
+        "logits processors (VGR: + <image> suppression)": (
             _entry(vgr, "logits_process.py", "__call__", inspect.getsourcelines(LogitsProcessorList.__call__)[1]),
             _entry(llama, "logits_process.py", "__call__", inspect.getsourcelines(LogitsProcessorList.__call__)[1]),
         ),
-        "of which SuppressTokensLogitsProcessor": (
-            _entry(vgr, "logits_process.py", "__call__", suppress_line), (0, 0.0)
+        "of which SuppressImagePlaceholderLogitsProcessor": (
+            _entry(vgr, "generation_vgr.py", "__call__", suppress_line), (0, 0.0)
         ),
         "_update_model_kwargs_for_generation": (
             _entry(vgr, "generation_vgr.py", "_update_model_kwargs_for_generation"),

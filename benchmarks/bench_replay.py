@@ -5,8 +5,9 @@ A: VGR generates the chart answer with boxes of growing size written at fixed st
 B: the same call, the same tokens, with `config.max_replays = 0`: every `<eot>` is plain text, nothing is replayed.
 From streamer timestamps, the step that feeds `<eot>` (plus its K replayed tokens in A) is compared between A and B:
 the difference is the replay's cost. The reference is a K-token prefill chunk at the same position on the same
-decoder (`LlamaForCausalLM` on VGR's weights, a KV cache of that length, `logits_to_keep=1` as in generation).
-A and B are interleaved, median of the rounds.
+decoder (`LlamaForCausalLM` on VGR's weights, a KV cache of that length, `logits_to_keep=1` as in generation),
+timed in the same rounds. A, B and the reference are interleaved; times are medians of the rounds, and extra /
+prefill is the median of the per-round ratios (each round's replay extra over that round's prefill).
 
 Vision tower: a forward hook counts its calls and the crops it encodes during a generate with replays (one image, and
 a batch of two images): each image must be encoded once, in the prefill, however many replays follow.
@@ -41,34 +42,30 @@ BOXES = [
 NEW_TOKENS = 116
 
 
-def prefill_reference(llama, hidden_size: int, points: list[tuple[int, int]], repeats: int) -> list[dict]:
-    """For each `(position, K)`: time of a forward of K new tokens (and of 1 token) on a KV cache of `position`
-    tokens. The cache is grown from one point to the next and cropped back after each timed forward."""
+def prefill_reference(llama, hidden_size: int, points: list[tuple[int, int]]) -> dict[str, float]:
+    """For each `(position, K)` (index i): `prefill_i`, the time of a forward of K new tokens on a KV cache of
+    `position` tokens, and `one_i`, of one token there. The cache is grown from one point to the next and cropped back
+    after each timed forward."""
     generator = torch.Generator().manual_seed(0)
     cache = DynamicCache(config=llama.config)
     filled = 0
-    results = []
+    metrics = {}
 
     def forward(length: int, start: int):
         embeds = torch.randn(1, length, hidden_size, generator=generator) * 0.02
         positions = torch.arange(start, start + length)[None]
         llama(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
 
-    for position, tokens in points:
+    for index, (position, tokens) in enumerate(points):
         if position > filled:
             forward(position - filled, filled)
             filled = position
-        times = {}
-        for length in (tokens, 1):
-            samples = []
-            for _ in range(repeats + 1):  # the first one warms up
-                start = time.perf_counter()
-                forward(length, position)
-                samples.append(time.perf_counter() - start)
-                cache.crop(-length)
-            times[length] = statistics.median(samples[1:])
-        results.append({"position": position, "tokens": tokens, "prefill_s": times[tokens], "one_token_s": times[1]})
-    return results
+        for length, key in ((tokens, f"prefill_{index}"), (1, f"one_{index}")):
+            start = time.perf_counter()
+            forward(length, position)
+            metrics[key] = time.perf_counter() - start
+            cache.crop(-length)
+    return metrics
 
 
 def count_vision_calls(vgr, run) -> dict:
@@ -117,7 +114,6 @@ def run(ctx) -> dict:
         return fn
 
     with torch.inference_mode():
-        samples = interleaved({"replay": generate(8), "no_replay": generate(0)}, repeats=ctx.repeats(3), warmup=1)
         vision = count_vision_calls(vgr, lambda: generate(8)())
         records = generate.records
         # The position of each replay's first token: prompt + generated tokens before it + earlier replays.
@@ -125,7 +121,10 @@ def run(ctx) -> dict:
         for record in records:
             points.append((prompt_length + record.step + 1 + replayed, record.num_tokens))
             replayed += record.num_tokens
-        reference = prefill_reference(ctx.llama, vgr.config.text_config.hidden_size, points, ctx.repeats(3))
+        hidden = vgr.config.text_config.hidden_size
+        samples = interleaved({"replay": generate(8), "no_replay": generate(0),
+                               "prefill": lambda: prefill_reference(ctx.llama, hidden, points)},
+                              repeats=ctx.repeats(3), warmup=1)
 
         # A batch of two images, both rows replaying: still one encoding per image.
         photos = real_images()
@@ -141,20 +140,25 @@ def run(ctx) -> dict:
 
     geometry = processor.image_processor.geometry()
     a, b = medians(samples["replay"]), medians(samples["no_replay"])
+    reference = medians(samples["prefill"])
     rows = []
-    for index, (record, ref) in enumerate(zip(records, reference)):
+    for index, (record, (position, _)) in enumerate(zip(records, points)):
         key = f"step_{index}"
-        extra = statistics.median(x - y for x, y in zip(samples["replay"][key], samples["no_replay"][key]))
+        extras = [x - y for x, y in zip(samples["replay"][key], samples["no_replay"][key])]
+        extra = statistics.median(extras)
+        ratios = [x / y for x, y in zip(extras, samples["prefill"][f"prefill_{index}"])]
+        ref = {"prefill_s": reference[f"prefill_{index}"], "one_token_s": reference[f"one_{index}"]}
         rows.append({
             "box": record.box,
             "replayed_tokens": record.num_tokens,
-            "position": ref["position"],
+            "position": position,
             "step_with_replay_ms": 1000 * a[key],
             "step_without_ms": 1000 * b[key],
             "replay_extra_ms": 1000 * extra,
             "prefill_k_tokens_ms": 1000 * ref["prefill_s"],
             "one_token_step_ms": 1000 * ref["one_token_s"],
-            "extra_over_prefill": extra / ref["prefill_s"],
+            "extra_over_prefill": statistics.median(ratios),  # as every ratio here: the median of per-round ratios
+            "extra_over_prefill_per_round": ratios,
         })
     return {
         "image": "chart 2016 x 1344 (4 x 5 crops, S = 96 x 120 cells)",
@@ -180,7 +184,7 @@ def run(ctx) -> dict:
 def markdown(result) -> str:
     lines = [
         "| replayed box | K tokens | position | step with replay ms | same step, no replay ms | replay extra ms | "
-        "K-token prefill ms | extra / prefill |",
+        "K-token prefill ms | extra / prefill, median of rounds (range) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
@@ -188,7 +192,8 @@ def markdown(result) -> str:
         lines.append(
             f"| [{box}] | {row['replayed_tokens']} | {row['position']} | {row['step_with_replay_ms']:.1f} | "
             f"{row['step_without_ms']:.1f} | {row['replay_extra_ms']:.1f} | {row['prefill_k_tokens_ms']:.1f} | "
-            f"{row['extra_over_prefill']:.2f} |"
+            f"{row['extra_over_prefill']:.2f} ({min(row['extra_over_prefill_per_round']):.2f} to "
+            f"{max(row['extra_over_prefill_per_round']):.2f}) |"
         )
     vision = result["vision_tower"]
     one, two = vision["one_image_4_replays"], vision["batch_of_2_images"]
