@@ -1,5 +1,6 @@
 """VGR-Tiny, the committed reference checkpoint: hub layout, loads as remote code, and on held-out synthetic data it
-grounds, replays and reads the replayed detail (which it cannot do with replay switched off)."""
+answers in VGR's form with a valid box and a replay (what it has not learned: the README's VGR-Tiny section). Also the
+pieces its training rests on: the data's lattice against the snapshot's tokens, the vision tower's position table."""
 
 import json
 import os
@@ -10,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from transformers_vgr.reference.synthetic import make_split
+import torch
+
+from transformers_vgr.reference.synthetic import LATTICE, SIZES, cell_box, make_split
+from transformers_vgr.reference.train import init_vision_positions, sincos_position_table, tiny_config
 from transformers_vgr.training.data import read_records
 
 from conftest import ROOT
@@ -30,6 +34,36 @@ def test_checkpoint_is_a_small_hub_folder():
     assert log["train_runtime_seconds"] <= 30 * 60
 
 
+def test_lattice_cells_are_snapshot_tokens():
+    """The data's design rests on this: each lattice cell is one snapshot token of VGR-Tiny, whatever the image
+    size, so a box's place is plain in the prompt; the replayed region of a box is several tokens."""
+    geometry = tiny_config().geometry()
+    assert geometry.snapshot_grid() == (LATTICE, LATTICE)
+    for width, height in SIZES:
+        for column in range(LATTICE):
+            assert geometry.replay_tokens((height, width), cell_box(column, LATTICE - 1 - column)) >= 4
+
+
+def test_sincos_position_table():
+    table = sincos_position_table(8, 96)
+    assert table.shape == (64, 96)
+    assert torch.cdist(table, table).add(torch.eye(64) * 1e9).min() > 0.5  # every patch position is distinct
+    # the first half of the channels depends only on the row, the second only on the column
+    assert torch.equal(table[0, :48], table[7, :48]) and torch.equal(table[0, 48:], table[56, 48:])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_table(8, 30)
+
+
+def test_vision_positions_start_from_the_table():
+    from transformers_vgr import VGRForConditionalGeneration
+
+    model = VGRForConditionalGeneration(tiny_config())
+    init_vision_positions(model)
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    assert torch.equal(weight[0], torch.zeros(96))  # the class position
+    assert torch.equal(weight[1:], sincos_position_table(8, 96))
+
+
 def test_splits_are_reproducible(tmp_path):
     first = make_split(tmp_path / "a", "test", 5)
     second = make_split(tmp_path / "b", "test", 5)
@@ -40,9 +74,9 @@ def test_splits_are_reproducible(tmp_path):
 
 def test_held_out_answers_ground_and_replay(tmp_path):
     """20 held-out questions, answered by the checkpoint loaded as remote code in a process that cannot import
-    transformers_vgr: answers of the VGR form, a valid box, one replay each and a final answer. (Its accuracy is far
-    below the targets of the reference-checkpoint issue: see the README's VGR-Tiny section; this test does not claim
-    it.)"""
+    transformers_vgr: answers of the VGR form, a valid box, one replay each and a final answer. (Its accuracy is at
+    chance, far below the targets of the reference-checkpoint issue: see the README's VGR-Tiny section; this test
+    does not claim it.)"""
     make_split(tmp_path, "test", 20)
     code = f"""
         import sys
@@ -72,6 +106,6 @@ def test_held_out_answers_ground_and_replay(tmp_path):
     from transformers_vgr import extract_final_answer, parse_boxes
 
     assert len(answers) == 20
-    assert sum(len(parse_boxes(a["text"])) >= 1 for a in answers) >= 16  # measured: 17 to 20 of 20
-    assert sum(a["replayed"] >= 1 for a in answers) >= 16  # measured: 17 to 20 of 20
-    assert sum((extract_final_answer(a["text"]) or "").isdigit() for a in answers) >= 16  # measured: 17 to 20 of 20
+    assert sum(len(parse_boxes(a["text"])) >= 1 for a in answers) >= 16  # measured: 20 of 20
+    assert sum(a["replayed"] >= 1 for a in answers) >= 16  # measured: 20 of 20
+    assert sum((extract_final_answer(a["text"]) or "").isdigit() for a in answers) >= 16  # measured: 20 of 20

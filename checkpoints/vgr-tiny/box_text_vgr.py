@@ -20,7 +20,9 @@ FINAL_ANSWER_PREFIX = "Final answer:"
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
 _BOX_BODY = re.compile(rf" *\[ *({_NUMBER}) *, *({_NUMBER}) *, *({_NUMBER}) *, *({_NUMBER}) *\] *")
 _TAG = re.compile(r"<(sot|eot)>", re.IGNORECASE)
-_GROUNDED_BOX = re.compile(r"<sot>(.*?)<eot>", re.IGNORECASE | re.DOTALL)
+# A box is the text between an `<eot>` and the last `<sot>` before it, as the replay loop and the processor read it:
+# in "<sot> oops <sot>[...]<eot>" the box is "[...]".
+_GROUNDED_BOX = re.compile(r"<sot>((?:(?!<sot>).)*?)<eot>", re.IGNORECASE | re.DOTALL)
 _FINAL_ANSWER = re.compile(r"final answer\s*:", re.IGNORECASE)
 
 
@@ -112,7 +114,8 @@ def box_token_table(tokenizer) -> dict[str, list]:
     for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
         if token_id in tokenizer.added_tokens_decoder:
             continue
-        text = tokenizer.convert_tokens_to_string([token]) if not token.startswith("▁") else " " + token[1:]
+        # "▁" is sentencepiece's space (runs of spaces are tokens too); decoding would strip a leading one.
+        text = token.replace("▁", " ") if "▁" in token else tokenizer.convert_tokens_to_string([token])
         if text and set(text) <= BOX_CHARACTERS:
             ids.append(token_id)
             texts.append(text)
@@ -120,10 +123,13 @@ def box_token_table(tokenizer) -> dict[str, list]:
 
 
 def draw_boxes(image, boxes, color=(255, 40, 40), width: int = 3):
-    """A copy of a PIL `image` with each normalized box drawn and numbered (1, 2, ...) in order."""
+    """A copy of `image` with each normalized box drawn and numbered (1, 2, ...) in order. The image is read as the
+    image processor reads it (EXIF orientation applied, transparency on white), since the boxes refer to that image."""
     from PIL import ImageDraw
 
-    canvas = image.convert("RGB").copy()
+    from .image_processing_vgr import to_rgb_image
+
+    canvas = to_rgb_image(image)  # always a new image
     draw = ImageDraw.Draw(canvas)
     for number, box in enumerate(boxes, start=1):
         x1, y1, x2, y2 = to_pixel_box(box, (canvas.height, canvas.width))

@@ -24,12 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationMixin
-from transformers.generation import (
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    SuppressTokensLogitsProcessor,
-)
+from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .box_text_vgr import box_token_table, parse_box, to_pixel_box
@@ -92,9 +87,14 @@ class ReplayState:
         self.finished = [False] * batch
         self.replayed_tokens = [0] * batch
 
-    def read_box(self, ids: list[int]):
-        """The box between the row's last `<sot>` and its final `<eot>` (a ParsedBox), or a reason string."""
-        body = ids[:-1]
+    def read_box(self, generated: list[int]):
+        """The box that a row's fresh `<eot>` closes (a ParsedBox), or a reason string. `generated` is the row's
+        generated ids, ending on that `<eot>`. Only the ids since the row's previous `<eot>` count: a box already
+        closed is never read twice, and the prompt is never read (the authors' prompt spells out
+        `<sot>[x1, y1, x2, y2]<eot>`)."""
+        body = generated[:-1]
+        if self.eot_token_id in body:
+            body = body[len(body) - body[::-1].index(self.eot_token_id) :]
         if self.sot_token_id not in body:
             return "no <sot> before <eot>"
         body = body[len(body) - body[::-1].index(self.sot_token_id) :]
@@ -127,7 +127,7 @@ class ReplayState:
 
     def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
-        parsed = self.read_box(ids)
+        parsed = self.read_box(ids[self.prompt_length :])
         if isinstance(parsed, str) or not parsed.valid:
             return ReplayRecord(step, None, None, 0, False, parsed if isinstance(parsed, str) else parsed.reason)
         if memory is None:
@@ -173,6 +173,21 @@ class ReplayState:
         return ids, self.cache_mask, positions, boxes
 
 
+class SuppressImagePlaceholderLogitsProcessor(LogitsProcessor):
+    """Keeps the model from writing `<image>`: placeholders are the processor's and the replay loop's.
+
+    A class of its own, not a `SuppressTokensLogitsProcessor`: `generate` keeps one processor per type, so sharing the
+    stock type would drop either this one or the user's `suppress_tokens`."""
+
+    def __init__(self, image_token_id: int):
+        self.image_token_id = image_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.image_token_id] = -float("inf")
+        return scores
+
+
 class ReplayMarker(StoppingCriteria):
     """Carries the replay state of one `generate` call into `_get_stopping_criteria`; never stops anything."""
 
@@ -216,7 +231,7 @@ class VGRGenerationMixin(GenerationMixin):
         )
         # The model never writes <image> itself: placeholders are the processor's and the replay loop's.
         processors = LogitsProcessorList(logits_processor or [])
-        processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
+        processors.append(SuppressImagePlaceholderLogitsProcessor(self.config.image_token_id))
         criteria = StoppingCriteriaList(stopping_criteria or [])
         criteria.append(ReplayMarker(state))
         output = super().generate(

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
@@ -187,6 +188,13 @@ class VGRPreTrainedModel(PreTrainedModel):
         return super().from_pretrained(*args, **kwargs)
 
     def _init_weights(self, module):
+        box_head = getattr(self, "box_head", None)
+        if box_head is not None and any(module is layer for layer in box_head.layers):
+            # The box MLP starts from PyTorch's fan-in initialization (nn.Linear's own): at the language model's std
+            # (0.02) its hidden activations would start near zero, and for hundreds of steps only its last bias learns.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            init.uniform_(module.bias, -1 / math.sqrt(module.in_features), 1 / math.sqrt(module.in_features))
+            return
         super()._init_weights(module)
         if isinstance(module, VGRModel) and module.image_newline is not None:
             with torch.no_grad():
@@ -513,7 +521,13 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
 
         lm_loss = box_l1_loss = box_giou_loss = None
         if labels is not None:
-            labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            if labels.shape != hidden_states.shape[:2]:
+                raise ValueError(
+                    f"labels of shape {tuple(labels.shape)} do not match the input's (batch, sequence_length) "
+                    f"{tuple(hidden_states.shape[:2])}"
+                )
+            if input_ids is not None:  # from inputs_embeds there are no image positions: images need input_ids
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             lm_loss = self.language_modeling_loss(hidden_states, labels, num_items_in_batch)
         if box_targets is not None:
             box_l1_loss, box_giou_loss = self.box_losses(input_ids, hidden_states, box_targets)
@@ -594,9 +608,15 @@ def _runs(ids: list[int], token_id: int) -> list[tuple[int, int]]:
 
 
 def _as_size_list(image_sizes) -> list[tuple[int, int]]:
-    if isinstance(image_sizes, torch.Tensor):
-        image_sizes = image_sizes.tolist()
-    return [tuple(int(v) for v in size) for size in image_sizes]
+    """`(height, width)` per image from a `(num_images, 2)` tensor, array or nested list."""
+    sizes = image_sizes.tolist() if hasattr(image_sizes, "tolist") else list(image_sizes)
+    if not all(isinstance(size, (list, tuple)) and len(size) == 2 for size in sizes):
+        shape = tuple(image_sizes.shape) if hasattr(image_sizes, "shape") else f"{image_sizes!r:.80}"
+        raise ValueError(
+            f"image_sizes must hold one (height, width) pair per image, shape (num_images, 2), got {shape}; "
+            "for a single image use [[height, width]]"
+        )
+    return [tuple(int(v) for v in size) for size in sizes]
 
 
 def _as_box_lists(boxes, batch_size: int, allow_missing: bool = False) -> list[list]:

@@ -152,12 +152,15 @@ class VGRProcessor(ProcessorMixin):
         for row, text in enumerate(texts):
             pieces, boxes, row_image_size, last_sot = [], [], None, None
             position = 0
-            for match in re.finditer(r"<sot>|<eot>\s*<image>|<image>", normalize_tags(text)):
+            for match in re.finditer(r"<sot>|<eot>\s*<image>|<eot>|<image>", normalize_tags(text)):
                 pieces.append(match.string[position : match.start()])
                 position = match.end()
                 token = match.group()
                 if token == SOT_TOKEN:
                     last_sot = match.end()
+                    pieces.append(token)
+                elif token == EOT_TOKEN:  # closes the box, if any, without a replay
+                    last_sot = None
                     pieces.append(token)
                 elif token == IMAGE_TOKEN:
                     row_image_size = image_sizes[next_image]
@@ -167,6 +170,12 @@ class VGRProcessor(ProcessorMixin):
                     box = self._replay_box(match.string, last_sot, match.start(), row)
                     if row_image_size is None:
                         raise ValueError(f"text {row}: a replay marker (<eot><image>) comes before any image")
+                    if match.string.startswith(IMAGE_TOKEN, match.end()):
+                        # The replay span and the image's placeholders would make one run that the model cannot split.
+                        raise ValueError(
+                            f"text {row}: a replay marker (<eot><image>) is followed directly by another <image>; put "
+                            "text or a newline between them, or drop the extra <image>"
+                        )
                     boxes.append(box)
                     pieces.append(EOT_TOKEN + IMAGE_TOKEN * geometry.replay_tokens(row_image_size, box))
                     last_sot = None

@@ -2,14 +2,25 @@
 # Licensed under the Apache License, Version 2.0.
 """A synthetic grounded-reasoning dataset in the VGR-SFT format, for VGR-Tiny.
 
-Each image (varied sizes, aspect ratios 1:2 to 2:1) holds a few coloured squares on a noisy background, each with
-a small digit inside. The question asks for the digit in the square of one colour. The digit is small: in the prompt
-a crop token averages 4 x 4 patches (56 x 56 px), which blurs it with its surroundings, while a replayed token
-averages 2 x 2 patches of the feature memory. The answer grounds the square, replays it and reads the digit:
+Each image (sizes 224 to 448 px, aspect ratios 1:2 to 2:1, so AnyRes picks grids from 2 x 2 to 3 x 3 crops) is cut
+into a LATTICE x LATTICE lattice of cells in normalized coordinates. Three to five cells hold a box with a small digit
+in its centre, on a noisy background: one box in colour, the others grey (distractors with digits of their own). The
+question asks for the digit in the coloured box.
 
-    "The red square is here <sot>[0.36, 0.25, 0.54, 0.50]<eot> and the digit in it is 7. Final answer: 7"
+The geometry gives grounding and replay each their own part. The snapshot is the whole image resized to one square
+crop and pooled to LATTICE x LATTICE tokens, so each cell is one snapshot token: where the coloured box is, is plain
+in the prompt, and its corners are a function of its cell. Its digit is small (DIGIT_HEIGHT of the cell): a few
+pixels in the snapshot, and in a prompt crop token averaged with 4 x 4 patches of box and background, while a
+replayed token averages 2 x 2 patches of the feature memory. The answer grounds the box, replays it and reads the
+digit:
 
-Splits are made with fixed seeds: `python -m transformers_vgr.reference.synthetic OUT --train 4000`.
+    "The red box is here <sot>[0.28, 0.53, 0.47, 0.72]<eot> and the digit in it is 7. Final answer: 7"
+
+(A first design with every box in a different colour, the question naming one, did not start to ground within the
+30-minute budget: in two runs stopped after 1,100 of 2,000 steps, the language model's loss stayed at the level of
+copying the colour from the question, the box and the digit at chance.)
+
+Splits are made with fixed seeds: `python -m transformers_vgr.reference.synthetic OUT --train 6000`.
 """
 
 import argparse
@@ -33,34 +44,45 @@ COLOURS = {
     "purple": (140, 60, 180),
     "cyan": (30, 180, 200),
 }
-SIZES = [(224, 224), (336, 224), (224, 336), (336, 336), (336, 168), (168, 336), (280, 224), (224, 280)]  # (w, h)
-CELL = 56  # squares sit in distinct cells of a 56-px lattice
-SQUARE = 40
+DISTRACTOR = (125, 125, 125)  # grey boxes, with digits of their own
+SIZES = [(224, 224), (336, 336), (448, 448), (336, 224), (224, 336), (448, 224), (224, 448), (448, 336),
+         (336, 448), (280, 280)]  # (width, height)
+LATTICE = 4  # cells per side, in normalized coordinates: one snapshot token each (VGR-Tiny's snapshot is 4 x 4)
+MARGIN = 0.12  # of a cell, on each side of its box
+DIGIT_HEIGHT = 0.3  # of the cell's shorter side
 SPLIT_SEEDS = {"train": 1000, "validation": 2000, "test": 3000}
-SPLIT_SIZES = {"train": 4000, "validation": 200, "test": 300}
-QUESTION = "Which digit is written in the {colour} square?"
+SPLIT_SIZES = {"train": 6000, "validation": 200, "test": 300}
+QUESTION = "Which digit is written in the {colour} box?"
 
 
-def make_example(rng: random.Random, font) -> tuple[PIL.Image.Image, dict]:
+def cell_box(column: int, row: int) -> tuple[float, float, float, float]:
+    """The normalized (x1, y1, x2, y2) of the box in a lattice cell, rounded as the answer writes it."""
+    left, top = (column + MARGIN) / LATTICE, (row + MARGIN) / LATTICE
+    right, bottom = (column + 1 - MARGIN) / LATTICE, (row + 1 - MARGIN) / LATTICE
+    return tuple(round(value, 2) for value in (left, top, right, bottom))
+
+
+def make_example(rng: random.Random) -> tuple[PIL.Image.Image, dict]:
     width, height = rng.choice(SIZES)
     noise = np.random.default_rng(rng.randrange(2**32)).integers(170, 230, (height, width, 3), dtype=np.uint8)
     image = PIL.Image.fromarray(noise)
     draw = PIL.ImageDraw.Draw(image)
-    cells = [(column, row) for column in range(width // CELL) for row in range(height // CELL)]
-    count = min(len(cells), rng.randint(3, 5))
-    colours = rng.sample(sorted(COLOURS), count)
-    squares = []
+    font = PIL.ImageFont.load_default(size=max(8, round(DIGIT_HEIGHT * min(width, height) / LATTICE * 1.35)))
+    cells = [(column, row) for row in range(LATTICE) for column in range(LATTICE)]
+    count = rng.randint(3, 5)
+    colours = [rng.choice(sorted(COLOURS))] + [None] * (count - 1)  # one box in colour, the distractors grey
+    boxes = []
     for colour, (column, row) in zip(colours, rng.sample(cells, count)):
-        x = column * CELL + (CELL - SQUARE) // 2 + rng.randint(-4, 4)
-        y = row * CELL + (CELL - SQUARE) // 2 + rng.randint(-4, 4)
+        box = cell_box(column, row)
+        x1, y1, x2, y2 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
         digit = rng.randint(0, 9)
-        draw.rectangle([x, y, x + SQUARE - 1, y + SQUARE - 1], fill=COLOURS[colour])
+        draw.rectangle([round(x1), round(y1), round(x2) - 1, round(y2) - 1], fill=COLOURS.get(colour, DISTRACTOR))
         left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font)
-        draw.text((x + (SQUARE - (right - left)) / 2 - left, y + (SQUARE - (bottom - top)) / 2 - top), str(digit),
+        draw.text(((x1 + x2 - (right - left)) / 2 - left, (y1 + y2 - (bottom - top)) / 2 - top), str(digit),
                   fill=(255, 255, 255), font=font)
-        squares.append((colour, digit, (x / width, y / height, (x + SQUARE) / width, (y + SQUARE) / height)))
-    colour, digit, box = rng.choice(squares)
-    answer = f"The {colour} square is here <sot>{format_box(box)}<eot><image> and the digit in it is {digit}. " \
+        boxes.append((colour, digit, box))
+    colour, digit, box = boxes[0]
+    answer = f"The {colour} box is here <sot>{format_box(box)}<eot><image> and the digit in it is {digit}. " \
              f"Final answer: {digit}"
     record = {
         "conversations": [
@@ -76,12 +98,11 @@ def make_example(rng: random.Random, font) -> tuple[PIL.Image.Image, dict]:
 def make_split(output: Path, split: str, count: int) -> Path:
     """Images under `output/images/{split}/` and records in `output/{split}.jsonl`."""
     rng = random.Random(SPLIT_SEEDS[split])
-    font = PIL.ImageFont.load_default(size=18)
     folder = output / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(count):
-        image, record = make_example(rng, font)
+        image, record = make_example(rng)
         name = f"{split}-{index:05d}.png"
         image.save(folder / name)
         lines.append(json.dumps({"id": name[:-4], "image": f"images/{split}/{name}", **record}))
@@ -100,9 +121,9 @@ def make_dataset(output: Path, train: int = SPLIT_SIZES["train"], validation: in
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--train", type=int, default=4000)
-    parser.add_argument("--validation", type=int, default=200)
-    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--train", type=int, default=SPLIT_SIZES["train"])
+    parser.add_argument("--validation", type=int, default=SPLIT_SIZES["validation"])
+    parser.add_argument("--test", type=int, default=SPLIT_SIZES["test"])
     args = parser.parse_args(argv)
     for split, path in make_dataset(args.output, args.train, args.validation, args.test).items():
         print(split, path)
