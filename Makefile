@@ -43,7 +43,7 @@ demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 clean:
 	rm -rf $(VENV) assets build src/*.egg-info
 
-# Benchmarks (CPU, ~10 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
+# Benchmarks (CPU, 10 to 15 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
 .PHONY: bench
 bench: $(STAMP) $(TOKENIZER)
 	$(PY) benchmarks/run.py
