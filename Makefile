@@ -19,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
+# The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
+CHECKPOINT := checkpoints/vgr-tiny
+
 assets: $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 
 $(TOKENIZER): | $(STAMP)
@@ -29,8 +32,6 @@ $(TOKENIZER): | $(STAMP)
 	open(sys.argv[1], 'wb').write(z.read('wordllama/tokenizers/l2_supercat_tokenizer_config.json'))" $@
 	rm -rf assets/.download
 
-# The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
-CHECKPOINT := checkpoints/vgr-tiny
 $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
 
