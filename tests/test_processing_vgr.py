@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from transformers_vgr import VGRConfig, VGRImageProcessor, VGRProcessor
+from transformers_vgr.processing_vgr import vicuna_v1_chat_template
 from transformers_vgr.box_text_vgr import (
     extract_final_answer,
     find_boxes,
@@ -84,6 +85,16 @@ class TestChatTemplate:
     def test_string_content_and_system_message(self, processor):
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
         assert processor.apply_chat_template(messages, add_generation_prompt=True) == "Be brief. USER: Hi ASSISTANT:"
+
+    def test_default_system_prompt_is_configurable(self, processor):
+        # VGR-Tiny trains without one; a system message still takes its place, and an empty one leaves no space.
+        terse = VGRProcessor(processor.image_processor, processor.tokenizer, chat_template=vicuna_v1_chat_template(""))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Why?"}]},
+                    {"role": "assistant", "content": "Because."}]
+        assert terse.apply_chat_template(messages) == "USER: <image>\nWhy? ASSISTANT: Because.</s>"
+        assert terse.apply_chat_template([{"role": "system", "content": "Be brief."}] + messages[:1],
+                                         add_generation_prompt=True) == "Be brief. USER: <image>\nWhy? ASSISTANT:"
+        assert vicuna_v1_chat_template() == processor.chat_template
 
     def test_tokenized_chat_with_image(self, processor, images):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
