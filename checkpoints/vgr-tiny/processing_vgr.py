@@ -37,31 +37,40 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
-# Vicuna-v1 as LLaVA writes it (conv_vicuna_v1): "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ..."
-# Images of a message come first, one "<image>\n" each. Assistant turns are marked for `return_assistant_tokens_mask`.
-VICUNA_V1_CHAT_TEMPLATE = (
-    "{%- set system = '" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "' -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] is string -%}{%- set system = messages[0]['content'] -%}"
-    "{%- else -%}{%- set system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
-    " | map(attribute='text') | join(' ') -%}{%- endif -%}"
-    "{%- set messages = messages[1:] -%}"
-    "{%- endif -%}"
-    "{{- system + ' ' -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set images = '' -%}"
-    "{%- else -%}"
-    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
-    "{%- set images = '<image>\\n' * (message['content'] | selectattr('type', 'equalto', 'image') | list | length) -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{- 'ASSISTANT: ' -}}{% generation %}{{- images + text + '</s>' -}}{% endgeneration %}"
-    "{%- else -%}"
-    "{{- 'USER: ' + images + text + ' ' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
+
+def vicuna_v1_chat_template(system: str = VICUNA_V1_SYSTEM) -> str:
+    """Vicuna-v1 as LLaVA writes it (conv_vicuna_v1):
+    "{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: ...", `system` being the default system prompt
+    (a system message replaces it; an empty one is left out). Images of a message come first, one "<image>\\n" each.
+    Assistant turns are marked for `return_assistant_tokens_mask`."""
+    return (
+        "{%- set system = '" + system.replace("'", "\\'") + "' -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- if messages[0]['content'] is string -%}{%- set system = messages[0]['content'] -%}"
+        "{%- else -%}{%- set system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join(' ') -%}{%- endif -%}"
+        "{%- set messages = messages[1:] -%}"
+        "{%- endif -%}"
+        "{%- if system -%}{{- system + ' ' -}}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set images = '' -%}"
+        "{%- else -%}"
+        "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+        " | join(' ') -%}"
+        "{%- set images = '<image>\\n' * (message['content'] | selectattr('type', 'equalto', 'image') | list"
+        " | length) -%}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{- 'ASSISTANT: ' -}}{% generation %}{{- images + text + '</s>' -}}{% endgeneration %}"
+        "{%- else -%}"
+        "{{- 'USER: ' + images + text + ' ' -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+
+
+VICUNA_V1_CHAT_TEMPLATE = vicuna_v1_chat_template()
 
 
 class VGRProcessorKwargs(ProcessingKwargs, total=False):

@@ -37,10 +37,12 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
+
 def vicuna_v1_chat_template(system: str = VICUNA_V1_SYSTEM) -> str:
-    """Vicuna-v1 as LLaVA writes it (conv_vicuna_v1): "{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: ...",
-    with `system` as the default system prompt (a system message replaces it; an empty one is left out). Images of a
-    message come first, one "<image>\\n" each. Assistant turns are marked for `return_assistant_tokens_mask`."""
+    """Vicuna-v1 as LLaVA writes it (conv_vicuna_v1):
+    "{system} USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: ...", `system` being the default system prompt
+    (a system message replaces it; an empty one is left out). Images of a message come first, one "<image>\\n" each.
+    Assistant turns are marked for `return_assistant_tokens_mask`."""
     return (
         "{%- set system = '" + system.replace("'", "\\'") + "' -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
