@@ -31,8 +31,8 @@ from .synthetic import SPLIT_SIZES, make_dataset
 ROOT = Path(__file__).resolve().parents[3]
 REPO_ID = "transformers-vgr/vgr-tiny"
 TEXT_WIDTH = 128
-# No system prompt: Vicuna's 35 tokens are the same in every example, and tokens that never change dilute the
-# attention through which the answer must find one visual token (README, "Where it stalls").
+# No system prompt: Vicuna's is the same in every example, and tokens that never change dilute the attention through
+# which the answer must find one visual token (README, VGR-Tiny).
 CHAT_TEMPLATE = vicuna_v1_chat_template(system="")
 
 
@@ -44,9 +44,9 @@ def tiny_config() -> VGRConfig:
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=32064,
                          max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=True,
-                         # LLaMA's std 0.02 is tuned to width 4096; at width 128 it shrinks every matrix's output
-                         # to a quarter and attention starts flat. At 1/sqrt(width) (unit gain) a one-cell colour
-                         # question was learned in 200 steps; at 0.02 it was not learned in 300 (README).
+                         # LLaMA's std 0.02 gives each matrix a gain of about 1.3 at width 4096, 0.23 at 128, where
+                         # attention starts flat. At 1/sqrt(width) (unit gain) a one-cell colour question was learned
+                         # in 200 steps; at 0.02 it was not learned in 300 (README, VGR-Tiny).
                          initializer_range=TEXT_WIDTH**-0.5),
         max_crops=9,
         # Each crop pools to one token: its position code is then the same for every crop token, and only the
@@ -140,8 +140,8 @@ def main(argv=None) -> None:
             lr_scheduler_type="cosine",
             warmup_steps=0.03,
             weight_decay=0.0,
-            # LLaMA's 0.95, not 0.999: the box and digit gradients are small next to those of the answer's wording,
-            # learned first; with a 1,000-step memory of those, Adam damps the later ones for as long again (README).
+            # LLaMA's 0.95, not 0.999: the answer's wording is learned first, with large gradients; at 0.999 Adam's
+            # second moment remembers them for about 1,000 steps and damps the smaller box and digit ones (README).
             adam_beta2=0.95,
             logging_steps=50,
             save_strategy="no",
