@@ -8,10 +8,16 @@ The same weights answer every question twice: with replay, and with replay switc
 (`max_replays=0`: every `<eot>` is plain text). Reported: answer accuracy; mean IoU against the true box of the box
 the model writes and of the detection head's box; the rate of valid boxes; replays and replayed tokens per answer;
 prompt visual tokens against LLaVA-NeXT's count for the same images.
+
+Then where the digit is read from (`replay_swap`): each answer is fed, teacher-forced, up to its digit twice with the
+same text, once replaying the true box and once replaying, in its place, a grey box with another digit and as many
+replay tokens. A model that reads the digit from the prompt's tokens (or from the box text) names the coloured box's
+digit both times; one that reads it from the replay does not the second time.
 """
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,7 +26,8 @@ from transformers import AutoModel, AutoProcessor
 from ..box_text_vgr import extract_final_answer, parse_boxes
 from ..geometry_vgr import llava_next_prompt_tokens
 from ..image_processing_vgr import to_rgb_image
-from ..training.data import read_records
+from ..training.collator import VGRDataCollator
+from ..training.data import clean_record, encode_conversation, image_size, read_records
 from .synthetic import SPLIT_SIZES, make_split
 
 
@@ -90,6 +97,53 @@ def score(results, geometry) -> dict:
     }
 
 
+def replay_swap(model, processor, records, root: Path, batch_size: int) -> dict:
+    """Digits named teacher-forced after a replay of the true box, and after a replay of a grey box put in its place
+    (same text, same replay token count); records without such a grey box are left out."""
+    geometry = model.config.geometry()
+    digit_ids = processor.tokenizer.convert_tokens_to_ids([str(digit) for digit in range(10)])
+    cases = []
+    for record in records:
+        path = root / record["image"]
+        size = image_size(path)
+        tokens = geometry.replay_tokens(size, record["box"])
+        greys = [grey for grey in record.get("distractors", [])
+                 if grey["digit"] != record["answer"] and geometry.replay_tokens(size, grey["box"]) == tokens]
+        if greys:
+            messages, _ = clean_record(record, Counter())
+            features, _ = encode_conversation(messages, size, processor)
+            cases.append((features, path, record, greys[0]))
+
+    collator = VGRDataCollator(processor)
+    named_answer, named_grey = Counter(), 0
+    for start in range(0, len(cases), batch_size):
+        chunk = cases[start : start + batch_size]
+        batch = collator([{"features": features, "image_path": path} for features, path, _, _ in chunk])
+        del batch["labels"], batch["box_targets"]
+        # the answer's digit is the first digit label after the replay span; the position before it predicts it
+        positions = []
+        for features, _, _, _ in chunk:
+            replay_end = 1 + max(i for i, token in enumerate(features.input_ids) if token == processor.image_token_id)
+            digit = next(i for i in range(replay_end, len(features.labels)) if features.labels[i] in digit_ids)
+            positions.append(digit - 1)
+        for replayed in ("true", "grey"):
+            if replayed == "grey":
+                batch["replay_boxes"] = [[tuple(grey["box"])] for _, _, _, grey in chunk]
+            with torch.no_grad():
+                logits = model(**batch).logits  # (batch, seq, vocab)
+            for row, (_, _, record, grey) in enumerate(chunk):
+                named = str(int(logits[row, positions[row], digit_ids].argmax()))
+                named_answer[replayed] += named == record["answer"]
+                named_grey += replayed == "grey" and named == grey["digit"]
+    n = max(len(cases), 1)
+    return {
+        "examples": len(cases),
+        "true_replay_names_answer": named_answer["true"] / n,
+        "grey_replay_names_answer": named_answer["grey"] / n,
+        "grey_replay_names_grey_digit": named_grey / n,
+    }
+
+
 def evaluate(model_path, data: Path, split: str = "test", limit: int | None = None, batch_size: int = 16,
              max_new_tokens: int = 48) -> dict:
     model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=torch.float32).eval()
@@ -103,7 +157,8 @@ def evaluate(model_path, data: Path, split: str = "test", limit: int | None = No
         without_replay = score(answer_all(model, processor, records, Path(data), batch_size, max_new_tokens), geometry)
     finally:
         model.config.max_replays = replays
-    return {"with_replay": with_replay, "without_replay": without_replay}
+    swap = replay_swap(model, processor, records, Path(data), batch_size)
+    return {"with_replay": with_replay, "without_replay": without_replay, "replay_swap": swap}
 
 
 def table(metrics: dict) -> str:
@@ -121,6 +176,11 @@ def table(metrics: dict) -> str:
     for label, key, fmt in rows:
         lines.append(f"| {label} | {fmt.format(metrics['with_replay'][key])} | "
                      f"{fmt.format(metrics['without_replay'][key])} |")
+    swap = metrics["replay_swap"]
+    lines += ["", f"Teacher-forced up to the digit, {swap['examples']} answers (same text, box and prompt):", "",
+              "| replayed region | names the coloured box's digit | names the grey box's digit |", "|---|---|---|",
+              f"| the true box | {swap['true_replay_names_answer']:.1%} | |",
+              f"| a grey box | {swap['grey_replay_names_answer']:.1%} | {swap['grey_replay_names_grey_digit']:.1%} |"]
     return "\n".join(lines)
 
 

@@ -3,16 +3,15 @@
 """A synthetic grounded-reasoning dataset in the VGR-SFT format, for VGR-Tiny.
 
 Each image (sizes 224 to 448 px, aspect ratios 1:2 to 2:1, so AnyRes picks grids from 2 x 2 to 3 x 3 crops) is cut
-into a LATTICE x LATTICE lattice of cells in normalized coordinates. Three to five cells hold a box with a small digit
-in its centre, on a noisy background: one box in colour, the others grey (distractors with digits of their own). The
-question asks for the digit in the coloured box.
+into a LATTICE x LATTICE lattice of cells in normalized coordinates. Three to five cells hold a box with a digit in
+its centre, on a noisy background: one box in colour, the others grey (distractors with digits of their own, listed
+in the record). The question asks for the digit in the coloured box.
 
-The geometry gives grounding and replay each their own part. The snapshot is the whole image resized to one square
-crop and pooled to LATTICE x LATTICE tokens, so each cell is one snapshot token: where the coloured box is, is plain
-in the prompt, and its corners are a function of its cell. Its digit is small (DIGIT_HEIGHT of the cell): a few
-pixels in the snapshot, and in a prompt crop token averaged with 4 x 4 patches of box and background, while a
-replayed token averages 2 x 2 patches of the feature memory. The answer grounds the box, replays it and reads the
-digit:
+The snapshot is the whole image resized to one square crop and pooled to LATTICE x LATTICE tokens, so each cell is
+one snapshot token: where the coloured box is, is plain in the prompt, and its corners are a function of its cell.
+The digit (DIGIT_HEIGHT of the cell) is in the replayed region, 2 x 2-pooled patches of the feature memory; it is
+not hidden from the prompt (a linear probe reads it from the cell's snapshot token), so which of the two the model
+reads it from is measured (`evaluate`, replay swap). The answer grounds the box, replays it and reads the digit:
 
     "The red box is here <sot>[0.28, 0.53, 0.47, 0.72]<eot> and the digit in it is 7. Final answer: 7"
 
@@ -49,7 +48,7 @@ SIZES = [(224, 224), (336, 336), (448, 448), (336, 224), (224, 336), (448, 224),
          (336, 448), (280, 280)]  # (width, height)
 LATTICE = 4  # cells per side, in normalized coordinates: one snapshot token each (VGR-Tiny's snapshot is 4 x 4)
 MARGIN = 0.12  # of a cell, on each side of its box
-DIGIT_HEIGHT = 0.3  # of the cell's shorter side
+DIGIT_HEIGHT = 0.65  # of the cell's shorter side
 SPLIT_SEEDS = {"train": 1000, "validation": 2000, "test": 3000}
 SPLIT_SIZES = {"train": 6000, "validation": 200, "test": 300}
 QUESTION = "Which digit is written in the {colour} box?"
@@ -91,6 +90,7 @@ def make_example(rng: random.Random) -> tuple[PIL.Image.Image, dict]:
         ],
         "answer": str(digit),
         "box": list(box),
+        "distractors": [{"box": list(box), "digit": str(digit)} for _, digit, box in boxes[1:]],
     }
     return image, record
 
