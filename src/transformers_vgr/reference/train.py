@@ -57,7 +57,7 @@ def tiny_config() -> VGRConfig:
         # The paper's 1 : 2 ratio, at a tenth: under teacher forcing the head at <eot> reads the true box from the text
         # before it, and at full weight that easy target took the language model's updates (for 1,100 steps its CE
         # stayed above the level of copying the colour word). At a tenth the committed run's head follows the
-        # written box (held-out IoU 0.999); the written box is what replays, the head's is a by-product.
+        # written box (held-out IoU 0.998); the written box is what replays, the head's is a by-product.
         box_l1_weight=0.1,
         box_giou_weight=0.2,
     )
