@@ -177,6 +177,10 @@ def table(metrics: dict) -> str:
         lines.append(f"| {label} | {fmt.format(metrics['with_replay'][key])} | "
                      f"{fmt.format(metrics['without_replay'][key])} |")
     swap = metrics["replay_swap"]
+    if not swap["examples"]:
+        lines += ["", "Replay swap: no record lists a grey box with another digit and as many replay tokens "
+                  "(splits made before records listed their grey boxes have none: make them again)."]
+        return "\n".join(lines)
     lines += ["", f"Teacher-forced up to the digit, {swap['examples']} answers (same text, box and prompt):", "",
               "| replayed region | names the coloured box's digit | names the grey box's digit |", "|---|---|---|",
               f"| the true box | {swap['true_replay_names_answer']:.1%} | |",
