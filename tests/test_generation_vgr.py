@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.drawing_vgr import box_color
 from transformers_vgr.processing_vgr import REASONING_PROMPT
 
 from conftest import tiny_config, tiny_processor
@@ -408,7 +409,7 @@ class TestPostProcessing:
         drawn = processor.draw_boxes(image, result["boxes"])
         assert drawn.size == image.size and drawn is not image
         pixels = drawn.load()
-        assert pixels[64, 150] == (255, 40, 40)  # on the left edge of box 1
+        assert pixels[64, 150] == box_color(1)  # on the left edge of box 1
         assert pixels[200, 170] == image.convert("RGB").load()[200, 170]  # inside box 1, untouched
 
 
