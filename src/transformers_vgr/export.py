@@ -94,8 +94,9 @@ def export(checkpoint: Path, output: Path, repo_id: str, max_shard_size: str = "
         processor.save_pretrained(staging)
         to_rgb_image(example["image"]).save(staging / "example.png")  # the image the snippets fetch
         (staging / "example.json").write_text(json.dumps(example["record"], indent=1) + "\n")
-        if evaluation is not None:
-            (staging / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+        for record in ("evaluation.json", "training_log.json"):  # what the card quotes, kept beside it
+            if (checkpoint / record).exists():
+                (staging / record).write_bytes((checkpoint / record).read_bytes())
         card = model_card(model, processor, repo_id, license, base_model, datasets or [], example["record"],
                           evaluation, training_data, training_log, limitations or [], tokenizer_license)
         (staging / "README.md").write_text(card)
