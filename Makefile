@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TOKENIZER := assets/llama2-tokenizer.json
 WORDLLAMA := wordllama==0.4.0.post1
 
-.PHONY: install assets test demo clean
+.PHONY: install assets browser test demo app clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the local CPU wheel. Never torchvision (it pulls a CUDA torch).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,app]"
 	touch $(STAMP)
 
 # The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
@@ -35,11 +35,22 @@ $(TOKENIZER): | $(STAMP)
 $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
 
-test: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+# The browser test's chromium and its driver (Debian's), installed when missing and apt can (as root); without them
+# the test is skipped, or fails under CI (VGR_REQUIRE_ALL=1).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			chromium chromium-driver; } || echo "chromium / chromium-driver not installed: the browser test needs them"
+
+test: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json browser
 	$(PY) -m pytest -q
 
 demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) examples/demo.py
+
+# The browser demo on VGR-Tiny: http://127.0.0.1:7860
+app: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+	$(PY) -m transformers_vgr.app --model $(CHECKPOINT)
 
 clean:
 	rm -rf $(VENV) assets build src/*.egg-info

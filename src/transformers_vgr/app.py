@@ -87,8 +87,8 @@ def conversation_messages(conversation: Conversation, question: str) -> list[dic
 
 def answer_stream(model, processor, conversation: Conversation, question: str, max_new_tokens: int = MAX_NEW_TOKENS):
     """Ask `question` about the conversation's image, first question or follow-up alike: yields the answer's text
-    as it grows, and at the end appends the finished `Turn` to the conversation. The whole conversation so far is
-    the prompt."""
+    as it grows (the last one is the whole answer), then appends the finished `Turn` to the conversation. The whole
+    conversation so far is the prompt."""
     prompt = processor.apply_chat_template(conversation_messages(conversation, question), add_generation_prompt=True)
     inputs = processor(images=conversation.image, text=prompt, return_tensors="pt")
     # The processor decodes: its decode keeps the box text exactly as written.
@@ -115,8 +115,8 @@ def answer_stream(model, processor, conversation: Conversation, question: str, m
         raise result["error"]
     output = result["output"]
     text = processor.post_process_generation(output.sequences[:, inputs["input_ids"].shape[1]:])[0]["text"]
-    conversation.turns.append(Turn(question, text, [record.valid for record in output.replays[0]]))
     yield text
+    conversation.turns.append(Turn(question, text, [record.valid for record in output.replays[0]]))
 
 
 def replayed_boxes(processor, text: str, replayed: list[bool] | None = None) -> list:
@@ -182,11 +182,11 @@ def build_demo(model, processor, examples: list[list[str]], max_new_tokens: int 
                 if examples:
                     gr.Examples(examples, inputs=[upload, question], label="Example")
             with gr.Column():
-                picture = gr.Image(label="Boxes (numbered in the order written)", type="pil", interactive=False,
-                                   elem_id="vgr-picture")
+                picture = gr.Image(label="Boxes (numbered in the order written)", type="pil", format="png",
+                                   interactive=False, elem_id="vgr-picture")
                 answer = gr.Textbox(label="Conversation", lines=6, interactive=False, elem_id="vgr-answer")
-                regions = gr.Gallery(label="Replayed regions, enlarged", columns=4, height=REGION_SIZE + 40,
-                                     elem_id="vgr-regions")
+                regions = gr.Gallery(label="Replayed regions, enlarged", columns=4, height=REGION_SIZE + 60,
+                                     object_fit="contain", format="png", elem_id="vgr-regions")
         upload.change(show_upload, [upload], [picture, answer, regions, conversation])
         outputs = [picture, answer, regions, conversation]
         ask_button.click(ask, [upload, question, conversation], outputs)
