@@ -82,8 +82,7 @@ def answer(model, processor, image, question: str, max_new_tokens: int, replay: 
     return result, output.replays[0]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The arguments, checked before anything runs: the checkpoint, the image (readable) and the question."""
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a VGR checkpoint folder (hub layout)")
     parser.add_argument("--image", type=Path,
@@ -95,27 +94,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "enlarged, and the answer")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens the answer may take")
     parser.add_argument("--no-budget", action="store_true", help="skip the visual-token table on real images")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, checked before anything runs: the checkpoint, the image (readable) and the question."""
+    cli = parser()
+    args = cli.parse_args(argv)
     if not (args.model / "config.json").exists():
-        parser.error(f"no checkpoint at {args.model} (no config.json): give --model, or train one with "
-                     "`python -m transformers_vgr.reference.train`")
+        cli.error(f"no checkpoint at {args.model} (no config.json): give --model, or train one with "
+                  "`python -m transformers_vgr.reference.train`")
     example_file = args.model / "example.json"
     args.example = json.loads(example_file.read_text()) if example_file.exists() else {}
     if args.image is None:
         args.image = args.model / "example.png"
         if not args.image.exists():
-            parser.error(f"{args.model} ships no example.png: give --image and --question")
+            cli.error(f"{args.model} ships no example.png: give --image and --question")
         args.question = args.question or args.example.get("question")
     else:
         args.example = {}  # the example's question and answer belong to its own image
     if not args.image.is_file():
-        parser.error(f"--image {args.image}: no such file")
+        cli.error(f"--image {args.image}: no such file")
     try:
         args.pil_image = to_rgb_image(args.image)
     except ValueError as error:
-        parser.error(f"--image {args.image}: {error}")
+        cli.error(f"--image {args.image}: {error}")
     if not args.question:
-        parser.error("give --question for this image")
+        cli.error("give --question for this image")
     return args
 
 

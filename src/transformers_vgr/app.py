@@ -7,8 +7,8 @@ Ask again about the same image to follow up: the conversation so far is the cont
     python -m transformers_vgr.app --model checkpoints/vgr-tiny        # then open http://127.0.0.1:7860
 
 Not shipped with checkpoints, and it needs no transformers-vgr: only gradio, torch and transformers (the model's code
-comes from its folder or repository, `trust_remote_code=True`), so `export --space` writes this file as a Space's
-app.py, with DEFAULT_MODEL set to the repo id.
+comes from its folder or repository, `trust_remote_code=True`), so `transformers_vgr.export` can write this file
+as a Space's app.py, with DEFAULT_MODEL set to the repo id.
 """
 
 import argparse
@@ -200,14 +200,22 @@ def load(model_id: str):
     return model, processor
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
-        "HelpFormatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written and every flag's default (transformers_vgr.cli's, repeated: a Space has no
+    transformers-vgr)."""
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a VGR checkpoint folder or hub repo id")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="tokens an answer may take")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     model, processor = load(args.model)
     demo, theme = build_demo(model, processor, example_files(args.model), args.max_new_tokens)
     demo.queue().launch(server_name=args.host, server_port=args.port, theme=theme)
