@@ -283,7 +283,14 @@ def test_export_command_line_needs_a_stated_license(exported, tmp_path, capsys):
     assert "license: llama2" in front and "  - vgr-sft" in front
     assert len(list((tmp_path / "cli").glob("model-*.safetensors"))) > 1
     assert {path.name for path in (tmp_path / "space").iterdir()} == {"app.py", "requirements.txt", "README.md"}
-    assert f"DEFAULT_MODEL = {REPO_ID!r}" in (tmp_path / "space" / "app.py").read_text()
+    assert f'DEFAULT_MODEL = "{REPO_ID}"' in (tmp_path / "space" / "app.py").read_text()
+    # the Space's app needs no transformers-vgr: it starts (here, up to its --help) where the package is missing
+    usage = run_isolated(f"""
+        import runpy
+        sys.argv = ["app.py", "--help"]
+        runpy.run_path({str(tmp_path / "space" / "app.py")!r}, run_name="__main__")
+    """, root / "hf_home", tmp_path)
+    assert f"(default: {REPO_ID})" in " ".join(usage.split())
     card = (export(checkpoint, tmp_path / "api", REPO_ID, **example) / "README.md").read_text()
     assert not any(line.startswith("license:") for line in card.split("---")[1].splitlines())
     assert "No license was stated" in card

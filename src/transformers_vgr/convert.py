@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
@@ -77,7 +78,7 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         if missing:
             raise ValueError(f"{folder}: weight files {missing} are missing")
         state = {}
-        for name in files:
+        for name in tqdm(files, desc="reading weights", unit="file", disable=len(files) == 1):
             state.update(read(folder / name))
         return state
     raise ValueError(

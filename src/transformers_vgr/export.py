@@ -281,11 +281,11 @@ def write_space(folder: Path, repo_id: str, license: str | None) -> Path:
     from . import app
 
     source = Path(app.__file__).read_text()
-    default = f"DEFAULT_MODEL = {app.DEFAULT_MODEL!r}"
-    if source.count(default) != 1:
-        raise ValueError(f"{app.__file__} must set {default} exactly once")
+    default = re.compile(r"^DEFAULT_MODEL = .*$", flags=re.MULTILINE)
+    if len(default.findall(source)) != 1:
+        raise ValueError(f"{app.__file__} must set DEFAULT_MODEL on one line, once")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.py").write_text(source.replace(default, f"DEFAULT_MODEL = {repo_id!r}"))
+    (folder / "app.py").write_text(default.sub(f"DEFAULT_MODEL = {json.dumps(repo_id)}", source))
     (folder / "requirements.txt").write_text("\n".join(app.SPACE_REQUIREMENTS) + "\n")
     front = ["---", f"title: {repo_id.split('/')[-1]}", "sdk: gradio", f"sdk_version: {app.GRADIO_VERSION}",
              "app_file: app.py", "models:", f"  - {repo_id}"] + ([f"license: {license}"] if license else []) + ["---"]
