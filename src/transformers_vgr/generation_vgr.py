@@ -126,29 +126,31 @@ class ReplayState:
         or None per row) and returns the rows VGR itself stops: those whose replay would overflow the context, and
         those with no room left for the token just appended."""
         self.plans, self.head_box_rows = [], []
-        stop = torch.zeros_like(done)
+        stop = [False] * input_ids.shape[0]
         column = input_ids.shape[1] - 1
-        for row, ids in enumerate(input_ids.tolist()):
+        # Plain Python over the last column: the full rows are read only at an <eot> (this runs every step).
+        last_tokens, done_rows, next_positions = input_ids[:, -1].tolist(), done.tolist(), self.next_position.tolist()
+        for row, token in enumerate(last_tokens):
             was_finished = self.finished[row]
-            if not was_finished and done[row]:
+            if not was_finished and done_rows[row]:
                 self.finish(row, reasons[row], column)
-            if was_finished or ids[-1] != self.eot_token_id:
+            if was_finished or token != self.eot_token_id:
                 self.plans.append(None)
             else:
-                step = len(ids) - 1 - self.prompt_length
+                step = column - self.prompt_length
                 if self.finished[row]:
                     record = ReplayRecord(step, None, None, 0, False, "generation ended at this <eot>")
                 else:
-                    record = self._decide(row, ids, step)
+                    record = self._decide(row, input_ids[row].tolist(), step)
                     self.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
                 self.records[row].append(record)
                 self.plans.append((record.num_tokens, record.box) if record.valid else None)
             if not self.finished[row] and self.finish_reasons[row] == CONTEXT_OVERFLOW:
                 self.finish(row, CONTEXT_OVERFLOW, column)
-            elif not self.finished[row] and int(self.next_position[row]) >= self.limits.max_positions:
+            elif not self.finished[row] and next_positions[row] >= self.limits.max_positions:
                 self.finish(row, FINISH_LENGTH, column)  # the token just appended has no position left
             stop[row] = self.finished[row] and not was_finished
-        return stop
+        return torch.tensor(stop, device=done.device)
 
     def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
@@ -165,27 +167,34 @@ class ReplayState:
         """Input ids, attention mask and position ids of this step's chunk `(batch, 1 + max K)`, and its boxes.
         Pads come first and are masked, so every row ends on the position whose logits pick its next token."""
         batch = last_tokens.shape[0]
-        width = 1 + max((plan[0] for plan in plans if plan is not None), default=0)
         device = last_tokens.device
-        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((batch, width), dtype=self.cache_mask.dtype, device=device)
-        boxes, text_slots = [], []
-        for row, plan in enumerate(plans):
-            length = 1 + (plan[0] if plan is not None else 0)
-            text_slots.append(self.cache_mask.shape[1] + width - length)
-            ids[row, -length] = last_tokens[row]
-            ids[row, width - length + 1 :] = self.image_token_id
-            mask[row, -length:] = 1
-            boxes.append([plan[1]] if plan is not None else [])
-        # Real positions count on from each row's next position; pads repeat the first one (they are masked).
-        offsets = (mask.cumsum(-1) - 1).clamp(min=0)
-        positions = self.next_position[:, None] + offsets
+        cache_length = self.cache_mask.shape[1]
+        if all(plan is None for plan in plans):  # no replay this step: one token per row, as in a plain decode
+            ids, positions = last_tokens[:, None], self.next_position[:, None]
+            mask = torch.ones((batch, 1), dtype=self.cache_mask.dtype, device=device)
+            self.text_slots.append(torch.full((batch, 1), cache_length, device=device))
+            boxes = [[] for _ in range(batch)]
+        else:
+            width = 1 + max(plan[0] for plan in plans if plan is not None)
+            ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
+            mask = torch.zeros((batch, width), dtype=self.cache_mask.dtype, device=device)
+            boxes, text_slots = [], []
+            for row, plan in enumerate(plans):
+                length = 1 + (plan[0] if plan is not None else 0)
+                text_slots.append(cache_length + width - length)
+                ids[row, -length] = last_tokens[row]
+                ids[row, width - length + 1 :] = self.image_token_id
+                mask[row, -length:] = 1
+                boxes.append([plan[1]] if plan is not None else [])
+            # Real positions count on from each row's next position; pads repeat the first one (they are masked).
+            offsets = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = self.next_position[:, None] + offsets
+            self.text_slots.append(torch.tensor(text_slots, device=device)[:, None])
         self.next_position = positions[:, -1] + 1
-        self.text_slots.append(torch.tensor(text_slots, device=device)[:, None])
         self.cache_mask = torch.cat([self.cache_mask, mask], dim=-1)
-        self.fed_eot_rows = (ids == self.eot_token_id).nonzero()[:, 0].tolist()  # the order of the head's boxes
+        # The order of the detection head's boxes, needed only when a record waits for one.
+        self.fed_eot_rows = (ids == self.eot_token_id).nonzero()[:, 0].tolist() if self.head_box_rows else []
         return ids, self.cache_mask, positions, boxes
-
 
     def cached_conversation(self, sequences: torch.Tensor) -> CachedConversation:
         """What the cache holds after this call, for a later `generate` to continue from. Every text token of
@@ -242,13 +251,15 @@ class ReplayStoppingCriteriaList(StoppingCriteriaList):
         self.state = state
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        hits = [criterion(input_ids, scores, **kwargs) for criterion in self]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        reasons = [None] * input_ids.shape[0]
-        for criterion in self:
-            hit = criterion(input_ids, scores, **kwargs)
-            for row in (hit & ~done).nonzero().flatten().tolist():
-                reasons[row] = _finish_reason(criterion)
+        for hit in hits:
             done = done | hit
+        reasons = [None] * input_ids.shape[0]
+        if done.any():  # the first criterion that finished a row says why
+            for criterion, hit in reversed(list(zip(self, hits))):
+                for row in hit.nonzero().flatten().tolist():
+                    reasons[row] = _finish_reason(criterion)
         return done | self.state.after_append(input_ids, done, reasons)
 
 
@@ -429,7 +440,7 @@ class VGRGenerationMixin(GenerationMixin):
             input_ids=chunk_ids,
             attention_mask=chunk_mask,
             position_ids=positions,
-            replay_boxes=boxes,
+            replay_boxes=boxes if any(boxes) else None,
             feature_memory=replay_state.feature_memory,
         )
         return model_inputs

@@ -478,7 +478,10 @@ class VGRModel(VGRPreTrainedModel):
             if (token_ids == self.config.image_token_id).any():
                 raise ValueError("input_ids has image placeholders but no pixel_values were given")
 
-        if feature_memory is not None:
+        # A decoding step without placeholders has nothing to fill: the memory is passed on as it is.
+        if feature_memory is not None and (
+            _is_prefill(cache) or replay_boxes is not None or (token_ids == self.config.image_token_id).any()
+        ):
             fill_mask, visual, row_images = self.visual_embeddings(
                 token_ids, prompt_tokens, feature_memory, replay_boxes, prefill=_is_prefill(cache)
             )
