@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """A browser demo of a VGR checkpoint (Gradio): upload an image or pick the example, ask, and watch the answer
 stream in, each box drawn on the image as the model writes and replays it, the replayed regions shown enlarged.
-Ask again about the same image to follow up: the conversation so far is the context.
+Ask again about the same image to follow up: the answer continues from the conversation's cache.
 
     python -m transformers_vgr.app --model checkpoints/vgr-tiny        # then open http://127.0.0.1:7860
 
@@ -44,6 +44,7 @@ class Conversation:
 
     image: object  # the upright RGB PIL image, as the processor reads it
     turns: list[Turn] = field(default_factory=list)
+    last_output: object = None  # the last answer's generate output: its sequences and cache continue the conversation
 
 
 def example_files(model_id: str) -> list[list[str]]:
@@ -70,11 +71,12 @@ def read_image(processor, path):
     return processor.draw_boxes(path)  # no boxes: the image exactly as the boxes will be drawn on it
 
 
-def conversation_messages(conversation: Conversation, question: str) -> list[dict]:
-    """The chat so far and the new question. Earlier answers keep their boxes and, after each box that was
-    replayed, a replay marker (`<eot><image>`), so the model sees the replayed regions it saw when answering."""
+def conversation_messages(conversation: Conversation, question: str | None) -> list[dict]:
+    """The chat so far and the new question (if any). Earlier answers keep their boxes and, after each box that was
+    replayed, a replay marker (`<eot><image>`): as a prompt, the conversation as the model saw it."""
     messages = []
-    for index, turn in enumerate([*conversation.turns, Turn(question, "", [])]):
+    new_turns = [] if question is None else [Turn(question, "", [])]
+    for index, turn in enumerate([*conversation.turns, *new_turns]):
         content = [{"type": "text", "text": turn.question}]
         messages.append({"role": "user", "content": ([{"type": "image"}] if index == 0 else []) + content})
         if turn.text:
@@ -85,12 +87,33 @@ def conversation_messages(conversation: Conversation, question: str) -> list[dic
     return messages
 
 
+def follow_up_inputs(processor, conversation: Conversation, question: str) -> dict:
+    """`generate` inputs for a follow-up: the earlier sequences and the new turn's tokens, with the last answer's
+    cache, which holds the earlier turns, their replays and the image's feature memory (nothing is fed again, the
+    vision tower does not run). The new turn's text is what the chat template adds for it."""
+    before = processor.apply_chat_template(conversation_messages(conversation, None))
+    after = processor.apply_chat_template(conversation_messages(conversation, question), add_generation_prompt=True)
+    if not after.startswith(before):
+        raise ValueError("the chat template does not render a follow-up as an extension of the conversation")
+    sequences = conversation.last_output.sequences  # (1, tokens so far)
+    eos = processor.tokenizer.eos_token_id
+    # The template closes each answer with </s>; an answer cut by max_new_tokens did not write it.
+    closing = [] if sequences[0, -1].item() == eos or not before.endswith(processor.tokenizer.eos_token) else [eos]
+    new_turn = closing + processor.tokenizer(after[len(before) :], add_special_tokens=False).input_ids
+    return {"input_ids": torch.cat([sequences, torch.tensor([new_turn])], dim=-1),
+            "cache": conversation.last_output.cache}
+
+
 def answer_stream(model, processor, conversation: Conversation, question: str, max_new_tokens: int = MAX_NEW_TOKENS):
     """Ask `question` about the conversation's image, first question or follow-up alike: yields the answer's text
-    as it grows (the last one is the whole answer), then appends the finished `Turn` to the conversation. The whole
-    conversation so far is the prompt."""
-    prompt = processor.apply_chat_template(conversation_messages(conversation, question), add_generation_prompt=True)
-    inputs = processor(images=conversation.image, text=prompt, return_tensors="pt")
+    as it grows (the last one is the whole answer), then appends the finished `Turn` to the conversation. A follow-up
+    continues from the last answer's cache (`follow_up_inputs`)."""
+    if conversation.last_output is None:
+        prompt = processor.apply_chat_template(conversation_messages(conversation, question),
+                                               add_generation_prompt=True)
+        inputs = processor(images=conversation.image, text=prompt, return_tensors="pt")
+    else:
+        inputs = follow_up_inputs(processor, conversation, question)
     # The processor decodes: its decode keeps the box text exactly as written.
     streamer = TextIteratorStreamer(processor, skip_prompt=True, skip_special_tokens=True)
     result = {}
@@ -117,6 +140,7 @@ def answer_stream(model, processor, conversation: Conversation, question: str, m
     text = processor.post_process_generation(output.sequences[:, inputs["input_ids"].shape[1]:])[0]["text"]
     yield text
     conversation.turns.append(Turn(question, text, [record.valid for record in output.replays[0]]))
+    conversation.last_output = output
 
 
 def replayed_boxes(processor, text: str, replayed: list[bool] | None = None) -> list:
