@@ -36,7 +36,7 @@ CHECKPOINT = ROOT / "checkpoints" / "vgr-tiny"
 REQUIRE_ALL = os.environ.get("VGR_REQUIRE_ALL") == "1"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1100"]
+                  "--window-size=1400,1300"]
 APP_LIFETIME = 150  # seconds: the app stops by itself after this, whatever happens to the test
 WAIT = 90  # seconds for any one thing to show in the browser (on a loaded machine)
 MAX_NEW_TOKENS = 64

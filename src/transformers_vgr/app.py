@@ -209,8 +209,8 @@ def build_demo(model, processor, examples: list[list[str]], max_new_tokens: int 
                 picture = gr.Image(label="Boxes (numbered in the order written)", type="pil", format="png",
                                    interactive=False, elem_id="vgr-picture")
                 answer = gr.Textbox(label="Conversation", lines=6, interactive=False, elem_id="vgr-answer")
-                regions = gr.Gallery(label="Replayed regions, enlarged", columns=4, height=REGION_SIZE + 60,
-                                     object_fit="contain", format="png", elem_id="vgr-regions")
+                regions = gr.Gallery(label="Replayed regions, enlarged", columns=3, fit_columns=False, preview=False,
+                                     height=REGION_SIZE, object_fit="contain", format="png", elem_id="vgr-regions")
         upload.change(show_upload, [upload], [picture, answer, regions, conversation])
         outputs = [picture, answer, regions, conversation]
         ask_button.click(ask, [upload, question, conversation], outputs)
