@@ -186,16 +186,15 @@ def test_load_by_repo_id_from_an_offline_cache(exported):
     assert output.split() == ["VGRForConditionalGeneration", "VGRProcessor", "vgr"]
 
 
-def test_model_card_snippets_run(exported, tmp_path):
-    """The card's snippets, verbatim, in a fresh process with an empty working folder: the example is fetched
-    from the (offline) cache."""
-    folder, hf_home, _ = exported
+def test_model_card_names_its_example(exported):
+    """An exported card's snippets load by repo id and fetch the shipped example with hf_hub_download, asking the
+    question they were given (they run verbatim in the VGR-Tiny test below)."""
+    folder, _, _ = exported
     snippets = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), flags=re.DOTALL)
     assert len(snippets) == 2
     for snippet in snippets:
-        assert REPO_ID in snippet and 'hf_hub_download(repo_id, "example.png")' in snippet
-        run_isolated(snippet, hf_home, tmp_path)
-    assert (tmp_path / "vgr_answer.png").exists()
+        assert f'repo_id = "{REPO_ID}"' in snippet and 'hf_hub_download(repo_id, "example.png")' in snippet
+        assert repr("What is in the image?") in snippet
     assert json.loads((folder / "example.json").read_text()) == {"question": "What is in the image?"}
 
 
