@@ -38,7 +38,7 @@ $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 # The browser test's chromium and its driver (Debian's), installed when missing and apt can (as root); without them
 # the test is skipped, or fails under CI (VGR_REQUIRE_ALL=1).
 browser:
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			chromium chromium-driver; } || echo "chromium / chromium-driver not installed: the browser test needs them"
 
