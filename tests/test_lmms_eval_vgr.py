@@ -19,6 +19,7 @@ from transformers_vgr.costs import answer_cost, cost_columns
 from transformers_vgr.lmms_eval.metrics import anls, answer_of, exact_match, relaxed_accuracy
 from transformers_vgr.lmms_eval.tasks.charts import CHARTS, write_chart_task
 from transformers_vgr.lmms_eval.tasks.vgr_tiny import write_vgr_tiny_task
+from transformers_vgr.processing_vgr import REASONING_PROMPT
 from transformers_vgr.reference.evaluate import answer_all, score
 from transformers_vgr.reference.synthetic import make_split
 from transformers_vgr.training.data import read_records
@@ -33,7 +34,7 @@ MAX_NEW_TOKENS = 48  # reference.evaluate's
 
 
 def run_lmms_eval(task_folder: Path, task: str, output: Path, model_args: str, plugins: bool) -> tuple:
-    """`python -m lmms_eval` on a local task; returns its results JSON, its sample log, the backend's sample log and
+    """`python -m lmms_eval` on a local task. Returns its results JSON, its sample log, the backend's sample log and
     the backend's cost columns."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(output / "datasets-cache"), "HF_HOME": str(output / "hf-home")}
@@ -44,13 +45,14 @@ def run_lmms_eval(task_folder: Path, task: str, output: Path, model_args: str, p
                "--model_args", f"pretrained={CHECKPOINT},log_dir={output / 'vgr'},{model_args}".rstrip(","),
                "--include_path", str(task_folder), "--tasks", task, "--batch_size", str(BATCH_SIZE),
                "--output_path", str(output), "--log_samples"]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     results = sorted(output.glob("*/*_results.json"))
-    assert completed.returncode == 0 and results, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert completed.returncode == 0 and results, (completed.stdout + completed.stderr)[-5000:]
     samples = sorted(output.glob(f"*/*_samples_{task}.jsonl"))
     lmms_samples = [json.loads(line) for line in samples[0].read_text().splitlines()]
-    vgr_samples = [json.loads(line) for line in (output / "vgr" / f"vgr_samples_{task}.jsonl").read_text().splitlines()]
-    vgr_costs = json.loads((output / "vgr" / "vgr_costs.json").read_text())
+    vgr_log = output / "vgr"
+    vgr_samples = [json.loads(line) for line in (vgr_log / f"vgr_samples_{task}.jsonl").read_text().splitlines()]
+    vgr_costs = json.loads((vgr_log / "vgr_costs.json").read_text())
     return json.loads(results[0].read_text()), lmms_samples, vgr_samples, vgr_costs
 
 
@@ -58,8 +60,17 @@ def run_lmms_eval(task_folder: Path, task: str, output: Path, model_args: str, p
 def synthetic_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms-eval-synthetic")
     write_vgr_tiny_task(root / "task", HELD_OUT_RECORDS)
-    # The issue's command: the legacy plugin variable (the entry point registers the same class).
+    # The issue's command, with the legacy plugin variable (the entry point registers the same class).
     return run_lmms_eval(root / "task", "vgr_tiny_synthetic", root / "output", "", plugins=True)
+
+
+@pytest.fixture(scope="module")
+def chart_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmms-eval-charts")
+    write_chart_task(root / "task")
+    # The entry point alone; the authors' prompt, so an answer comes after "Final answer:" if at all.
+    return run_lmms_eval(root / "task", "vgr_charts", root / "output", "reasoning_prompt=true,max_new_tokens=40",
+                         plugins=False)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +100,7 @@ def test_synthetic_task_scores_what_reference_evaluate_scores(synthetic_run, ref
         assert logged["text"] == expected["text"]
         assert sample["filtered_resps"] == logged["answer"] == answer_of(expected["text"])
         assert sample["target"] == expected["record"]["answer"]
+        assert logged["prompt"] == f"USER: <image>\n{sample['input']} ASSISTANT:"  # VGR-Tiny's template, no system
         assert sample["exact_match"] == float(answer_of(expected["text"]) == expected["record"]["answer"])
         assert sample["token_counts"][0]["input_tokens"] == logged["prompt_tokens"]
 
@@ -114,15 +126,6 @@ def test_synthetic_logs_carry_the_replay_records(synthetic_run, reference_answer
     assert vgr_costs["all"]["replays_per_answer"] == pytest.approx(reference_score["replays_per_answer"])
 
 
-@pytest.fixture(scope="module")
-def chart_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lmms-eval-charts")
-    write_chart_task(root / "task")
-    # Registered by the entry point alone; the authors' prompt, so answers come after "Final answer:" if at all.
-    return run_lmms_eval(root / "task", "vgr_charts", root / "output", "reasoning_prompt=true,max_new_tokens=40",
-                         plugins=False)
-
-
 def test_rendered_charts_run_through_the_real_image_pipeline(chart_run):
     from lmms_eval.tasks.chartqa.utils import relaxed_correctness
 
@@ -131,13 +134,15 @@ def test_rendered_charts_run_through_the_real_image_pipeline(chart_run):
     assert len(lmms_samples) == len(vgr_samples) == len(CHARTS)
     by_doc = {sample["doc_id"]: sample for sample in vgr_samples}
     for sample in lmms_samples:
-        doc, logged = sample["doc"], by_doc[sample["doc_id"]]
+        logged = by_doc[sample["doc_id"]]
+        _, width, height = CHARTS[sample["doc_id"]]
         # the chart reached the model at its rendered size (wide and tall ones included)
-        assert logged["cost"]["prompt_visual_tokens"] == geometry.prompt_tokens((doc["height"], doc["width"])).total
+        assert logged["cost"]["prompt_visual_tokens"] == geometry.prompt_tokens((height, width)).total
         assert logged["cost"]["generated_tokens"] > 0 and logged["text"]
+        assert REASONING_PROMPT.format(question=sample["input"]) in logged["prompt"]
         assert sample["filtered_resps"] == logged["answer"] == answer_of(logged["text"])
         # scored with ChartQA's rule, as lmms-eval's ChartQA task scores it
-        assert sample["relaxed_accuracy"] == float(relaxed_correctness(logged["answer"], doc["answer"]))
+        assert sample["relaxed_accuracy"] == float(relaxed_correctness(logged["answer"], sample["target"]))
     accuracy = results["results"]["vgr_charts"]["relaxed_accuracy,none"]
     assert accuracy == pytest.approx(sum(sample["relaxed_accuracy"] for sample in lmms_samples) / len(CHARTS))
     print(f"\nVGR-Tiny on {len(CHARTS)} rendered charts: relaxed accuracy {accuracy:.3f}; answers "

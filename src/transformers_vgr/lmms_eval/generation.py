@@ -20,6 +20,7 @@ from ..image_processing_vgr import to_rgb_image
 class Generation:
     """One answer as generated, before the backend extracts what the task scores."""
 
+    prompt: str  # the chat template's text, before the image placeholders are expanded
     text: str  # decoded with the boxes kept: "... <sot>[0.28, 0.53, 0.47, 0.72]<eot> ... Final answer: 7"
     replays: list  # a ReplayRecord for each <eot>
     image_sizes: list[tuple[int, int]]  # (height, width) of each image of the prompt
@@ -79,6 +80,7 @@ class TransformersReplayGenerator:
             row_sizes = sizes[next_image : next_image + len(images[row])]
             next_image += len(images[row])
             results.append(Generation(
+                prompt=prompts[row],
                 text=_cut_at_stop(text, options.stop),
                 replays=output.replays[row],
                 image_sizes=row_sizes,

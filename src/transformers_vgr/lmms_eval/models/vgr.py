@@ -12,8 +12,8 @@ with the replay loop. Model args:
 - `max_new_tokens`: overrides the task's;
 - `backend` (default "transformers"): the engine, a key of `GENERATORS`;
 - `device`, `dtype` (default "cpu", "float32");
-- `log_dir`: where to write, per task, `vgr_samples_{task}.jsonl` (per sample: the generated text with its boxes,
-  the replay records, the answer scored and the costs) and `vgr_costs.json` (the cost columns per task and overall).
+- `log_dir`: where to write, per task, `vgr_samples_{task}.jsonl` (per sample: the prompt, the generated text with
+  its boxes, the replay records, the answer scored and the costs) and `vgr_costs.json` (the cost columns per task and overall).
 
 The task scores the text after the last "Final answer:" (the whole text if there is none). The run's results JSON
 gets the cost columns of all answers under "throughput" (`avg_prompt_visual_tokens`, `avg_replays_per_answer`, ...).
@@ -80,7 +80,8 @@ class VGR(lmms):
                                    generation.generated_tokens, generation.seconds)
                 costs[task].append(cost)
                 samples[task].append({
-                    "task": task, "split": split, "doc_id": doc_id, "answer": answer, "text": generation.text,
+                    "task": task, "split": split, "doc_id": doc_id, "prompt": generation.prompt,
+                    "answer": answer, "text": generation.text,
                     "boxes": parse_boxes(generation.text), "replays": [asdict(record) for record in generation.replays],
                     "prompt_tokens": generation.prompt_tokens, "cost": asdict(cost),
                 })
