@@ -69,17 +69,12 @@ def answer_all(model, processor, records, root: Path, batch_size: int, max_new_t
     return results
 
 
-def is_correct(result) -> bool:
-    """An answer is right when the text after its last "Final answer:" is the record's answer, exactly."""
-    return extract_final_answer(result["text"]) == result["record"]["answer"]
-
-
 def score(results, geometry) -> dict:
     n = len(results)
     correct = text_iou = head_iou = 0.0
     for result in results:
         truth = result["record"]["box"]
-        correct += is_correct(result)
+        correct += extract_final_answer(result["text"]) == result["record"]["answer"]
         boxes = parse_boxes(result["text"])
         text_iou += box_iou(boxes[0], truth) if boxes else 0.0
         head = next((r.head_box for r in result["replays"] if r.head_box is not None), None)

@@ -29,6 +29,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
+from tqdm import tqdm
 
 from ...box_text_vgr import parse_boxes
 from ...costs import answer_cost, cost_columns
@@ -69,6 +70,7 @@ class VGR(lmms):
         results = [None] * len(requests)
         samples = defaultdict(list)  # task -> logged samples
         costs = defaultdict(list)  # task -> AnswerCost
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="VGR answering")
         for indices in self._batches(requests):
             batch = [requests[index].args for index in indices]
             conversations, images = zip(*(self._conversation(args) for args in batch))
@@ -87,6 +89,8 @@ class VGR(lmms):
                 })
                 results[index] = GenerationResult(answer, TokenCounts(input_tokens=generation.prompt_tokens,
                                                                       output_tokens=generation.generated_tokens))
+            progress.update(len(indices))
+        progress.close()
         self._report(samples, costs)
         return results
 
