@@ -27,8 +27,9 @@ EVAL_STAMP := $(VENV)/.installed-eval
 eval-deps: $(EVAL_STAMP)
 
 $(EVAL_STAMP): $(STAMP)
-	$(PIP) install -q --no-deps $(LMMS_EVAL)
 	$(PIP) install -q -e ".[test,eval]"
+	# lmms-eval itself without its declared dependencies (see above)
+	$(PIP) install -q --no-deps $(LMMS_EVAL)
 	touch $(EVAL_STAMP)
 
 # The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
