@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TOKENIZER := assets/llama2-tokenizer.json
 WORDLLAMA := wordllama==0.4.0.post1
 
-.PHONY: install assets browser test demo app clean
+.PHONY: install eval-deps assets browser test demo app clean
 
 install: $(STAMP)
 
@@ -18,6 +18,19 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test,app]"
 	touch $(STAMP)
+
+# lmms-eval for the evaluation backend (transformers_vgr.lmms_eval) and its tests: --no-deps, as its declared
+# dependencies include torchvision (whose PyPI build replaces CPU torch); what it needs here is setup.cfg's `eval` extra.
+LMMS_EVAL := lmms-eval==0.7.3
+EVAL_STAMP := $(VENV)/.installed-eval
+
+eval-deps: $(EVAL_STAMP)
+
+$(EVAL_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test,eval]"
+	# lmms-eval itself without its declared dependencies (see above)
+	$(PIP) install -q --no-deps $(LMMS_EVAL)
+	touch $(EVAL_STAMP)
 
 # The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
 CHECKPOINT := checkpoints/vgr-tiny
@@ -42,7 +55,7 @@ browser:
 		{ [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			chromium chromium-driver; } || echo "chromium / chromium-driver not installed: the browser test needs them"
 
-test: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json browser
+test: $(STAMP) $(EVAL_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json browser
 	$(PY) -m pytest -q
 
 demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json

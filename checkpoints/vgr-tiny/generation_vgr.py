@@ -28,6 +28,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationMixin
 from transformers.generation import (
     LogitsProcessor,
@@ -38,6 +39,7 @@ from transformers.generation import (
     StoppingCriteriaList,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.modeling_outputs import ModelOutput
 
 from .box_text_vgr import box_token_table
 from .replay_vgr import CONTEXT_OVERFLOW, ReplayLimits, ReplayRecord, plan_replay, read_box
@@ -367,10 +369,10 @@ class VGRGenerationMixin(GenerationMixin):
             raise ValueError("VGR's replay loop does not support beam search: use greedy decoding or sampling")
         if config.use_cache is False:
             raise ValueError("VGR replays through the KV cache: use_cache=False is not supported")
-        if config.cache_implementation not in (None, "dynamic"):
+        if config.cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(
-                f"cache_implementation={config.cache_implementation!r} is not supported: replays add positions "
-                "that a fixed-size cache has no room for; use the default dynamic cache"
+                f"cache_implementation={config.cache_implementation!r} is not supported: use the default dynamic "
+                "cache, or 'static' (sized for the prompt, max_new_tokens and the replay budget)"
             )
         if getattr(config, "prefill_chunk_size", None) is not None:
             raise ValueError("prefill_chunk_size is not supported by VGR's replay loop")
@@ -489,6 +491,53 @@ class VGRGenerationMixin(GenerationMixin):
                 model_kwargs[name] = value
         return input_ids, model_kwargs
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        # A static cache also needs room for the replays: every chunk is as wide as the step's widest replay, so a
+        # batch adds at most `max_replay_tokens` positions per row (lower it to shrink the cache).
+        replay_budget = batch_size * (generation_config.num_return_sequences or 1) * self.config.max_replay_tokens
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length + replay_budget
+        )
+
+    def get_compiled_call(self, compile_config):
+        """The decoding step `generate` compiles (with a static cache and a `compile_config`): a step that feeds one
+        text token per row runs the language model and LM head compiled; the prefill, replay chunks and `<eot>` steps
+        (whose detection-head box is recorded) run eagerly."""
+        compiled_text_step = self._compiled_text_step(compile_config)
+
+        def decoding_step(**inputs):
+            input_ids = inputs.get("input_ids")
+            if (
+                input_ids is None
+                or input_ids.shape[1] != 1
+                or inputs.get("replay_boxes") is not None
+                or set(inputs) - _TEXT_STEP_INPUTS
+                or bool((input_ids == self.config.eot_token_id).any())
+            ):
+                return self(**inputs)
+            cache, attention_mask = inputs["cache"], inputs["attention_mask"]
+            if cache.is_compileable:  # a static cache: the mask covers all of it, so its shape never changes
+                attention_mask = F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[1]))
+            logits, cache = compiled_text_step(inputs["input_ids"], attention_mask, inputs["position_ids"], cache)
+            return VGRTextStepOutput(logits=logits, cache=cache, feature_memory=inputs.get("feature_memory"))
+
+        return decoding_step
+
+    def _compiled_text_step(self, compile_config):
+        compile_config = compile_config or self._default_compile_config()
+        if getattr(self, "_compiled_text_step_config", None) != compile_config:
+            self._compiled_text_step_config = compile_config
+            self._compiled_text_step_fn = torch.compile(self.text_step, **compile_config.to_dict())
+        return self._compiled_text_step_fn
+
+    def text_step(self, input_ids, attention_mask, position_ids, cache):
+        """One token per row through the language model and the LM head, nothing else: logits `(batch, 1, vocab)`."""
+        outputs = self.model.language_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
+        )
+        return self.lm_head(outputs.last_hidden_state), outputs.cache
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
@@ -505,6 +554,21 @@ class VGRGenerationMixin(GenerationMixin):
                     state.records[row][-1].head_box = tuple(head_box)
             state.head_box_rows = []
         return model_kwargs
+
+
+# What a plain text decoding step receives; anything else (hidden states, attentions, ...) runs eagerly.
+_TEXT_STEP_INPUTS = {"input_ids", "attention_mask", "position_ids", "cache", "use_cache", "feature_memory",
+                     "replay_boxes", "return_dict", "logits_to_keep"}
+
+
+@dataclass
+class VGRTextStepOutput(ModelOutput):
+    """The output of a compiled text step, with the fields `generate` reads from the model's."""
+
+    logits: torch.FloatTensor | None = None
+    cache: object = None
+    feature_memory: object = None
+    eot_boxes: torch.FloatTensor | None = None
 
 
 def _pad_token_id(config, generation_config) -> int:

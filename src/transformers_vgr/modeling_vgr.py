@@ -515,6 +515,8 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # The head is tied to the embeddings, which the language model's plan shards: gather its output, as LLaVA-NeXT does.
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # PreTrainedModel comes first in the MRO and has its own; generate compiles VGR's decoding step instead.
+    get_compiled_call = VGRGenerationMixin.get_compiled_call
 
     def __init__(self, config: VGRConfig):
         super().__init__(config)
