@@ -373,7 +373,7 @@ class TestGenerateOptions:
             (dict(num_beams=2), "beam search"),
             (dict(num_return_sequences=2, do_sample=False), "num_return_sequences"),  # transformers' own refusal
             (dict(use_cache=False), "use_cache=False"),
-            (dict(cache_implementation="static"), "cache_implementation"),
+            (dict(cache_implementation="offloaded_static"), "cache_implementation"),
         ],
     )
     def test_unsupported_modes_raise(self, setup, images, kwargs, message):
