@@ -134,8 +134,9 @@ def generate_once(model, processor, setup: Setup, device: torch.device, memory: 
 # ---------------------------------------------------------------------------------------------------------- vLLM
 
 
-def vllm_throughput(args, vgr, processor, setup: Setup) -> dict:
-    """vLLM's throughput on VGR's weights, when the serving plugin is importable and the device is CUDA."""
+def vllm_throughput(args, held: dict, processor, setup: Setup) -> dict:
+    """vLLM's throughput on VGR's weights (`held["vgr"]`, let go once exported so that the engine gets the GPU), when
+    the serving plugin is importable and the device is CUDA."""
     try:
         from transformers_vgr import vllm as vgr_vllm
     except ImportError as error:
@@ -148,8 +149,11 @@ def vllm_throughput(args, vgr, processor, setup: Setup) -> dict:
         import vllm
 
         folder = Path(tempfile.mkdtemp(prefix="vgr-bench-gpu-"))
-        vgr.save_pretrained(folder)
+        held.pop("vgr").save_pretrained(folder)
         processor.save_pretrained(folder)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         llm = vgr_vllm.VGRLLM(str(folder), dtype=args.dtype.replace("bf16", "bfloat16").replace("fp", "float"))
         question = setup.text.split("USER: ", 1)[-1].replace("<image>\n", "").removesuffix(" ASSISTANT:")
         message = [{"role": "user", "content": [{"type": "image", "image": setup.image},
@@ -215,9 +219,10 @@ def run(args) -> dict:
     attention = {"vision": vgr.config.vision_config._attn_implementation,
                  "text": vgr.config.text_config._attn_implementation}
     parameters_b = num_parameters(vgr) / 1e9
-    del llava, models
+    held = {"vgr": vgr}
+    del vgr, llava, models
     gc.collect()
-    vllm_result = vllm_throughput(args, vgr, processor, setup)
+    vllm_result = vllm_throughput(args, held, processor, setup)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "device": device_name,

@@ -312,6 +312,18 @@ def predicted_ratios(vision: dict, text: dict, info: dict) -> dict:
     return {"vgr": vgr, "llava_next": llava, "ratios": ratios}
 
 
+def time_model(chart: dict, rate: dict) -> dict:
+    """Seconds of a whole request at 32 layers, predicted from its FLOPs at the measured fp32 matmul rate, except the
+    one-token steps, which take their bytes at the measured one-token-matmul bandwidth."""
+    seconds = {}
+    for method in METHODS:
+        p, steps = chart["predicted"][method], len(chart["info"][method]["decode_contexts"])
+        compute = p["total"] - steps * p["decode_per_token"]
+        seconds[method] = compute / (rate["gemm_gflops"] * 1e9) + steps * p["decode_bytes_per_token"] / (
+            rate["gemv_gbytes_per_s"] * 1e9)
+    return {"seconds": seconds, "ratio": seconds["vgr"] / seconds["llava_next"]}
+
+
 # ------------------------------------------------------------------------------------------- fp32 against bf16
 
 
@@ -399,6 +411,7 @@ def run(args) -> dict:
         real[name] = result
 
     rates = matmul_rates(chart["info"]["vgr"]["prompt_tokens"], rounds=3)
+    chart["time_model"] = time_model(chart, rates["fp32"])
     for clock in clocks.values():
         for hook in clock.hooks:
             hook.remove()
@@ -474,6 +487,13 @@ def markdown(result) -> str:
     lines.append(f"| VGR's 2 replay steps s, at 32 ({replayed} tokens) | "
                  f"{at32['vgr'].get('replay_steps', 0):.2f} | - | | | |")
     row("**end to end s, 64 tokens, 2 replays, at 32**", "total")
+    model = chart.get("time_model")
+    if model:
+        lines.append(
+            f"| ... FLOPs at the measured matmul rate, decode bytes at the measured bandwidth, predict | "
+            f"{model['seconds']['vgr']:.1f} | {model['seconds']['llava_next']:.1f} | | {model['ratio']:.2f} | "
+            f"{_flag(ratio['total'], model['ratio'], tolerance)} |"
+        )
     kv_vgr, kv_llava = vgr_info["kv_bytes"] * scale, llava_info["kv_bytes"] * scale
     kv_predicted = chart["predicted"]["vgr"]["kv_bytes_fp32"] / chart["predicted"]["llava_next"]["kv_bytes_fp32"]
     lines.append(
@@ -503,7 +523,9 @@ def markdown(result) -> str:
         f"{meas['llava_next']['total']:.2f} s. Vision part's kernel CPU time VGR "
         f"{meas['vgr']['vision_kernel_cpu']:.2f} s "
         f"/ LLaVA-NeXT {meas['llava_next']['vision_kernel_cpu']:.2f} s, page faults "
-        f"{meas['vgr']['vision_minor_faults'] / 1e3:.0f} k / {meas['llava_next']['vision_minor_faults'] / 1e3:.0f} k.",
+        f"{meas['vgr']['vision_minor_faults'] / 1e3:.0f} k / {meas['llava_next']['vision_minor_faults'] / 1e3:.0f} k; "
+        f"vision per crop {meas['vgr']['vision'] / vgr_info['crops']:.2f} s / "
+        f"{meas['llava_next']['vision'] / llava_info['crops']:.2f} s.",
     ]
     if result["real_images"]:
         lines += [
