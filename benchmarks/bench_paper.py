@@ -24,13 +24,17 @@ What each figure is (hooks and streamer timestamps inside one `generate`, the pr
 - decode ms/token: the steps that feed one token, mean (VGR's replay steps, which feed `<eot>` and K replayed
   tokens, are reported apart);
 - end to end: from the PIL image to the 64th token.
+
 VGR and LLaVA-NeXT are interleaved round by round; times are medians of the rounds, ratios medians of the per-round
 ratios. Beside each measured ratio stands the ratio the FLOP count predicts (`flops_*` below: matmul FLOPs from the
-shapes, 2 per multiply-add, attention scores and values included), and for decode the ratio the bytes read per step
-predict (weights + KV cache), since one-token steps on a CPU wait on memory, not arithmetic.
+shapes, 2 per multiply-add, attention scores and values included; tests/test_bench_paper_flops.py checks them against
+torch's FLOP counter), and for decode the ratio the bytes read per step predict (weights + KV cache), since one-token
+steps on a CPU wait on memory, not arithmetic. A time model adds both: the FLOPs at the fp32 matmul rate measured in
+the same run, the one-token steps' bytes at the measured weight-streaming bandwidth.
 
-fp32 against bf16: the same matmuls as a decoder layer's MLP (prompt-sized and one-token), both dtypes interleaved,
-say what bf16 would change on this CPU.
+Two diagnostics for the gaps: one CLIP-L layer over VGR's 21 crops in one batch against the same crops in batches of
+5 (page faults and kernel CPU time included), and the same matmuls as a decoder layer's MLP (prompt-sized and
+one-token) in fp32 and bf16, interleaved, which also says what bf16 would change on this CPU.
 """
 
 import argparse
@@ -324,6 +328,42 @@ def time_model(chart: dict, rate: dict) -> dict:
     return {"seconds": seconds, "ratio": seconds["vgr"] / seconds["llava_next"]}
 
 
+# ---------------------------------------------------------------------------------- vision tower: batch size
+
+
+def vision_batch_effect(vgr, crops: int, chunk: int, rounds: int) -> dict:
+    """One CLIP-L layer over `crops` crops' hidden states in one batch (as VGR's single vision-tower call runs them)
+    against the same crops in batches of `chunk` (LLaVA-NeXT's crop count), interleaved: milliseconds per crop, kernel
+    CPU time and page faults. Says how much of VGR's vision time comes from the batch size rather than the crops."""
+    layer = vgr.model.vision_tower.encoder.layers[0]
+    config = vgr.config.vision_config
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    states = torch.randn(crops, tokens, config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def runner(batch):
+        def fn():
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            start = time.perf_counter()
+            for first in range(0, crops, batch):
+                layer(states[first:first + batch], None)
+            seconds = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            return {"seconds": seconds, "kernel_cpu": after.ru_stime - usage.ru_stime,
+                    "minor_faults": float(after.ru_minflt - usage.ru_minflt)}
+        return fn
+
+    names = {f"batch {crops}": crops, f"batches of {chunk}": chunk}
+    with torch.inference_mode():
+        samples = interleaved({name: runner(batch) for name, batch in names.items()}, repeats=rounds, warmup=1)
+    one, chunked = names
+    out = {name: {"ms_per_crop": 1000 * medians(samples[name])["seconds"] / crops,
+                  "kernel_cpu_s": medians(samples[name])["kernel_cpu"],
+                  "minor_faults": medians(samples[name])["minor_faults"]} for name in names}
+    out["one_batch_over_chunks"] = paired_ratios(samples[one]["seconds"], samples[chunked]["seconds"])
+    out["crops"], out["chunk"] = crops, chunk
+    return out
+
+
 # ------------------------------------------------------------------------------------------- fp32 against bf16
 
 
@@ -412,6 +452,8 @@ def run(args) -> dict:
 
     rates = matmul_rates(chart["info"]["vgr"]["prompt_tokens"], rounds=3)
     chart["time_model"] = time_model(chart, rates["fp32"])
+    batch_effect = vision_batch_effect(vgr, chart["info"]["vgr"]["crops"], chart["info"]["llava_next"]["crops"],
+                                       rounds=3)
     for clock in clocks.values():
         for hook in clock.hooks:
             hook.remove()
@@ -427,6 +469,7 @@ def run(args) -> dict:
         "chart": chart,
         "real_images": real,
         "matmul": rates,
+        "vision_batch_effect": batch_effect,
         "tolerance": PREDICTION_TOLERANCE,
         "shape": args.shape,
     }
@@ -548,6 +591,16 @@ def markdown(result) -> str:
             )
         rounds = next(iter(result["real_images"].values()))["rounds"]
         lines += ["", f"({rounds} interleaved round(s) per image.)"]
+    b = result["vision_batch_effect"]
+    one, chunked = f"batch {b['crops']}", f"batches of {b['chunk']}"
+    lines += [
+        "",
+        f"Vision tower, batch size alone: one CLIP-L layer over {b['crops']} crops in one batch (VGR's single call) "
+        f"{b[one]['ms_per_crop']:.0f} ms per crop ({b[one]['kernel_cpu_s']:.2f} s kernel CPU, "
+        f"{b[one]['minor_faults'] / 1e3:.0f} k page faults), in {chunked} (LLaVA-NeXT's crop count) "
+        f"{b[chunked]['ms_per_crop']:.0f} ms per crop ({b[chunked]['kernel_cpu_s']:.2f} s, "
+        f"{b[chunked]['minor_faults'] / 1e3:.0f} k): one batch / chunks **{b['one_batch_over_chunks']:.2f}**.",
+    ]
     m = result["matmul"]
     lines += [
         "",
@@ -588,8 +641,7 @@ def main(argv=None) -> None:
         "",
         f"Machine: {report.machine_line(results)}. `make bench-paper` took {result['seconds'] / 60:.1f} min.",
         "",
-        report.paragraph(" ".join(__doc__.split("\n\n")[1].split())),
-        "",
+        *[report.paragraph(text) + "\n" for text in __doc__.strip().split("\n\n")[2:]],
         markdown(result),
         "",
     ])
