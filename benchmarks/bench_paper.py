@@ -75,7 +75,7 @@ from common import (
 
 
 FULL_LAYERS = 32  # LLaMA-2-7B / Vicuna-7B
-REAL_IMAGES = ("astronaut_512x512", "text_448x172", "retina_2000x2000")
+REAL_IMAGES = ("astronaut_512x512", "text_448x172", "hubble_1000x872")
 REAL_QUESTION = "What does the image show?"
 METHODS = ("vgr", "llava_next")
 PREDICTION_TOLERANCE = 0.10  # measured and predicted ratios further apart than this are flagged in the table
