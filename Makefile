@@ -49,7 +49,7 @@ clean:
 bench: $(STAMP) $(TOKENIZER)
 	$(PY) benchmarks/run.py
 
-# The paper's shape on CPU (CLIP-L/14-336 + LLaMA-7B layers, 2 of 32 decoder layers run and scaled; 10 to 15 min):
+# The paper's shape on CPU (CLIP-L/14-336 + LLaMA-7B layers, 2 of 32 decoder layers run and scaled; 16.6 CPU-min):
 # paper.json and paper.md in benchmarks/results/. Not part of `make bench`.
 .PHONY: bench-paper
 bench-paper: $(STAMP) $(TOKENIZER)

@@ -1,6 +1,7 @@
 """7. The paper's shape: VGR against LLaVA-NeXT with the CLIP-ViT-L/14-336 tower and LLaMA-7B decoder layers, on CPU.
 
-`make bench-paper` (its own target: 10 to 15 minutes on 2 cores) writes benchmarks/results/paper.json and paper.md.
+`make bench-paper` (its own target; 23 min on 2 cores shared with other runs, 16.6 CPU-minutes) writes
+benchmarks/results/paper.json and paper.md.
 
 The vision tower has the real CLIP-ViT-L/14-336 shape (24 layers, 1024 wide, 16 heads, 336 px, patch 14), the
 projector LLaVA's (1024 -> 4096 -> 4096), the language model LLaMA-2-7B / Vicuna-7B decoder layers (hidden 4096, MLP
