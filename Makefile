@@ -72,3 +72,14 @@ clean:
 .PHONY: bench
 bench: $(STAMP) $(TOKENIZER)
 	$(PY) benchmarks/run.py
+
+# The paper's shape on CPU (CLIP-L/14-336 + LLaMA-7B layers, 2 of 32 decoder layers run and scaled; 16.6 CPU-min):
+# paper.json and paper.md in benchmarks/results/. Not part of `make bench`.
+.PHONY: bench-paper
+bench-paper: $(STAMP) $(TOKENIZER)
+	$(PY) benchmarks/bench_paper.py
+
+# One CUDA GPU, VGR-7B in bf16 (all 32 layers; under 5 min): gpu.json and gpu.md in benchmarks/results/.
+.PHONY: bench-gpu
+bench-gpu: $(STAMP) $(TOKENIZER)
+	$(PY) benchmarks/bench_gpu.py

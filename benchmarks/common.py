@@ -7,6 +7,7 @@ Nothing here asserts anything about time: benchmarks measure and report, the tes
 import gc
 import io
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+import transformers
 from transformers import (
     LlamaForCausalLM,
     LlavaNextConfig,
@@ -66,6 +68,35 @@ CONFIGS = {"mid": (MID_VISION, MID_TEXT), "small": (SMALL_VISION, SMALL_TEXT)}
 def setup_torch() -> None:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
+
+
+def machine() -> dict:
+    """The CPU, cores, memory and library versions of this run."""
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or "unknown"
+    memory_gb = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                memory_gb = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": THREADS,
+        "memory_gb": memory_gb,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def llama2_tokenizer() -> PreTrainedTokenizerFast:
@@ -183,8 +214,9 @@ def shared_llama(vgr: VGRForConditionalGeneration) -> LlamaForCausalLM:
 
 
 def shared_llava_next(vgr: VGRForConditionalGeneration) -> LlavaNextForConditionalGeneration:
-    """`LlavaNextForConditionalGeneration` on VGR's vision tower, projector, decoder and LM head (same tensors); its
-    own `image_newline` is the only extra weight. LLaVA-NeXT's pinpoints, no pooling: stock LLaVA-NeXT."""
+    """`LlavaNextForConditionalGeneration` on VGR's vision tower, projector, decoder and LM head (same tensors, on
+    VGR's device and dtype); its own `image_newline` is the only extra weight. LLaVA-NeXT's pinpoints, no pooling:
+    stock LLaVA-NeXT. Built on the meta device, so that no second copy of the weights is ever allocated."""
     config = LlavaNextConfig(
         vision_config=vgr.config.vision_config.to_dict(),
         text_config=vgr.config.text_config.to_dict(),
@@ -193,12 +225,23 @@ def shared_llava_next(vgr: VGRForConditionalGeneration) -> LlavaNextForCondition
         vision_feature_layer=vgr.config.vision_feature_layer,
         vision_feature_select_strategy=vgr.config.vision_feature_select_strategy,
     )
-    llava = _construct(LlavaNextForConditionalGeneration, config)
+    config._attn_implementation = vgr.config._attn_implementation
+    with torch.device("meta"):
+        llava = LlavaNextForConditionalGeneration(config)
     state = {name: tensor for name, tensor in vgr.state_dict().items() if not name.startswith("box_head.")}
     hidden = vgr.config.text_config.hidden_size
     generator = torch.Generator().manual_seed(1)
-    state["model.image_newline"] = torch.randn(hidden, generator=generator) / hidden**0.5
+    weight = vgr.lm_head.weight
+    newline = torch.randn(hidden, generator=generator) / hidden**0.5
+    state["model.image_newline"] = newline.to(device=weight.device, dtype=weight.dtype)
     llava.load_state_dict(state, strict=True, assign=True)
+    # Buffers outside the state dict (rotary frequencies, position ids) have the same names in VGR: share them too.
+    vgr_buffers = dict(vgr.named_buffers())
+    for name, buffer in list(llava.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            llava.get_submodule(module_name)._buffers[buffer_name] = vgr_buffers[name]
+    llava.config.dtype = weight.dtype
     _check_not_meta(llava)
     llava.eval()
     llava.generation_config.pad_token_id = 0
@@ -215,7 +258,8 @@ def _construct(cls, config):
 
 
 def _check_not_meta(model) -> None:
-    left = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    tensors = {**model.state_dict(), **dict(model.named_buffers())}
+    left = [name for name, tensor in tensors.items() if tensor.is_meta]
     if left:
         raise RuntimeError(f"weights left on the meta device: {left[:5]}")
 

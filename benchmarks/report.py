@@ -113,13 +113,13 @@ def markdown(results, modules) -> str:
         parts += ["", f"## {TITLES.get(name, name)}", ""]
         # The docstring opens with its own title ("N. Name: ..."): the heading says it already.
         first = " ".join(doc[0].split()).split(": ", 1)[-1] if doc else ""
-        for paragraph in [first[:1].upper() + first[1:]] + doc[1:]:
-            parts += [_paragraph(paragraph), ""]
+        for text in [first[:1].upper() + first[1:]] + doc[1:]:
+            parts += [paragraph(text), ""]
         parts += [module.markdown(result), "", f"({result['seconds']:.0f} s)"]
     return "\n".join(parts) + "\n"
 
 
-def _paragraph(text: str) -> str:
+def paragraph(text: str) -> str:
     """A docstring paragraph as markdown: lines joined, "- " items kept as a list."""
     items, current = [], []
     for line in text.splitlines():

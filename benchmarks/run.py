@@ -11,8 +11,6 @@ median of several rounds, since absolute times on a shared machine drift.
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -21,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import importlib  # noqa: E402
@@ -29,10 +26,10 @@ import importlib  # noqa: E402
 import report  # noqa: E402
 from common import (  # noqa: E402
     RESULTS_DIR,
-    THREADS,
     build_vgr,
     llama2_tokenizer,
     llava_processor,
+    machine,
     num_parameters,
     setup_torch,
     shared_llama,
@@ -86,34 +83,6 @@ class Context:
     @property
     def llava(self):
         return self._build()[2]
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    memory_gb = None
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                memory_gb = round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": THREADS,
-        "memory_gb": memory_gb,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def main(argv=None) -> None:
