@@ -27,20 +27,8 @@ from transformers import GenerationMixin
 from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .box_text_vgr import box_token_table, parse_box, to_pixel_box
-
-
-@dataclass
-class ReplayRecord:
-    """One `<eot>` of a generated row and what it did."""
-
-    step: int  # index of the <eot> among the row's generated tokens
-    box: tuple[float, float, float, float] | None  # normalized, clamped
-    pixel_box: tuple[float, float, float, float] | None  # in pixels of the row's image
-    num_tokens: int  # tokens replayed (0 if none)
-    valid: bool  # whether the region was replayed
-    reason: str | None = None  # why not
-    head_box: tuple[float, float, float, float] | None = None  # the detection head's box at this <eot>
+from .box_text_vgr import box_token_table
+from .replay_vgr import ReplayLimits, ReplayRecord, plan_replay, read_box
 
 
 @dataclass
@@ -59,9 +47,7 @@ class ReplayState:
     sot_token_id: int
     image_token_id: int
     pad_token_id: int
-    max_replays: int
-    max_replay_tokens: int
-    max_positions: int
+    limits: ReplayLimits
     box_texts: dict[int, str]
     geometry: object  # VGRGeometry: replay token counts
     prompt_length: int = 0
@@ -72,7 +58,6 @@ class ReplayState:
     records: list[list[ReplayRecord]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)  # rows any stopping criterion has finished
-    replayed_tokens: list[int] = field(default_factory=list)
     head_box_rows: list[int] = field(default_factory=list)  # rows whose last record waits for its head box
     plans: list | None = None  # decided when the tokens are appended, consumed by the next step
     fed_eot_rows: list[int] = field(default_factory=list)  # rows whose last chunk holds an <eot>
@@ -85,22 +70,6 @@ class ReplayState:
         self.records = [[] for _ in range(batch)]
         self.finish_reasons = [None] * batch
         self.finished = [False] * batch
-        self.replayed_tokens = [0] * batch
-
-    def read_box(self, generated: list[int]):
-        """The box that a row's fresh `<eot>` closes (a ParsedBox), or a reason string. `generated` is the row's
-        generated ids, ending on that `<eot>`. Only the ids since the row's previous `<eot>` count: a box already
-        closed is never read twice, and the prompt is never read (the authors' prompt spells out
-        `<sot>[x1, y1, x2, y2]<eot>`)."""
-        body = generated[:-1]
-        if self.eot_token_id in body:
-            body = body[len(body) - body[::-1].index(self.eot_token_id) :]
-        if self.sot_token_id not in body:
-            return "no <sot> before <eot>"
-        body = body[len(body) - body[::-1].index(self.sot_token_id) :]
-        if any(token not in self.box_texts for token in body):
-            return "unparsable: the box text holds tokens that are not part of a box"
-        return parse_box("".join(self.box_texts[token] for token in body))
 
     def after_append(self, input_ids: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """Runs as soon as a token is appended to every row, with the rows the other stopping criteria just finished.
@@ -127,27 +96,14 @@ class ReplayState:
 
     def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
-        parsed = self.read_box(ids[self.prompt_length :])
-        if isinstance(parsed, str) or not parsed.valid:
-            return ReplayRecord(step, None, None, 0, False, parsed if isinstance(parsed, str) else parsed.reason)
-        if memory is None:
-            return ReplayRecord(step, parsed.box, None, 0, False, "the row has no image to replay from")
-        box, tile = parsed.box, memory.tile
-        pixel_box = to_pixel_box(box, tile.image_size)
-        num_tokens = self.geometry.replay_tokens(tile.image_size, box)
-        replays_done = sum(record.valid for record in self.records[row])
-        reason = None
-        if replays_done >= self.max_replays:
-            reason = f"max_replays ({self.max_replays}) reached"
-        elif self.replayed_tokens[row] + num_tokens > self.max_replay_tokens:
-            reason = f"max_replay_tokens ({self.max_replay_tokens}) would be exceeded"
-        elif int(self.next_position[row]) + num_tokens + 2 > self.max_positions:
-            reason = f"context overflow: {num_tokens} replayed tokens do not fit in {self.max_positions} positions"
-            self.finish_reasons[row] = "context_overflow"
-        if reason is not None:
-            return ReplayRecord(step, box, pixel_box, 0, False, reason)
-        self.replayed_tokens[row] += num_tokens
-        return ReplayRecord(step, box, pixel_box, num_tokens, True)
+        parsed = read_box(ids[self.prompt_length :], self.sot_token_id, self.eot_token_id, self.box_texts)
+        record, finish_reason = plan_replay(
+            parsed, step, None if memory is None else memory.tile.image_size, self.geometry, self.records[row],
+            int(self.next_position[row]), self.limits,
+        )
+        if finish_reason is not None:
+            self.finish_reasons[row] = finish_reason
+        return record
 
     def chunk(self, last_tokens: torch.Tensor, plans) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """Input ids, attention mask and position ids of this step's chunk `(batch, 1 + max K)`, and its boxes.
@@ -223,9 +179,9 @@ class VGRGenerationMixin(GenerationMixin):
             sot_token_id=self.config.sot_token_id,
             image_token_id=self.config.image_token_id,
             pad_token_id=_pad_token_id(self.config, effective),
-            max_replays=self.config.max_replays,
-            max_replay_tokens=self.config.max_replay_tokens,
-            max_positions=self.config.text_config.max_position_embeddings,
+            limits=ReplayLimits(
+                self.config.max_replays, self.config.max_replay_tokens, self.config.text_config.max_position_embeddings
+            ),
             box_texts=self._box_texts(kwargs.get("tokenizer")),
             geometry=self.model.geometry,
         )

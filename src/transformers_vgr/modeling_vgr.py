@@ -24,6 +24,7 @@ from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
 from .generation_vgr import VGRGenerationMixin
 from .geometry_vgr import TileGeometry, unpadded_span
+from .replay_vgr import pool_grid, replay_features, stitch_crops
 
 
 @dataclass
@@ -103,17 +104,6 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
-
-
-def pool_grid(grid: torch.Tensor, pool: int) -> torch.Tensor:
-    """Average-pool a `(..., height, width, channels)` grid by `pool` in ceil mode: a partial cell at the bottom or
-    right edge is the mean of the features it covers."""
-    if pool == 1:
-        return grid
-    *leading, height, width, channels = grid.shape
-    grid = grid.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
-    pooled = F.avg_pool2d(grid, kernel_size=pool, stride=pool, ceil_mode=True)
-    return pooled.permute(0, 2, 3, 1).reshape(*leading, pooled.shape[-2], pooled.shape[-1], channels)
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -260,9 +250,7 @@ class VGRModel(VGRPreTrainedModel):
         for tile, image_features in zip(tiles, torch.split(features, num_patches)):
             snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)  # (144, hidden)
             crops = image_features[1:]  # (rows * cols, side, side, hidden)
-            rows, cols = tile.grid
-            memory = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
-            memories.append(ImageMemory(memory, tile))
+            memories.append(ImageMemory(stitch_crops(crops, tile.grid), tile))  # (rows * side, cols * side, hidden)
             prompt_tokens.append(torch.cat([snapshot, self._crop_tokens(crops, tile)]))
         return prompt_tokens, memories
 
@@ -271,9 +259,7 @@ class VGRModel(VGRPreTrainedModel):
         pooled = pool_grid(crops, self.config.crop_pool)  # (rows * cols, side', side', hidden)
         if self.config.image_layout == "vgr":
             return pooled.flatten(0, 2)  # each crop row-major, crops in row-major order
-        rows, cols = tile.grid
-        side = pooled.shape[1]
-        stitched = pooled.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+        stitched = stitch_crops(pooled, tile.grid)  # (rows * side', cols * side', hidden)
         top, bottom, left, right = unpadded_span(tile.image_size, tuple(stitched.shape[:2]))
         stitched = stitched[top:bottom, left:right]
         newline = self.image_newline.to(stitched.dtype).expand(stitched.shape[0], 1, -1)
@@ -281,9 +267,7 @@ class VGRModel(VGRPreTrainedModel):
 
     def replay_tokens(self, memory: ImageMemory, box) -> torch.Tensor:
         """The tokens a replay of `box` feeds to the LLM: its cells of S, `replay_pool`-pooled, row-major `(K, hidden)`."""
-        top, bottom, left, right = memory.tile.box_to_cells(box)
-        region = memory.features[top:bottom, left:right]
-        return pool_grid(region, self.config.replay_pool).flatten(0, 1)
+        return replay_features(memory.features, memory.tile, box, self.config.replay_pool)
 
     def _flatten_patches(self, pixel_values: torch.Tensor, num_patches: list[int]) -> torch.Tensor:
         """`(total_patches, 3, crop, crop)`, dropping the batch padding of the image processor."""
