@@ -4,3 +4,5 @@
 engine (`replay.py`) and the offline API (`offline.py`). Never imported by the shipped `*_vgr.py` modules."""
 
 from .model import register
+from .offline import VGRLLM
+from .replay import VGROutput

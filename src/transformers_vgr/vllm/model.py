@@ -61,7 +61,8 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from ..image_processing_vgr import VGRImageProcessor, to_rgb_image
-from ..modeling_vgr import ImageMemory, VGRModel, pool_grid
+from ..modeling_vgr import ImageMemory, VGRModel
+from ..replay_vgr import pool_grid, replay_features, stitch_crops
 
 
 ARCHITECTURE = "VGRForConditionalGeneration"
@@ -336,12 +337,11 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
         prompt_tokens = []
         for size, key, image_features in zip(image_sizes, keys, torch.split(features, num_patches)):
             tile = self.geometry.tile(size)
-            rows, cols = tile.grid
             snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)
             crops = image_features[1:]  # (rows * cols, side, side, hidden)
-            memory = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
-            self.feature_memory.put(key, ImageMemory(memory, tile))
+            self.feature_memory.put(key, ImageMemory(stitch_crops(crops, tile.grid), tile))
             self.encoder_runs[key] = self.encoder_runs.get(key, 0) + 1
+            # The prompt layout ("vgr" or "llava_next") is the transformers model's own code.
             prompt_tokens.append(torch.cat([snapshot, VGRModel._crop_tokens(self, crops, tile)]))
         return prompt_tokens
 
@@ -363,7 +363,7 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
                 self.feature_memory_misses += 1
                 self._encode(pixel_values[starts[index] : starts[index + 1]], [num_patches[index]], [size], [key])
                 memory = self.feature_memory.get(key)
-            embeddings.append(VGRModel.replay_tokens(self, memory, box))  # (K, hidden)
+            embeddings.append(replay_features(memory.features, memory.tile, box, self.config.replay_pool))  # (K, hidden)
         return embeddings
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
