@@ -18,13 +18,16 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from .replay import VGRFrontend, VGROutput, run_session
 
 
-# What VGR needs from vLLM unless the caller says otherwise: the prefix cache (a replay reuses the prefix's KV blocks),
-# and the region items a request's replays add (one per replay).
-def engine_args(model: str, frontend: VGRFrontend, **kwargs) -> AsyncEngineArgs:
-    kwargs.setdefault("enable_prefix_caching", True)
-    kwargs.setdefault("limit_mm_per_prompt", {"image": 1, "region": frontend.config.max_replays})
-    kwargs.setdefault("worker_extension_cls", "transformers_vgr.vllm.model.VGRWorkerExtension")
-    return AsyncEngineArgs(model=model, **kwargs)
+def apply_vgr_defaults(args: AsyncEngineArgs, frontend: VGRFrontend) -> AsyncEngineArgs:
+    """What VGR needs from vLLM unless the caller says otherwise: the prefix cache (a replay reuses the prefix's KV
+    blocks), room for the region items a request's replays add (one per replay), and the measurement hooks."""
+    if args.enable_prefix_caching is None:
+        args.enable_prefix_caching = True
+    if not args.limit_mm_per_prompt:
+        args.limit_mm_per_prompt = {"image": 1, "region": frontend.config.max_replays}
+    if not args.worker_extension_cls:
+        args.worker_extension_cls = "transformers_vgr.vllm.model.VGRWorkerExtension"
+    return args
 
 
 class VGRLLM:
@@ -37,7 +40,7 @@ class VGRLLM:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vgr-vllm-loop", daemon=True)
         self._thread.start()
-        args = engine_args(model, self.frontend, **kwargs)
+        args = apply_vgr_defaults(AsyncEngineArgs(model=model, **kwargs), self.frontend)
         self.engine = self._run(self._start(args))
 
     async def _start(self, args):
@@ -80,6 +83,7 @@ class VGRLLM:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None  # shut down now, not in vLLM's __del__ at interpreter exit
+            self._run(_cancel_pending_tasks())  # vLLM's output handler
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
 
@@ -88,3 +92,10 @@ class VGRLLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+async def _cancel_pending_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
