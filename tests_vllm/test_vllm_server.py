@@ -31,21 +31,27 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(server_log):
     port = free_port()
     flags = [f"--dtype={ENGINE['dtype']}", f"--max-model-len={ENGINE['max_model_len']}",
-             f"--block-size={ENGINE['block_size']}", "--enforce-eager"]
+             f"--block-size={ENGINE['block_size']}", "--enforce-eager", "--enable-log-requests"]
+    log = open(server_log, "w")
     process = subprocess.Popen(
         ["timeout", str(SERVER_LIFETIME_SECONDS), sys.executable, "-m", "transformers_vgr.serve",
          "--model", str(CHECKPOINT), "--port", str(port), *flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stderr.read()[-3000:]}")
+                raise RuntimeError(f"the server exited: {server_log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
                     break
@@ -61,6 +67,7 @@ def server():
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +162,17 @@ def test_bad_requests_get_400_with_a_message(server, client, example_url):
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
         client.chat.completions.create(model=str(CHECKPOINT), messages=messages(example_url), max_tokens=5, n=2)
     assert httpx.get(f"{server}/health").status_code == 200  # still serving
+
+
+def test_a_client_that_disconnects_aborts_its_request(server, server_log, example_url):
+    body = {"model": str(CHECKPOINT), "messages": messages(example_url), "max_tokens": 1500, "temperature": 1.5,
+            "seed": 3, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        chunks = [next(lines) for _ in range(6)]  # a few tokens, then the client goes away
+    assert any("content" in chunk for chunk in chunks)
+    deadline = time.monotonic() + 60
+    while "aborted" not in server_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "aborted" in server_log.read_text()
+    assert httpx.get(f"{server}/health").status_code == 200
