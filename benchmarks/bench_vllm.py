@@ -5,7 +5,7 @@ held-out synthetic test questions, each answer with one replay. Runs in .venv-vl
 - Throughput: all 64 requests to vLLM at once (continuous batching) against `generate` in batches of 8 and 16 (left
   padding): generated tokens/s and requests/s, end to end (image processing included).
 - Latency at concurrency 1: time to first token and per-token latency (first to last token), vLLM streaming against
-  `generate` with a streamer, batch 1.
+  `generate` with a streamer, batch 1, on 8 further images that neither side has seen (no prefix-cache hit).
 - Per replay: the time from the `<eot>` to the next token on vLLM (segment end, region embedding, continuation
   prefill of the recomputed partial block + <eot> + K replayed tokens) against the time to first token of a K-token
   text prompt; the recomputed tokens per replay (vLLM's `num_cached_tokens`).
@@ -45,7 +45,8 @@ CAPACITY_SIZES = [(448, 448), (336, 224), (1344, 2016), (1000, 1000), (172, 448)
 
 
 def requests_of(data_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()][:NUM_REQUESTS]
+    """The throughput requests, then the latency ones."""
+    records = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()]
     return [{"image": str(data_dir / record["image"]),
              "question": record["conversations"][0]["value"].replace("<image>\n", "")} for record in records]
 
@@ -70,7 +71,7 @@ def generate_side(data_dir: Path) -> dict:
     processor.tokenizer.padding_side = "left"
     model = VGRForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
     eos = processor.tokenizer.eos_token_id
-    items = requests_of(data_dir)
+    items, latency_items = requests_of(data_dir)[:NUM_REQUESTS], requests_of(data_dir)[NUM_REQUESTS:]
 
     def run_batch(batch, streamer=None):
         images = [PIL.Image.open(item["image"]).convert("RGB") for item in batch]
@@ -104,7 +105,7 @@ def generate_side(data_dir: Path) -> dict:
             pass
 
     ttft, per_token = [], []
-    for item in items[:LATENCY_REQUESTS]:
+    for item in latency_items:
         stamps = Stamps()
         start = time.perf_counter()
         run_batch([item], streamer=stamps)
@@ -126,7 +127,7 @@ def vllm_side(data_dir: Path) -> dict:
     from transformers_vgr.vllm import VGRLLM
     from transformers_vgr.vllm.replay import run_session
 
-    items = requests_of(data_dir)
+    items, latency_items = requests_of(data_dir)[:NUM_REQUESTS], requests_of(data_dir)[NUM_REQUESTS:]
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     llm = VGRLLM(str(CHECKPOINT), dtype="float32", max_model_len=2048, block_size=32, enforce_eager=True,
                  max_num_seqs=NUM_REQUESTS)
@@ -152,11 +153,8 @@ def vllm_side(data_dir: Path) -> dict:
             return start, stamps, session.result()
 
         ttft, per_token, replay_gaps, step_gaps = [], [], [], []
-        for item in items[:LATENCY_REQUESTS]:
+        for item in latency_items:
             prepared = llm.frontend.prepare(messages(item["question"], PIL.Image.open(item["image"])))
-            # A new image key each time would be needed to defeat the caches; these images were seen above, so
-            # clear S and use fresh prompts (the question text differs per image): the prefix cache still holds
-            # the earlier runs, which is what a server sees for repeated images.
             start, stamps, result = llm._run(timed(llm.frontend.session(prepared, greedy)))
             ttft.append(stamps[0][0] - start)
             per_token.append((stamps[-1][0] - stamps[0][0]) / max(stamps[-1][1] - stamps[0][1], 1))
@@ -273,7 +271,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         subprocess.run([str(MAIN_PYTHON), "-m", "transformers_vgr.reference.synthetic", str(data_dir),
-                        "--train", "0", "--validation", "0", "--test", str(NUM_REQUESTS)], check=True,
+                        "--train", "0", "--validation", "0", "--test", str(NUM_REQUESTS + LATENCY_REQUESTS)], check=True,
                        capture_output=True)
         def run_generate():
             return json.loads(subprocess.run(
