@@ -144,6 +144,7 @@ def synthetic(out_dir: Path, count: int, batch_size: int = 8, max_new_tokens: in
             results.append({
                 "image": str(out_dir / record["image"]), "question": question, "answer": record["answer"],
                 "token_ids": ids, "text": text, "records": [record_dict(r) for r in output.replays[row]],
+                "finish_reason": output.finish_reasons[row],
                 "margins": margins[row][: len(ids)],
             })
     return {"max_new_tokens": max_new_tokens, "results": results}

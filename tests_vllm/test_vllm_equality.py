@@ -1,6 +1,6 @@
 """VGR-Tiny (checkpoints/vgr-tiny, fp32, greedy) on held-out synthetic test images: the vLLM path against
-transformers' `generate` (main environment). Required: the same boxes, replay token counts and final answers on at
-least 98% of the images and the same token sequence on at least 90%. Every difference is reported with generate's
+transformers' `generate` (main environment). Required: the same boxes, replay token counts, final answers and finish
+reasons on at least 98% of the images and the same token sequence on at least 90%. Every difference is reported with generate's
 logits margin (top-1 minus top-2) at the first differing token: a tie that fp32 kernels may break either way has a
 margin near 0."""
 
@@ -46,6 +46,7 @@ def test_vllm_equals_generate_on_held_out_images(compared):
         got_records = [(record.box, record.num_tokens, record.valid) for record in output.replays]
         result_equal = (
             got_records == [summary(record) for record in item["records"]]
+            and output.finish_reason == item["finish_reason"]
             and output.final_answer == (item["text"].split("Final answer:")[-1].strip()
                                         if "Final answer:" in item["text"] else None)
         )
