@@ -81,9 +81,10 @@ class VGRLLM:
 
     def close(self) -> None:
         if self.engine is not None:
+            # vLLM's output handler first: stopped after the engine core, it would log the core's end as an error.
+            self._run(_cancel_pending_tasks())
             self.engine.shutdown()
             self.engine = None  # shut down now, not in vLLM's __del__ at interpreter exit
-            self._run(_cancel_pending_tasks())  # vLLM's output handler
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
 
