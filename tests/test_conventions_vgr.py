@@ -187,7 +187,9 @@ def test_weights_missing_from_a_checkpoint_get_clip_init_as_remote_code(tmp_path
     model.config.update(processor.box_token_table())
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
-    folder = export(tmp_path / "ckpt", tmp_path / "hub", "org/vgr-tiny", license="apache-2.0")
+    PIL.Image.new("RGB", (64, 48), (90, 120, 200)).save(tmp_path / "example.png")  # the card's snippets need one
+    folder = export(tmp_path / "ckpt", tmp_path / "hub", "org/vgr-tiny", license="apache-2.0",
+                    example_image=tmp_path / "example.png", question="What is shown?")
     key = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
     for shard in folder.glob("*.safetensors"):
         weights = load_file(shard)

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.drawing_vgr import box_color
 from transformers_vgr.processing_vgr import REASONING_PROMPT
 
 from conftest import tiny_config, tiny_processor
@@ -372,7 +373,7 @@ class TestGenerateOptions:
             (dict(num_beams=2), "beam search"),
             (dict(num_return_sequences=2, do_sample=False), "num_return_sequences"),  # transformers' own refusal
             (dict(use_cache=False), "use_cache=False"),
-            (dict(cache_implementation="static"), "cache_implementation"),
+            (dict(cache_implementation="offloaded_static"), "cache_implementation"),
         ],
     )
     def test_unsupported_modes_raise(self, setup, images, kwargs, message):
@@ -408,7 +409,7 @@ class TestPostProcessing:
         drawn = processor.draw_boxes(image, result["boxes"])
         assert drawn.size == image.size and drawn is not image
         pixels = drawn.load()
-        assert pixels[64, 150] == (255, 40, 40)  # on the left edge of box 1
+        assert pixels[64, 150] == box_color(1)  # on the left edge of box 1
         assert pixels[200, 170] == image.convert("RGB").load()[200, 170]  # inside box 1, untouched
 
 

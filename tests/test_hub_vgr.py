@@ -17,10 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.box_text_vgr import format_box
 from transformers_vgr.export import export
 from transformers_vgr.export import main as export_main
+from transformers_vgr.reference.train import REPO_ID as TINY_REPO_ID
+from transformers_vgr.reference.train import export_tiny
 
-from conftest import tiny_config, tiny_processor
+from conftest import ROOT, tiny_config, tiny_processor
 
 
 REPO_ID = "org/vgr-tiny"
@@ -44,13 +47,20 @@ def exported(tmp_path_factory):
     rng = np.random.default_rng(0)
     PIL.Image.fromarray(rng.integers(0, 255, (240, 360, 3), dtype=np.uint8)).save(image)
     folder = export(checkpoint, root / "export", REPO_ID, max_shard_size="4MB", license="llama2",
-                    datasets=["vgr-sft"], base_model="llava-hf/llava-v1.6-vicuna-7b-hf", example_image=image)
+                    datasets=["vgr-sft"], base_model="llava-hf/llava-v1.6-vicuna-7b-hf", example_image=image,
+                    question="What is in the image?")
     hf_home = root / "hf_home"
-    snapshot = hf_home / "hub" / ("models--" + REPO_ID.replace("/", "--")) / "snapshots" / ("0" * 40)
+    cache_as_repo(folder, hf_home, REPO_ID)
+    return folder, hf_home, root
+
+
+def cache_as_repo(folder: Path, hf_home: Path, repo_id: str) -> None:
+    """Place `folder` in an HF cache as the main revision of `repo_id`, as a download would have: offline,
+    `from_pretrained(repo_id)` and `hf_hub_download(repo_id, name)` then resolve to it."""
+    snapshot = hf_home / "hub" / ("models--" + repo_id.replace("/", "--")) / "snapshots" / ("0" * 40)
     shutil.copytree(folder, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    return folder, hf_home, root
 
 
 def run_isolated(code: str, hf_home: Path, cwd: Path) -> str:
@@ -176,15 +186,43 @@ def test_load_by_repo_id_from_an_offline_cache(exported):
     assert output.split() == ["VGRForConditionalGeneration", "VGRProcessor", "vgr"]
 
 
-def test_model_card_snippets_run(exported, tmp_path):
-    folder, hf_home, _ = exported
+def test_model_card_names_its_example(exported):
+    """An exported card's snippets load by repo id and fetch the shipped example with hf_hub_download, asking the
+    question they were given (they run verbatim in the VGR-Tiny test below)."""
+    folder, _, _ = exported
     snippets = re.findall(r"```python\n(.*?)```", (folder / "README.md").read_text(), flags=re.DOTALL)
     assert len(snippets) == 2
-    shutil.copy(folder / "example.png", tmp_path / "example.png")
     for snippet in snippets:
-        assert REPO_ID in snippet
-        run_isolated(snippet, hf_home, tmp_path)
-    assert (tmp_path / "boxes.png").exists()
+        assert f'repo_id = "{REPO_ID}"' in snippet and 'hf_hub_download(repo_id, "example.png")' in snippet
+        assert repr("What is in the image?") in snippet
+    assert json.loads((folder / "example.json").read_text()) == {"question": "What is in the image?"}
+
+
+def test_vgr_tiny_card_answers_right_and_is_the_committed_one(tmp_path):
+    """VGR-Tiny exported by the code that wrote checkpoints/vgr-tiny: the card is the committed README, its
+    question the checkpoint's own, and its snippets, run verbatim against the exported folder (offline, cached as
+    the repo id), print the example's right answer with the right box."""
+    checkpoint = ROOT / "checkpoints" / "vgr-tiny"
+    folder = export_tiny(checkpoint, tmp_path / "export")
+    card = (folder / "README.md").read_text()
+    assert card == (checkpoint / "README.md").read_text(), "regenerate it: python -m transformers_vgr.reference.train " \
+        "--export-from checkpoints/vgr-tiny --output checkpoints/vgr-tiny --overwrite"
+    example = json.loads((checkpoint / "example.json").read_text())
+    assert (folder / "example.png").read_bytes() == (checkpoint / "example.png").read_bytes()
+    for section in ("## Evaluation", "| answer accuracy | 98.0% |", "## Training data", "## Limitations",
+                    "## Licences", "Llama 2 Community License", "## Citation", "arXiv:2506.11991"):
+        assert section in card
+    hf_home = tmp_path / "hf_home"
+    cache_as_repo(folder, hf_home, TINY_REPO_ID)
+    generate_snippet, pipeline_snippet = re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL)
+    assert repr(example["question"]) in generate_snippet
+    output = run_isolated(generate_snippet, hf_home, tmp_path)
+    assert f"final answer: {example['answer']}\n" in output
+    assert f"boxes: [{tuple(example['box'])}]" in output
+    assert (tmp_path / "vgr_answer.png").exists()
+    output = run_isolated(pipeline_snippet, hf_home, tmp_path)
+    assert f"<sot>{format_box(example['box'])}<eot>" in output and output.strip().endswith(
+        f"Final answer: {example['answer']}")
 
 
 def test_pipeline_runs_the_replay_loop(exported):
@@ -236,13 +274,29 @@ def test_export_command_line_needs_a_stated_license(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main([str(checkpoint), "--output", str(tmp_path / "none"), "--repo-id", REPO_ID])
     assert "--license" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    example = dict(example_image=root / "photo.jpg", question="What is in the image?")
     export_main([str(checkpoint), "--output", str(tmp_path / "cli"), "--repo-id", REPO_ID, "--license", "llama2",
-                 "--dataset", "vgr-sft", "--max-shard-size", "4MB"])
+                 "--dataset", "vgr-sft", "--max-shard-size", "4MB", "--example-image", str(example["example_image"]),
+                 "--question", example["question"], "--space", str(tmp_path / "space")])
     front = (tmp_path / "cli" / "README.md").read_text().split("---")[1].splitlines()
     assert "license: llama2" in front and "  - vgr-sft" in front
     assert len(list((tmp_path / "cli").glob("model-*.safetensors"))) > 1
-    card = (export(checkpoint, tmp_path / "api", REPO_ID) / "README.md").read_text()
+    assert {path.name for path in (tmp_path / "space").iterdir()} == {"app.py", "requirements.txt", "README.md"}
+    assert f'DEFAULT_MODEL = "{REPO_ID}"' in (tmp_path / "space" / "app.py").read_text()
+    # the Space's app needs no transformers-vgr: it starts (here, up to its --help) where the package is missing
+    usage = run_isolated(f"""
+        import runpy
+        sys.argv = ["app.py", "--help"]
+        runpy.run_path({str(tmp_path / "space" / "app.py")!r}, run_name="__main__")
+    """, root / "hf_home", tmp_path)
+    assert f"(default: {REPO_ID})" in " ".join(usage.split())
+    card = (export(checkpoint, tmp_path / "api", REPO_ID, **example) / "README.md").read_text()
     assert not any(line.startswith("license:") for line in card.split("---")[1].splitlines())
     assert "No license was stated" in card
     with pytest.raises(ValueError, match="hub license id"):
-        export(checkpoint, tmp_path / "bad", REPO_ID, license="apache-2.0\ntags: [x]")
+        export(checkpoint, tmp_path / "bad", REPO_ID, license="apache-2.0\ntags: [x]", **example)
+    # the card's snippets run on an example: without one the export says what is missing
+    with pytest.raises(ValueError, match="--example-image"):
+        export(checkpoint, tmp_path / "bad", REPO_ID, license="llama2", question="What?")
+    with pytest.raises(ValueError, match="--question"):
+        export(checkpoint, tmp_path / "bad", REPO_ID, license="llama2", example_image=root / "photo.jpg")

@@ -17,6 +17,7 @@ from transformers_vgr.box_text_vgr import (
     parse_box,
     parse_boxes,
 )
+from transformers_vgr.drawing_vgr import box_color
 
 from conftest import llama2_tokenizer
 
@@ -159,8 +160,8 @@ class TestBoxText:
         assert processor.image_processor(image, return_tensors="pt")["image_sizes"].tolist() == [[200, 100]]
         drawn = processor.draw_boxes(image, [(0.2, 0.1, 0.8, 0.4)])  # pixels (20, 20, 80, 80) of the upright image
         assert drawn.size == (100, 200)
-        assert drawn.getpixel((21, 50)) == (255, 40, 40)  # on the box's left edge
-        assert drawn.getpixel((79, 50)) == (255, 40, 40)  # on its right edge, inside the upright image's width
+        assert drawn.getpixel((21, 50)) == box_color(1)  # on the box's left edge
+        assert drawn.getpixel((79, 50)) == box_color(1)  # on its right edge, inside the upright image's width
 
     def test_final_answer(self):
         assert extract_final_answer("Reasoning... Final answer: 42") == "42"

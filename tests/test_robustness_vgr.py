@@ -272,7 +272,9 @@ class TestHostileCheckpoints:
         model, processor = setup
         model.save_pretrained(tmp_path / "ckpt")
         processor.save_pretrained(tmp_path / "ckpt")
-        folder = export(tmp_path / "ckpt", tmp_path / "hub", "org/vgr-tiny")
+        PIL.Image.new("RGB", (64, 48), (90, 120, 200)).save(tmp_path / "example.png")
+        folder = export(tmp_path / "ckpt", tmp_path / "hub", "org/vgr-tiny", example_image=tmp_path / "example.png",
+                        question="What is shown?")
         modules = sorted(folder.glob("*.py"))
         shipped = Path(transformers_vgr.__file__).parent.glob("*_vgr.py")
         assert [module.name for module in modules] == sorted(module.name for module in shipped)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -12,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import TrainingArguments
+from transformers import AutoModel, AutoProcessor, TrainingArguments
 
 from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.training import (
@@ -451,5 +452,11 @@ def test_two_processes_match_one(tmp_path):
             assert b[name] == pytest.approx(a[name], rel=2e-3), name
     assert one[-1]["loss"] < one[0]["loss"]
     for run in ("one", "two"):  # save_model on every process: the model and its processor, written once
-        saved = {path.name for path in (tmp_path / run / "model").iterdir()}
+        saved = {path.name for path in (tmp_path / run).iterdir()}
         assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json"} <= saved
+    # the script says where the model is, and that folder loads
+    printed = re.search(r"model and processor saved in (\S+):", single.stdout).group(1)
+    assert Path(printed) == tmp_path / "one"
+    model = AutoModel.from_pretrained(printed, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(printed, trust_remote_code=True)
+    assert type(model).__name__ == "VGRForConditionalGeneration" and type(processor).__name__ == "VGRProcessor"

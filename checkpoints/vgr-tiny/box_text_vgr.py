@@ -81,11 +81,15 @@ def find_boxes(text: str) -> list[ParsedBox]:
     return [parse_box(match.group(1)) for match in _GROUNDED_BOX.finditer(text)]
 
 
+# Pixel coordinates are rounded to this many decimals: 0.28 * 448 is 125.44, not 125.44000000000001.
+PIXEL_DECIMALS = 2
+
+
 def to_pixel_box(box, image_size) -> tuple[float, float, float, float]:
-    """A normalized box in pixels of an image of `(height, width)`."""
+    """A normalized box in pixels of an image of `(height, width)`, rounded to `PIXEL_DECIMALS`."""
     height, width = image_size
     x1, y1, x2, y2 = box
-    return x1 * width, y1 * height, x2 * width, y2 * height
+    return tuple(round(value, PIXEL_DECIMALS) for value in (x1 * width, y1 * height, x2 * width, y2 * height))
 
 
 def parse_boxes(text: str, image_size=None) -> list[tuple[float, float, float, float]]:
@@ -120,22 +124,3 @@ def box_token_table(tokenizer) -> dict[str, list]:
             ids.append(token_id)
             texts.append(text)
     return {"box_token_ids": ids, "box_token_texts": texts}
-
-
-def draw_boxes(image, boxes, color=(255, 40, 40), width: int = 3):
-    """A copy of `image` with each normalized box drawn and numbered (1, 2, ...) in order. The image is read as the
-    image processor reads it (EXIF orientation applied, transparency on white), since the boxes refer to that image."""
-    from PIL import ImageDraw
-
-    from .image_processing_vgr import to_rgb_image
-
-    canvas = to_rgb_image(image)  # always a new image
-    draw = ImageDraw.Draw(canvas)
-    for number, box in enumerate(boxes, start=1):
-        x1, y1, x2, y2 = to_pixel_box(box, (canvas.height, canvas.width))
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
-        label = str(number)
-        left, top, right, bottom = draw.textbbox((x1, y1), label)
-        draw.rectangle([x1, y1, x1 + (right - left) + 6, y1 + (bottom - top) + 6], fill=color)
-        draw.text((x1 + 3, y1 + 1), label, fill=(255, 255, 255))
-    return canvas

@@ -12,7 +12,6 @@ from .box_text_vgr import (
     EOT_TOKEN,
     SOT_TOKEN,
     box_token_table,
-    draw_boxes,
     to_pixel_box,
     extract_final_answer,
     find_boxes,
@@ -22,6 +21,7 @@ from .box_text_vgr import (
     parse_box,
     parse_boxes,
 )
+from .drawing_vgr import crop_regions, draw_boxes, draw_panel
 
 
 IMAGE_TOKEN = "<image>"
@@ -116,6 +116,15 @@ class VGRProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = VICUNA_V1_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Saving with remote code writes `auto_map` into processor_config.json and, as a side effect, onto this object;
+        # loading a processor never restores it. Drop it here, so that a processor equals its reloaded copy.
+        had_auto_map = "auto_map" in vars(self)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if not had_auto_map:
+            vars(self).pop("auto_map", None)
+        return result
 
     def __call__(self, images=None, text=None, **kwargs: Unpack[VGRProcessorKwargs]) -> BatchFeature:
         """
@@ -257,11 +266,10 @@ class VGRProcessor(ProcessorMixin):
     find_boxes = staticmethod(find_boxes)
     parse_boxes = staticmethod(parse_boxes)
     extract_final_answer = staticmethod(extract_final_answer)
+    # Pictures of the boxes: numbered outlines, the regions enlarged, a panel with the answer.
     draw_boxes = staticmethod(draw_boxes)
-
-    @property
-    def model_input_names(self):
-        return ["input_ids", "attention_mask", "pixel_values", "image_sizes", "replay_boxes"]
+    crop_regions = staticmethod(crop_regions)
+    draw_panel = staticmethod(draw_panel)
 
 
 def _prepends_to_each_piece(tokenizer) -> bool:

@@ -12,7 +12,6 @@ from transformers import (
 
 from .box_text_vgr import (
     box_token_table,
-    draw_boxes,
     extract_final_answer,
     find_boxes,
     format_box,
@@ -20,6 +19,7 @@ from .box_text_vgr import (
     parse_boxes,
 )
 from .configuration_vgr import VGRConfig
+from .drawing_vgr import crop_regions, draw_boxes, draw_panel
 from .generation_vgr import VGRGenerateOutput
 from .geometry_vgr import VGRGeometry, llava_next_prompt_tokens
 from .image_processing_vgr import VGRImageProcessor
@@ -53,7 +53,9 @@ __all__ = [
     "VGRGenerateOutput",
     "ReplayRecord",
     "box_token_table",
+    "crop_regions",
     "draw_boxes",
+    "draw_panel",
     "extract_final_answer",
     "find_boxes",
     "format_box",

@@ -2,8 +2,8 @@
 # Licensed under the Apache License, Version 2.0.
 """Convert LLaVA-NeXT weights into a VGR starting point (not shipped with checkpoints).
 
-    python -m transformers_vgr.convert --source llava-next SRC --output OUT        # transformers' LLaVA-NeXT layout
-    python -m transformers_vgr.convert --source llava SRC --output OUT             # the original LLaVA training layout
+    python -m transformers_vgr.convert SRC --source-format llava-next --output OUT   # transformers' LLaVA-NeXT layout
+    python -m transformers_vgr.convert SRC --source-format llava --output OUT        # the original LLaVA training layout
 
 The vision tower, projector and language model are copied; `<image>`, `<sot>` and `<eot>` are added to the tokenizer
 if missing (embeddings grown to fit; the rows of the added tokens, and any new padding rows, set to the mean of the
@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from .box_text_vgr import EOT_TOKEN, SOT_TOKEN, box_token_table
+from .cli import HelpFormatter
 from .configuration_vgr import CLIP_L14_336, VGRConfig
 from .image_processing_vgr import VGRImageProcessor
 from .modeling_vgr import VGRForConditionalGeneration
@@ -76,7 +78,7 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         if missing:
             raise ValueError(f"{folder}: weight files {missing} are missing")
         state = {}
-        for name in files:
+        for name in tqdm(files, desc="reading weights", unit="file", disable=len(files) == 1):
             state.update(read(folder / name))
         return state
     raise ValueError(
@@ -230,18 +232,26 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("source", type=Path, help="folder of the LLaVA-NeXT or LLaVA checkpoint")
-    parser.add_argument("--source-format", choices=["llava-next", "llava"], required=True)
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--source-format", choices=["llava-next", "llava"], required=True,
+                        help="llava-next: transformers' LLaVA-NeXT layout (llava-hf); llava: the original LLaVA "
+                        "training layout")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the VGR starting point")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the source folder)")
-    parser.add_argument("--vision-config", type=Path, help="CLIPVisionConfig JSON (LLaVA layout, non-default tower)")
-    parser.add_argument("--image-layout", choices=["vgr", "llava_next"], default="vgr")
-    parser.add_argument("--max-crops", type=int, default=20)
-    parser.add_argument("--snapshot-pool", type=int, default=2)
-    parser.add_argument("--crop-pool", type=int, default=4)
-    args = parser.parse_args(argv)
+    parser.add_argument("--vision-config", type=Path,
+                        help="CLIPVisionConfig JSON, for the LLaVA layout with another tower than CLIP-L/14-336")
+    parser.add_argument("--image-layout", choices=["vgr", "llava_next"], default="vgr",
+                        help="vgr: the paper's prompt layout; llava_next: LLaVA-NeXT's (unpadding, row newlines)")
+    parser.add_argument("--max-crops", type=int, default=20, help="largest AnyRes grid, in crops")
+    parser.add_argument("--snapshot-pool", type=int, default=2, help="pooling of the snapshot's feature map")
+    parser.add_argument("--crop-pool", type=int, default=4, help="pooling of each crop's feature map")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     vision_config = json.loads(args.vision_config.read_text()) if args.vision_config else None
     model, processor = convert(args.source, args.source_format, args.tokenizer, vision_config, args.image_layout,
                                args.max_crops, args.snapshot_pool, args.crop_pool)

@@ -12,7 +12,6 @@ from .box_text_vgr import (
     EOT_TOKEN,
     SOT_TOKEN,
     box_token_table,
-    draw_boxes,
     to_pixel_box,
     extract_final_answer,
     find_boxes,
@@ -22,6 +21,7 @@ from .box_text_vgr import (
     parse_box,
     parse_boxes,
 )
+from .drawing_vgr import crop_regions, draw_boxes, draw_panel
 
 
 IMAGE_TOKEN = "<image>"
@@ -266,7 +266,10 @@ class VGRProcessor(ProcessorMixin):
     find_boxes = staticmethod(find_boxes)
     parse_boxes = staticmethod(parse_boxes)
     extract_final_answer = staticmethod(extract_final_answer)
+    # Pictures of the boxes: numbered outlines, the regions enlarged, a panel with the answer.
     draw_boxes = staticmethod(draw_boxes)
+    crop_regions = staticmethod(crop_regions)
+    draw_panel = staticmethod(draw_panel)
 
 
 def _prepends_to_each_piece(tokenizer) -> bool:

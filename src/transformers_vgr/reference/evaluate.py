@@ -2,7 +2,8 @@
 # Licensed under the Apache License, Version 2.0.
 """Evaluate a VGR checkpoint on the held-out synthetic test split, like the paper's ablation table.
 
-    python -m transformers_vgr.reference.evaluate --model checkpoints/vgr-tiny --data data/vgr-tiny
+    python -m transformers_vgr.reference.evaluate --model checkpoints/vgr-tiny --data data/vgr-tiny \\
+        [--output checkpoints/vgr-tiny/evaluation.json]
 
 The same weights answer every question twice: with replay, and with replay switched off at inference
 (`max_replays=0`: every `<eot>` is plain text). Reported: answer accuracy; mean IoU against the true box of the box
@@ -21,9 +22,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor
 
 from ..box_text_vgr import extract_final_answer, parse_boxes
+from ..cli import HelpFormatter
 from ..costs import answer_cost, cost_columns
 from ..geometry_vgr import llava_next_prompt_tokens
 from ..image_processing_vgr import to_rgb_image
@@ -43,11 +46,12 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def answer_all(model, processor, records, root: Path, batch_size: int, max_new_tokens: int) -> list[dict]:
+def answer_all(model, processor, records, root: Path, batch_size: int, max_new_tokens: int,
+               description: str = "answering") -> list[dict]:
     """Greedy answers with their replay records, in batches (left padding)."""
     processor.tokenizer.padding_side = "left"
     results = []
-    for start in range(0, len(records), batch_size):
+    for start in tqdm(range(0, len(records), batch_size), desc=description, unit="batch"):
         batch = records[start : start + batch_size]
         images = [to_rgb_image(root / record["image"]) for record in batch]
         prompts = [
@@ -110,7 +114,7 @@ def replay_swap(model, processor, records, root: Path, batch_size: int) -> dict:
 
     collator = VGRDataCollator(processor)
     named_answer, named_grey = Counter(), 0
-    for start in range(0, len(cases), batch_size):
+    for start in tqdm(range(0, len(cases), batch_size), desc="replay swap", unit="batch"):
         chunk = cases[start : start + batch_size]
         batch = collator([{"features": features, "image_path": path} for features, path, _, _ in chunk])
         del batch["labels"], batch["box_targets"]
@@ -144,11 +148,13 @@ def evaluate(model_path, data: Path, split: str = "test", limit: int | None = No
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     records = read_records(Path(data) / f"{split}.jsonl")[:limit]
     geometry = model.config.geometry()
-    with_replay = score(answer_all(model, processor, records, Path(data), batch_size, max_new_tokens), geometry)
+    with_replay = score(answer_all(model, processor, records, Path(data), batch_size, max_new_tokens,
+                                   "answering, with replay"), geometry)
     replays = model.config.max_replays
     model.config.max_replays = 0  # same weights, no replay: every <eot> is plain text
     try:
-        without_replay = score(answer_all(model, processor, records, Path(data), batch_size, max_new_tokens), geometry)
+        without_replay = score(answer_all(model, processor, records, Path(data), batch_size, max_new_tokens,
+                                          "answering, replay off"), geometry)
     finally:
         model.config.max_replays = replays
     swap = replay_swap(model, processor, records, Path(data), batch_size)
@@ -182,17 +188,24 @@ def table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "checkpoints" / "vgr-tiny"),
+                        help="a VGR checkpoint folder or repo id (loaded with trust_remote_code=True)")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "vgr-tiny",
+                        help="the synthetic splits (the asked split is made here when missing)")
+    parser.add_argument("--split", default="test", choices=sorted(SPLIT_SIZES), help="the split to answer")
+    parser.add_argument("--limit", type=int, help="answer only the first LIMIT records (None: all of them)")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
+    parser.add_argument("--output", type=Path, help="write the metrics as JSON here (evaluation.json for a card)")
+    return parser
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "checkpoints" / "vgr-tiny"))
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "vgr-tiny")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int)
-    parser.add_argument("--output", type=Path, help="write the metrics as JSON here")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if not (args.data / f"{args.split}.jsonl").exists():
         make_split(args.data, args.split, SPLIT_SIZES[args.split])
-    metrics = evaluate(args.model, args.data, args.split, args.limit)
+    metrics = evaluate(args.model, args.data, args.split, args.limit, args.batch_size)
     print(table(metrics))
     if args.output:
         args.output.write_text(json.dumps(metrics, indent=1))

@@ -31,8 +31,10 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+from tqdm.auto import tqdm
 
 from ..box_text_vgr import format_box
+from ..cli import HelpFormatter
 
 
 COLOURS = {
@@ -101,7 +103,7 @@ def make_split(output: Path, split: str, count: int) -> Path:
     folder = output / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for index in range(count):
+    for index in tqdm(range(count), desc=f"{split} images", unit="image"):
         image, record = make_example(rng)
         name = f"{split}-{index:05d}.png"
         image.save(folder / name)
@@ -118,13 +120,17 @@ def make_dataset(output: Path, train: int = SPLIT_SIZES["train"], validation: in
             for split, count in (("train", train), ("validation", validation), ("test", test))}
 
 
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("output", type=Path, help="folder for the splits: images/ and {split}.jsonl")
+    parser.add_argument("--train", type=int, default=SPLIT_SIZES["train"], help="training images")
+    parser.add_argument("--validation", type=int, default=SPLIT_SIZES["validation"], help="validation images")
+    parser.add_argument("--test", type=int, default=SPLIT_SIZES["test"], help="held-out test images")
+    return parser
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", type=Path)
-    parser.add_argument("--train", type=int, default=SPLIT_SIZES["train"])
-    parser.add_argument("--validation", type=int, default=SPLIT_SIZES["validation"])
-    parser.add_argument("--test", type=int, default=SPLIT_SIZES["test"])
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     for split, path in make_dataset(args.output, args.train, args.validation, args.test).items():
         print(split, path)
 

@@ -3,7 +3,10 @@
 """Train VGR-Tiny from scratch on the synthetic grounded-reasoning data, with this project's own training path, and
 export it in hub layout.
 
-    python -m transformers_vgr.reference.train --data data/vgr-tiny --output checkpoints/vgr-tiny
+    python -m transformers_vgr.reference.train --data data/vgr-tiny --output outputs/vgr-tiny
+    python -m transformers_vgr.reference.train --output checkpoints/vgr-tiny --overwrite    # the committed one
+    python -m transformers_vgr.reference.train --export-from checkpoints/vgr-tiny --output checkpoints/vgr-tiny \\
+        --overwrite                                       # no training: its card and remote code written again
 
 The geometry is VGR's, scaled down: 112-px crops of 8 x 8 patches, up to 9 crops, the snapshot pooled 2 x 2 (16
 tokens), each crop 8 x 8 (1 token), replays 2 x 2 from the unpooled feature memory. Everything runs the code paths of
@@ -20,8 +23,9 @@ import torch
 from transformers import PreTrainedTokenizerFast, TrainingArguments, set_seed
 
 from ..configuration_vgr import VGRConfig
+from ..cli import HelpFormatter
 from ..export import export
-from ..image_processing_vgr import VGRImageProcessor
+from ..image_processing_vgr import VGRImageProcessor, to_rgb_image
 from ..modeling_vgr import VGRForConditionalGeneration
 from ..processing_vgr import VGRProcessor, add_vgr_tokens, vicuna_v1_chat_template
 from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer, read_records
@@ -105,19 +109,59 @@ def restore_tokenizer(checkpoint: Path, tokenizer_file: Path) -> None:
         (Path(checkpoint) / "tokenizer.json").write_bytes((Path(scratch) / "tokenizer.json").read_bytes())
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "vgr-tiny")
-    parser.add_argument("--output", type=Path, default=ROOT / "checkpoints" / "vgr-tiny")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json")
-    parser.add_argument("--train-records", type=int, default=SPLIT_SIZES["train"])
-    parser.add_argument("--max-steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=8)
+TRAINING_DATA = """The synthetic grounded-reasoning set of `transformers_vgr.reference.synthetic` (6,000 training images
+made with fixed seeds; the example is from the 300 held-out test images). Each image, 224 to 448 px with aspect
+ratios 1:2 to 2:1, holds 3 to 5 boxes on a 4 x 4 lattice of cells over a noisy background, one box in colour and the
+others grey, each with a digit. The question is "Which digit is written in the <colour> box?" and the answer
+"The <colour> box is here <sot>[x1, y1, x2, y2]<eot> and the digit in it is 7. Final answer: 7", with the box's region
+replayed after `<eot>` (teacher-forced in training). Trained from scratch, vision tower included, with
+transformers-vgr's `VGRTrainer`; prompts use Vicuna-v1 without a system prompt (`chat_template.jinja`)."""
+TINY_LIMITATIONS = [
+    "VGR-Tiny shows the mechanism at a size that runs anywhere; it knows one task. It answers \"Which digit is "
+    "written in the <colour> box?\" about images like the example; any other image or question gets a "
+    "meaningless answer.",
+    "With replay switched off (`max_replays=0`) it derails after `<eot>`: it never saw an `<eot>` without a replay.",
+]
+
+
+def export_tiny(checkpoint: Path, output: Path) -> Path:
+    """VGR-Tiny's hub folder from a trained `checkpoint` (model, processor, example.png and example.json, and
+    evaluation.json / training_log.json when there): what `checkpoints/vgr-tiny` holds, card included."""
+    return export(checkpoint, output, REPO_ID, license="apache-2.0", datasets=["synthetic-vgr-tiny"],
+                  training_data=TRAINING_DATA, limitations=TINY_LIMITATIONS)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "vgr-tiny",
+                        help="the synthetic splits (made here when missing)")
+    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "vgr-tiny",
+                        help="the hub-ready folder to write; the committed checkpoint is checkpoints/vgr-tiny")
+    parser.add_argument("--overwrite", action="store_true", help="write over a checkpoint already in --output")
+    parser.add_argument("--export-from", type=Path,
+                        help="no training: export this trained VGR-Tiny folder again (card, remote code) to --output")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
+                        help="the LLaMA-2 tokenizer.json that `make assets` fetches")
+    parser.add_argument("--train-records", type=int, default=SPLIT_SIZES["train"],
+                        help="training images, when the splits are made here")
+    parser.add_argument("--max-steps", type=int, default=4000, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
     # With the vision tower at the full rate the box was found from step 3,300 at 2e-3, 1,700 at 1e-3, 2,250 at 5e-4,
     # and only at 5e-4 did the digit start (README); kept with the tower at 0.1x.
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (cosine, 3%% warmup)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's initialization and data order")
+    return parser
+
+
+def main(argv=None) -> None:
+    cli = parser()
+    args = cli.parse_args(argv)
+    if (args.output / "config.json").exists() and not args.overwrite:
+        cli.error(f"{args.output} already holds a checkpoint: give another --output, or --overwrite to replace it")
+    if args.export_from is not None:
+        export_tiny(args.export_from, args.output)
+        print(f"exported {args.export_from} to {args.output}")
+        return
 
     if not (args.data / "train.jsonl").exists():
         make_dataset(args.data, train=args.train_records)
@@ -163,17 +207,20 @@ def main(argv=None) -> None:
         model.save_pretrained(checkpoint)
         processor.save_pretrained(checkpoint)
         example = read_records(args.data / "test.jsonl")[0]  # held out: the demo's image and question
-        export(checkpoint, args.output, REPO_ID, license="apache-2.0", datasets=["synthetic-vgr-tiny"],
-               example_image=args.data / example["image"])
-    (args.output / "tokenizer.json").unlink()  # not committed (Llama 2 licence): `make assets` restores it
-    question = example["conversations"][0]["value"].replace("<image>\n", "")
-    (args.output / "example.json").write_text(json.dumps({"question": question, "answer": example["answer"],
-                                                          "box": example["box"]}, indent=1))
-    (args.output / "training_log.json").write_text(json.dumps(
-        {"train_runtime_seconds": result.metrics["train_runtime"], "steps": args.max_steps, "logs": logs}, indent=1))
+        to_rgb_image(args.data / example["image"]).save(checkpoint / "example.png")
+        question = example["conversations"][0]["value"].replace("<image>\n", "")
+        (checkpoint / "example.json").write_text(json.dumps({"question": question, "answer": example["answer"],
+                                                             "box": example["box"]}, indent=1))
+        (checkpoint / "training_log.json").write_text(json.dumps(
+            {"train_runtime_seconds": result.metrics["train_runtime"], "steps": args.max_steps, "logs": logs},
+            indent=1))
+        export_tiny(checkpoint, args.output)
     size = sum(path.stat().st_size for path in args.output.iterdir()) / 2**20
     print(f"trained {args.max_steps} steps in {result.metrics['train_runtime'] / 60:.1f} min; "
-          f"loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f}; wrote {args.output} ({size:.1f} MB)")
+          f"loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f}; wrote {args.output} ({size:.1f} MB). Evaluate it "
+          f"with `python -m transformers_vgr.reference.evaluate --model {args.output} --output "
+          f"{args.output}/evaluation.json`, then put the table in its card with `--export-from {args.output} "
+          f"--output {args.output} --overwrite`")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from ..box_text_vgr import format_box
+from ..cli import HelpFormatter
 
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "orange": (240, 150, 30)}
@@ -69,12 +70,16 @@ def make_sample(output: Path, records: int = 64, seed: int = 0) -> Path:
     return path
 
 
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("output", type=Path, help="folder for train.parquet and its images")
+    parser.add_argument("--records", type=int, default=64, help="records to make")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and texts")
+    return parser
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("output", type=Path)
-    parser.add_argument("--records", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     print(make_sample(args.output, args.records, args.seed))
 
 
