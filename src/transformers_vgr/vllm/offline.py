@@ -1,0 +1,102 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""Offline batch inference with the replay loop: `VGRLLM(path, **vllm_kwargs).generate(requests, sampling_params)`.
+
+All requests are submitted at once to one vLLM `AsyncLLM` (continuous batching); each runs its own replay loop
+(`replay.py`), so a replay in one request pads no other. Scripts that build a `VGRLLM` need the
+`if __name__ == "__main__":` guard: vLLM starts worker processes.
+"""
+
+import asyncio
+import threading
+import uuid
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from .replay import VGRFrontend, VGROutput, run_session
+
+
+def apply_vgr_defaults(args: AsyncEngineArgs, frontend: VGRFrontend) -> AsyncEngineArgs:
+    """What VGR needs from vLLM unless the caller says otherwise: the prefix cache (a replay reuses the prefix's KV
+    blocks), room for the region items a request's replays add (one per replay), and the measurement hooks."""
+    if args.enable_prefix_caching is None:
+        args.enable_prefix_caching = True
+    if not args.limit_mm_per_prompt:
+        args.limit_mm_per_prompt = {"image": 1, "region": frontend.config.max_replays}
+    if not args.worker_extension_cls:
+        args.worker_extension_cls = "transformers_vgr.vllm.model.VGRWorkerExtension"
+    return args
+
+
+class VGRLLM:
+    """VGR on vLLM, offline. `model` is an exported VGR folder (or repo id); other keyword arguments go to vLLM's
+    engine as for `vllm.LLM` (`tensor_parallel_size`, `dtype`, `max_model_len`, `gpu_memory_utilization`, ...)."""
+
+    def __init__(self, model: str, **kwargs):
+        self.frontend = VGRFrontend(model)
+        # The engine lives on an event loop of its own, so that `generate` can be called from plain code.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vgr-vllm-loop", daemon=True)
+        self._thread.start()
+        args = apply_vgr_defaults(AsyncEngineArgs(model=model, **kwargs), self.frontend)
+        self.engine = self._run(self._start(args))
+
+    async def _start(self, args):
+        return AsyncLLM.from_engine_args(args)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def generate(self, requests, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[VGROutput]:
+        """`requests`: a list of chat conversations (each a list of messages; an image as a content part
+        `{"type": "image", "image": PIL image or path}`), or one conversation. Returns one `VGROutput` per request.
+        A bad request raises `ValueError` before anything runs."""
+        if requests and isinstance(requests[0], dict):
+            requests = [requests]
+        if sampling_params is None:
+            sampling_params = SamplingParams(temperature=0.0, max_tokens=256)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(requests)
+        if len(params) != len(requests):
+            raise ValueError(f"{len(params)} sampling parameters for {len(requests)} requests")
+        prepared = [self.frontend.prepare(messages) for messages in requests]
+        sessions = [self.frontend.session(request, p, uuid.uuid4().hex) for request, p in zip(prepared, params)]
+        return self._run(self._generate_all(sessions))
+
+    async def _generate_all(self, sessions) -> list[VGROutput]:
+        async def finish(session):
+            async for item in run_session(self.engine, session):
+                result = item
+            return result
+
+        return list(await asyncio.gather(*(finish(session) for session in sessions)))
+
+    def stats(self) -> list[dict]:
+        """Per worker: vision-tower runs per image (by pixel hash) and feature-memory misses (see `model.py`)."""
+        return self._run(self.engine.collective_rpc("vgr_stats"))
+
+    def clear_feature_memory(self) -> None:
+        self._run(self.engine.collective_rpc("vgr_clear_feature_memory"))
+
+    def close(self) -> None:
+        if self.engine is not None:
+            # vLLM's output handler first: stopped after the engine core, it would log the core's end as an error.
+            self._run(_cancel_pending_tasks())
+            self.engine.shutdown()
+            self.engine = None  # shut down now, not in vLLM's __del__ at interpreter exit
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+async def _cancel_pending_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
