@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 # The real LLaMA-2 / Vicuna-v1.5 tokenizer, fetched at set-up and never committed (Llama 2 licence).
 TOKENIZER := assets/llama2-tokenizer.json
 WORDLLAMA := wordllama==0.4.0.post1
+# transformers' own common test mixins (ModelTesterMixin, ConfigTester, ProcessorTesterMixin,
+# ImageProcessingTestMixin), unpacked from the sdist of the installed transformers version; never committed.
+TRANSFORMERS_TESTS := assets/transformers-tests/.unpacked
 
 .PHONY: install assets test demo clean
 
@@ -22,7 +25,7 @@ $(STAMP): setup.cfg pyproject.toml
 # The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
 CHECKPOINT := checkpoints/vgr-tiny
 
-assets: $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+assets: $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS)
 
 $(TOKENIZER): | $(STAMP)
 	mkdir -p assets/.download
@@ -32,10 +35,29 @@ $(TOKENIZER): | $(STAMP)
 	open(sys.argv[1], 'wb').write(z.read('wordllama/tokenizers/l2_supercat_tokenizer_config.json'))" $@
 	rm -rf assets/.download
 
+# Only the mixins and their own helpers are unpacked, as a package of its own (tests/test_transformers_common_vgr.py
+# imports it); the sdist does not carry tests/generation, tests/exporters, tests/utils or utils/, so that test module
+# stands in for the few names they provide.
+$(TRANSFORMERS_TESTS): | $(STAMP)
+	rm -rf assets/transformers-tests assets/.download-transformers
+	$(PIP) download -q --no-deps --no-binary :all: -d assets/.download-transformers \
+		"transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
+	$(PY) -c "import sys, tarfile, glob, pathlib; \
+	out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True); \
+	names = ('test_modeling_common.py', 'test_configuration_common.py', 'test_processing_common.py', \
+	'test_image_processing_common.py'); \
+	tar = tarfile.open(glob.glob('assets/.download-transformers/transformers-*.tar.gz')[0]); \
+	members = [m for m in tar.getmembers() if m.name.split('/', 1)[-1] in ['tests/' + n for n in names]]; \
+	assert len(members) == len(names), [m.name for m in members]; \
+	[(out / pathlib.Path(m.name).name).write_bytes(tar.extractfile(m).read()) for m in members]; \
+	(out / '__init__.py').write_text('')" assets/transformers-tests/transformers_common_tests
+	rm -rf assets/.download-transformers
+	touch $@
+
 $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
 
-test: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+test: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS)
 	$(PY) -m pytest -q
 
 demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
