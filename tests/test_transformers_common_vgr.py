@@ -11,13 +11,17 @@
 - `config_common_kwargs` (tests/utils/test_configuration_utils.py): empty; `ConfigTester` only reads it for configs
   without sub-configs, and VGR's config has two.
 - `url_to_local_path` (utils/fetch_hub_objects_for_ci.py), which maps transformers' fixture URLs to files its CI
-  fetched: a real photo of a cat (scikit-image's "chelsea") stands in for the COCO fixture images; other URLs are
-  returned as they are, and a test that would download them is skipped with that reason.
+  fetched: a real photo of a cat (scikit-image's "chelsea") stands in for the COCO fixture images; the video and
+  audio URLs are returned as they are (VGR's processor has neither modality, so the tests that read them skip).
 
-Every skip carries a reason that transformers gives for its own models: a feature VGR refuses by design, a hub
-checkpoint the tests may not download, hardware this machine does not have.
+Skips come from the mixins themselves (no GPU, optional libraries such as flash-attn or deepspeed, modalities VGR has
+not, tests transformers marks slow) and from two overrides here: the check that a generative model's tester inherits
+`GenerationTesterMixin`, which the sdist does not carry, and the padding-free flash-attention test that LLaVA-NeXT's
+model test skips too. With the same stand-ins the same harness runs transformers' LLaVA-NeXT without a failure.
 """
 
+import atexit
+import shutil
 import sys
 import tempfile
 import types
@@ -48,6 +52,7 @@ def _fixture_images() -> dict[str, str]:
     from skimage import data
 
     folder = Path(tempfile.mkdtemp(prefix="vgr-common-fixtures-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     cat = PIL.Image.fromarray(np.asarray(data.chelsea()))
     cat.save(folder / "cat.png")
     cat.save(folder / "cat.jpg")
@@ -239,7 +244,6 @@ class VGRForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestCase):
             inputs = self._prepare_for_class(inputs_dict, model_class)
             input_ids = inputs.pop("input_ids")
             del inputs["pixel_values"]
-            inputs["input_ids"] = None
             inputs["inputs_embeds"] = model.get_input_embeddings()(input_ids)
             with torch.no_grad():
                 model(**inputs)
@@ -270,7 +274,8 @@ class VGRForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestCase):
             pixel_values, image_sizes = input_dict["pixel_values"][:1], input_dict["image_sizes"][:1]
             with self.assertRaises(ValueError):  # two rows of placeholders, one image
                 model(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes)
-            model(input_ids=input_ids, pixel_values=torch.cat([pixel_values] * 2), image_sizes=torch.cat([image_sizes] * 2))
+            pixel_values, image_sizes = torch.cat([pixel_values] * 2), torch.cat([image_sizes] * 2)
+            model(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes)  # two of each: no error
 
     # LLaVA-NeXT marks the three gradient-checkpointing tests xfail: "This architecture seems to not compute gradients
     # for some layer" (its vision tower's post_layernorm: features come from a hidden layer). Here they run in full
@@ -303,8 +308,11 @@ class VGRForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestCase):
     def test_generation_tester_mixin_inheritance(self):
         pass
 
-    # The skips LLaVA-NeXT's model test has, for the same reasons.
-    @unittest.skip(reason="VLMs need lots of steps to prepare images/mask correctly to get pad-free inputs. Can be tested as part of LLM test")
+    # LLaVA-NeXT's model test skips it for the same reason.
+    @unittest.skip(
+        reason="VLMs need lots of steps to prepare images/mask correctly to get pad-free inputs. Can be tested as "
+        "part of LLM test"
+    )
     def test_flash_attention_2_padding_matches_padding_free_with_position_ids(self):
         pass
 
@@ -313,13 +321,16 @@ class VGRForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestCase):
 # Processor and image processor
 
 
-def tiny_image_processor(**kwargs) -> VGRImageProcessor:
-    """56-px crops of 14-px patches, at most 4 crops, pools 2 / 4 / 2: an image is 4 + 1 per crop visual tokens, so
-    the mixins' short max_length tests hold the whole image (as LLaVA-NeXT's processor test sets patch_size=128)."""
-    return VGRImageProcessor(
-        crop_size={"height": 56, "width": 56}, patch_size=14, max_crops=4, snapshot_pool=2, crop_pool=4,
-        replay_pool=2, **kwargs,
-    )
+# 56-px crops of 14-px patches, at most 4 crops, pools 2 / 4 / 2: an image is 4 + 1 per crop visual tokens, so the
+# mixins' short max_length tests hold the whole image (LLaVA-NeXT's processor test sets patch_size=128 for the same).
+TINY_IMAGE_PROCESSOR = {
+    "crop_size": {"height": 56, "width": 56},
+    "patch_size": 14,
+    "max_crops": 4,
+    "snapshot_pool": 2,
+    "crop_pool": 4,
+    "replay_pool": 2,
+}
 
 
 class VGRProcessorTest(ProcessorTesterMixin, unittest.TestCase):
@@ -333,7 +344,7 @@ class VGRProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
     @classmethod
     def _setup_image_processor(cls):
-        return tiny_image_processor()
+        return VGRImageProcessor(**TINY_IMAGE_PROCESSOR)
 
     @classmethod
     def _setup_test_attributes(cls, processor):
@@ -342,11 +353,7 @@ class VGRProcessorTest(ProcessorTesterMixin, unittest.TestCase):
 
 class VGRImageProcessingTester(ImageProcessingTester):
     def __init__(self, parent, **kwargs):
-        kwargs.setdefault("crop_size", {"height": 56, "width": 56})
-        kwargs.setdefault("patch_size", 14)
-        kwargs.setdefault("max_crops", 4)
-        kwargs.setdefault("crop_pool", 4)
-        super().__init__(parent, **kwargs)
+        super().__init__(parent, **{**TINY_IMAGE_PROCESSOR, **kwargs})
 
     def _get_image_processing_classes(self):
         # transformers looks the classes up by the test file's folder name among its own models; VGR's is this one.
@@ -354,7 +361,7 @@ class VGRImageProcessingTester(ImageProcessingTester):
 
     def expected_output_image_shape(self, images):
         # (1 + most crops in the batch, 3, crop, crop): the snapshot, then the crops, padded to the batch's most.
-        geometry = tiny_image_processor().geometry()
+        geometry = VGRImageProcessor(**self.prepare_image_processor_dict()).geometry()
         sizes = [image.size[::-1] if isinstance(image, PIL.Image.Image) else
                  (image.shape[:2] if isinstance(image, np.ndarray) else tuple(image.shape[-2:])) for image in images]
         most = max(geometry.tile(tuple(int(v) for v in size)).num_crops for size in sizes)
