@@ -53,7 +53,8 @@ class TestTokenCounts:
         for name, image in images.items():
             inputs = processor(images=image, text=chat(), return_tensors="pt")
             with torch.no_grad():
-                prompt_tokens, memories = paper_model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+                image_outputs = paper_model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+                prompt_tokens, memories = image_outputs.pooler_output, image_outputs.feature_memory
                 paper_model(**inputs)  # the forward checks placeholders against features itself
             placeholders = (inputs["input_ids"] == paper_model.config.image_token_id).sum().item()
             tile = memories[0].tile
@@ -65,7 +66,8 @@ class TestTokenCounts:
         processor = tiny_processor(paper_model.config)
         inputs = processor(images=chart, text=chat(), return_tensors="pt")
         with torch.no_grad():
-            prompt_tokens, memories = paper_model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+            image_outputs = paper_model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+            prompt_tokens, memories = image_outputs.pooler_output, image_outputs.feature_memory
         assert memories[0].tile.num_crops == 20
         assert prompt_tokens[0].shape[0] == 864
         assert (inputs["input_ids"] == paper_model.config.image_token_id).sum().item() == 864
@@ -81,7 +83,8 @@ class TestTokenCounts:
         model, processor = VGRForConditionalGeneration(config).eval(), tiny_processor(config)
         inputs = processor(images=images[image_name], text=chat(), return_tensors="pt")
         with torch.no_grad():
-            prompt_tokens, memories = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+            image_outputs = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+            prompt_tokens, memories = image_outputs.pooler_output, image_outputs.feature_memory
             model(**inputs)
         tile = memories[0].tile
         top, bottom, left, right = unpadded_span(tile.image_size, (tile.grid[0] * 2, tile.grid[1] * 2))  # 8 / 4 = 2

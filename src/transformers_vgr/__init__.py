@@ -20,11 +20,12 @@ from .box_text_vgr import (
     parse_boxes,
 )
 from .configuration_vgr import VGRConfig
-from .generation_vgr import ReplayRecord, VGRGenerateOutput
+from .generation_vgr import VGRGenerateOutput
 from .geometry_vgr import VGRGeometry, llava_next_prompt_tokens
 from .image_processing_vgr import VGRImageProcessor
 from .modeling_vgr import VGRForConditionalGeneration, VGRModel, VGRPreTrainedModel
 from .processing_vgr import VGRProcessor
+from .replay_vgr import ReplayRecord
 
 
 # Auto classes in this process: AutoModel resolves to the generative class, as hub VLMs with remote code do.

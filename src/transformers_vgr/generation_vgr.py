@@ -14,7 +14,12 @@ recomputed and the vision tower is not rerun. The stock `generate` loop of trans
   replaying row and `[pad .. pad, token]` for the others (pads masked), so the last position of every row is the one
   whose logits pick the next token. The replayed positions live in the cache and in the attention mask kept here,
   never in `input_ids`, so `max_new_tokens`, streamers and stopping criteria see text tokens only.
-- `_update_model_kwargs_for_generation` keeps the prefill's feature memory and the detection head's boxes.
+- `_update_model_kwargs_for_generation` keeps the prefill's feature memory and the detection head's boxes;
+- `_expand_inputs_for_generation` gives each of `num_return_sequences` samples its row's images.
+
+A cache returned by `generate` (`return_dict_in_generate=True`) carries a `CachedConversation`: passed back as
+`cache=` with `input_ids` that start with the returned `sequences`, a later `generate` continues the conversation
+from it, without running the vision tower or prefilling the earlier turns again.
 
 This file is the only one that depends on the internals of transformers' generation loop (5.24).
 """
@@ -24,31 +29,48 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationMixin
-from transformers.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .box_text_vgr import box_token_table, parse_box, to_pixel_box
+from .box_text_vgr import box_token_table
+from .replay_vgr import CONTEXT_OVERFLOW, ReplayLimits, ReplayRecord, plan_replay, read_box
 
 
-@dataclass
-class ReplayRecord:
-    """One `<eot>` of a generated row and what it did."""
-
-    step: int  # index of the <eot> among the row's generated tokens
-    box: tuple[float, float, float, float] | None  # normalized, clamped
-    pixel_box: tuple[float, float, float, float] | None  # in pixels of the row's image
-    num_tokens: int  # tokens replayed (0 if none)
-    valid: bool  # whether the region was replayed
-    reason: str | None = None  # why not
-    head_box: tuple[float, float, float, float] | None = None  # the detection head's box at this <eot>
+# Why a row stopped, as serving APIs say it; VGR's own `CONTEXT_OVERFLOW` when a replay does not fit.
+FINISH_STOP = "stop"  # an eos token, a stop string or another stopping criterion
+FINISH_LENGTH = "length"  # max_length / max_new_tokens, or the context is full
+FINISH_TIME = "time"  # max_time
 
 
 @dataclass
 class VGRGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate` output with, per row, a `ReplayRecord` for each `<eot>` (and why a row stopped, if VGR stopped it)."""
+    """`generate` output with, per row, a `ReplayRecord` for each `<eot>` and why the row stopped: `"stop"` (eos, a
+    stop string or another stopping criterion), `"length"` (`max_new_tokens` / `max_length`, or a full context),
+    `"time"` (`max_time`) or `"context_overflow"` (a replay would not fit in the context). `cache` carries a
+    `CachedConversation`, so that it can continue the conversation (see `VGRGenerationMixin.generate`)."""
 
     replays: list[list[ReplayRecord]] | None = None
     finish_reasons: list[str | None] | None = None
+
+
+@dataclass
+class CachedConversation:
+    """What a cache returned by `generate` holds besides keys and values, so that a later `generate` can continue
+    from it: the text it covers, where each text token sits in the cache, which cache positions are attended, and the
+    feature memory of its images."""
+
+    text_ids: torch.Tensor  # (batch, covered): the text tokens fed to the cache, in order
+    text_slots: torch.Tensor  # (batch, covered): the cache index of each of them
+    cache_mask: torch.Tensor  # (batch, cache_length): 1 where a later token attends (pads after a row's end are 0)
+    last_is_real: torch.Tensor  # (batch,): whether the last token of `sequences` (never fed) is real, not a pad
+    feature_memory: object  # FeatureMemory of the conversation's images, or None
 
 
 @dataclass
@@ -59,9 +81,7 @@ class ReplayState:
     sot_token_id: int
     image_token_id: int
     pad_token_id: int
-    max_replays: int
-    max_replay_tokens: int
-    max_positions: int
+    limits: ReplayLimits
     box_texts: dict[int, str]
     geometry: object  # VGRGeometry: replay token counts
     prompt_length: int = 0
@@ -72,82 +92,74 @@ class ReplayState:
     records: list[list[ReplayRecord]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)  # rows any stopping criterion has finished
-    replayed_tokens: list[int] = field(default_factory=list)
     head_box_rows: list[int] = field(default_factory=list)  # rows whose last record waits for its head box
     plans: list | None = None  # decided when the tokens are appended, consumed by the next step
     fed_eot_rows: list[int] = field(default_factory=list)  # rows whose last chunk holds an <eot>
+    conversation: CachedConversation | None = None  # the cache this call continues from, if any
+    text_slots: list[torch.Tensor] = field(default_factory=list)  # (batch, n) cache index of each text token fed
+    last_real_column: list[int] = field(default_factory=list)  # per row, its last real column of input_ids
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """The prefill of `input_ids` (the new part of them when continuing a conversation)."""
         batch = input_ids.shape[0]
-        self.prompt_length = input_ids.shape[1]
+        self.prompt_length = input_ids.shape[1] if self.conversation is None else self.prompt_length
+        start = attention_mask.shape[1] - input_ids.shape[1]  # the cache length before it
+        slots = start + torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
+        self.text_slots.append(slots)
         self.cache_mask = attention_mask.clone()
         self.next_position = position_ids[:, -1] + 1
         self.records = [[] for _ in range(batch)]
         self.finish_reasons = [None] * batch
         self.finished = [False] * batch
-        self.replayed_tokens = [0] * batch
+        self.last_real_column = [None] * batch
 
-    def read_box(self, generated: list[int]):
-        """The box that a row's fresh `<eot>` closes (a ParsedBox), or a reason string. `generated` is the row's
-        generated ids, ending on that `<eot>`. Only the ids since the row's previous `<eot>` count: a box already
-        closed is never read twice, and the prompt is never read (the authors' prompt spells out
-        `<sot>[x1, y1, x2, y2]<eot>`)."""
-        body = generated[:-1]
-        if self.eot_token_id in body:
-            body = body[len(body) - body[::-1].index(self.eot_token_id) :]
-        if self.sot_token_id not in body:
-            return "no <sot> before <eot>"
-        body = body[len(body) - body[::-1].index(self.sot_token_id) :]
-        if any(token not in self.box_texts for token in body):
-            return "unparsable: the box text holds tokens that are not part of a box"
-        return parse_box("".join(self.box_texts[token] for token in body))
+    def finish(self, row: int, reason: str, column: int) -> None:
+        """Row `row` stopped: `column` of input_ids is its last real token."""
+        if not self.finished[row]:
+            self.finished[row] = True
+            self.finish_reasons[row] = self.finish_reasons[row] or reason
+            self.last_real_column[row] = column
 
-    def after_append(self, input_ids: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        """Runs as soon as a token is appended to every row, with the rows the other stopping criteria just finished.
-        Records each fresh `<eot>`, plans the replays the next step feeds (`self.plans`: `(K, box)` or None per row)
-        and returns the rows VGR itself stops: those whose replay would overflow the context."""
+    def after_append(self, input_ids: torch.Tensor, done: torch.Tensor, reasons: list[str | None]) -> torch.Tensor:
+        """Runs as soon as a token is appended to every row, with the rows the other stopping criteria just finished
+        and why (`reasons`). Records each fresh `<eot>`, plans the replays the next step feeds (`self.plans`: `(K, box)`
+        or None per row) and returns the rows VGR itself stops: those whose replay would overflow the context, and
+        those with no room left for the token just appended."""
         self.plans, self.head_box_rows = [], []
         stop = torch.zeros_like(done)
+        column = input_ids.shape[1] - 1
         for row, ids in enumerate(input_ids.tolist()):
-            was_finished, self.finished[row] = self.finished[row], self.finished[row] or bool(done[row])
+            was_finished = self.finished[row]
+            if not was_finished and done[row]:
+                self.finish(row, reasons[row], column)
             if was_finished or ids[-1] != self.eot_token_id:
                 self.plans.append(None)
-                continue
-            step = len(ids) - 1 - self.prompt_length
-            if self.finished[row]:
-                record = ReplayRecord(step, None, None, 0, False, "generation ended at this <eot>")
             else:
-                record = self._decide(row, ids, step)
-                self.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
-            self.records[row].append(record)
-            self.plans.append((record.num_tokens, record.box) if record.valid else None)
-            if self.finish_reasons[row] is not None:
-                stop[row] = self.finished[row] = True
+                step = len(ids) - 1 - self.prompt_length
+                if self.finished[row]:
+                    record = ReplayRecord(step, None, None, 0, False, "generation ended at this <eot>")
+                else:
+                    record = self._decide(row, ids, step)
+                    self.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
+                self.records[row].append(record)
+                self.plans.append((record.num_tokens, record.box) if record.valid else None)
+            if not self.finished[row] and self.finish_reasons[row] == CONTEXT_OVERFLOW:
+                self.finish(row, CONTEXT_OVERFLOW, column)
+            elif not self.finished[row] and int(self.next_position[row]) >= self.limits.max_positions:
+                self.finish(row, FINISH_LENGTH, column)  # the token just appended has no position left
+            stop[row] = self.finished[row] and not was_finished
         return stop
 
     def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
-        parsed = self.read_box(ids[self.prompt_length :])
-        if isinstance(parsed, str) or not parsed.valid:
-            return ReplayRecord(step, None, None, 0, False, parsed if isinstance(parsed, str) else parsed.reason)
-        if memory is None:
-            return ReplayRecord(step, parsed.box, None, 0, False, "the row has no image to replay from")
-        box, tile = parsed.box, memory.tile
-        pixel_box = to_pixel_box(box, tile.image_size)
-        num_tokens = self.geometry.replay_tokens(tile.image_size, box)
-        replays_done = sum(record.valid for record in self.records[row])
-        reason = None
-        if replays_done >= self.max_replays:
-            reason = f"max_replays ({self.max_replays}) reached"
-        elif self.replayed_tokens[row] + num_tokens > self.max_replay_tokens:
-            reason = f"max_replay_tokens ({self.max_replay_tokens}) would be exceeded"
-        elif int(self.next_position[row]) + num_tokens + 2 > self.max_positions:
-            reason = f"context overflow: {num_tokens} replayed tokens do not fit in {self.max_positions} positions"
-            self.finish_reasons[row] = "context_overflow"
-        if reason is not None:
-            return ReplayRecord(step, box, pixel_box, 0, False, reason)
-        self.replayed_tokens[row] += num_tokens
-        return ReplayRecord(step, box, pixel_box, num_tokens, True)
+        parsed = read_box(ids[self.prompt_length :], self.sot_token_id, self.eot_token_id, self.box_texts)
+        record, finish_reason = plan_replay(
+            parsed, step, None if memory is None else memory.tile.image_size, self.geometry, self.records[row],
+            int(self.next_position[row]), self.limits,
+        )
+        if finish_reason is not None:
+            self.finish_reasons[row] = finish_reason
+        return record
 
     def chunk(self, last_tokens: torch.Tensor, plans) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """Input ids, attention mask and position ids of this step's chunk `(batch, 1 + max K)`, and its boxes.
@@ -157,9 +169,10 @@ class ReplayState:
         device = last_tokens.device
         ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((batch, width), dtype=self.cache_mask.dtype, device=device)
-        boxes = []
+        boxes, text_slots = [], []
         for row, plan in enumerate(plans):
             length = 1 + (plan[0] if plan is not None else 0)
+            text_slots.append(self.cache_mask.shape[1] + width - length)
             ids[row, -length] = last_tokens[row]
             ids[row, width - length + 1 :] = self.image_token_id
             mask[row, -length:] = 1
@@ -168,9 +181,31 @@ class ReplayState:
         offsets = (mask.cumsum(-1) - 1).clamp(min=0)
         positions = self.next_position[:, None] + offsets
         self.next_position = positions[:, -1] + 1
+        self.text_slots.append(torch.tensor(text_slots, device=device)[:, None])
         self.cache_mask = torch.cat([self.cache_mask, mask], dim=-1)
         self.fed_eot_rows = (ids == self.eot_token_id).nonzero()[:, 0].tolist()  # the order of the head's boxes
         return ids, self.cache_mask, positions, boxes
+
+
+    def cached_conversation(self, sequences: torch.Tensor) -> CachedConversation:
+        """What the cache holds after this call, for a later `generate` to continue from. Every text token of
+        `sequences` but the last was fed; the pads a finished row was fed since are masked, as they would be if the
+        whole conversation were fed at once."""
+        text_slots = torch.cat(self.text_slots, dim=1)  # (batch, covered)
+        covered = text_slots.shape[1]
+        prompt_start = sequences.shape[1] - covered - 1  # columns of sequences before this call's text (continuing)
+        cache_mask = self.cache_mask.clone()
+        last_is_real = torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        for row, last_real in enumerate(self.last_real_column):
+            if last_real is None:
+                continue
+            pads = text_slots[row, last_real + 1 - prompt_start :]  # fed after the row's end
+            cache_mask[row, pads] = 0
+            last_is_real[row] = last_real == sequences.shape[1] - 1
+        text_ids = sequences[:, :-1]
+        if self.conversation is not None:
+            text_slots = torch.cat([self.conversation.text_slots, text_slots], dim=1)
+        return CachedConversation(text_ids, text_slots, cache_mask, last_is_real, self.feature_memory)
 
 
 class SuppressImagePlaceholderLogitsProcessor(LogitsProcessor):
@@ -207,14 +242,36 @@ class ReplayStoppingCriteriaList(StoppingCriteriaList):
         self.state = state
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = super().__call__(input_ids, scores, **kwargs)
-        return done | self.state.after_append(input_ids, done)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        reasons = [None] * input_ids.shape[0]
+        for criterion in self:
+            hit = criterion(input_ids, scores, **kwargs)
+            for row in (hit & ~done).nonzero().flatten().tolist():
+                reasons[row] = _finish_reason(criterion)
+            done = done | hit
+        return done | self.state.after_append(input_ids, done, reasons)
+
+
+def _finish_reason(criterion: StoppingCriteria) -> str:
+    if isinstance(criterion, MaxLengthCriteria):
+        return FINISH_LENGTH
+    if isinstance(criterion, MaxTimeCriteria):
+        return FINISH_TIME
+    return FINISH_STOP
 
 
 class VGRGenerationMixin(GenerationMixin):
     """`generate` with selective feature replay (see the module docstring)."""
 
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None, **kwargs):
+        """transformers' `generate`, with a replay after each `<eot>` (see the module docstring).
+
+        To continue a conversation, pass the `cache` of an earlier call's output (`return_dict_in_generate=True`) and
+        `input_ids` that start with that output's `sequences`, followed by the new turn's tokens (`attention_mask`, if
+        given, only matters for the new tokens). The cache holds the earlier turns, their replays and the images'
+        feature memory: the vision tower does not run and the earlier turns are not fed again (`pixel_values` and
+        `image_sizes` may be passed and are not used); the new turn cannot add images.
+        """
         effective, _ = self._prepare_generation_config(copy.deepcopy(generation_config), **copy.copy(kwargs))
         self._check_generation_mode(effective, kwargs)
 
@@ -223,12 +280,16 @@ class VGRGenerationMixin(GenerationMixin):
             sot_token_id=self.config.sot_token_id,
             image_token_id=self.config.image_token_id,
             pad_token_id=_pad_token_id(self.config, effective),
-            max_replays=self.config.max_replays,
-            max_replay_tokens=self.config.max_replay_tokens,
-            max_positions=self.config.text_config.max_position_embeddings,
+            limits=ReplayLimits(
+                self.config.max_replays, self.config.max_replay_tokens, self.config.text_config.max_position_embeddings
+            ),
             box_texts=self._box_texts(kwargs.get("tokenizer")),
             geometry=self.model.geometry,
         )
+        cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))
+        if cache is not None:
+            inputs = self._continue_conversation(state, cache, inputs, kwargs)
+            kwargs["cache"] = cache
         # The model never writes <image> itself: placeholders are the processor's and the replay loop's.
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(SuppressImagePlaceholderLogitsProcessor(self.config.image_token_id))
@@ -239,8 +300,47 @@ class VGRGenerationMixin(GenerationMixin):
             replay_state=state, **kwargs,
         )
         if isinstance(output, GenerateDecoderOnlyOutput):
+            if output.cache is not None:
+                output.cache.vgr_conversation = state.cached_conversation(output.sequences)
             output = VGRGenerateOutput(**output, replays=state.records, finish_reasons=state.finish_reasons)
         return output
+
+    def _continue_conversation(self, state: ReplayState, cache, inputs, kwargs: dict) -> torch.Tensor:
+        """Check a continuation against the cache it continues from, and set `state` to start from it. Returns the
+        input ids."""
+        conversation = getattr(cache, "vgr_conversation", None)
+        if conversation is None:
+            raise ValueError(
+                "VGR continues only from a cache its own generate returned (return_dict_in_generate=True): it holds "
+                "replayed positions that the input ids do not show"
+            )
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("continuing a conversation needs input_ids: the earlier output's sequences, then the new turn")
+        covered = conversation.text_ids.shape[1]
+        if input_ids.shape[0] != conversation.text_ids.shape[0] or input_ids.shape[1] <= covered + 1:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} cannot continue a cache of {conversation.text_ids.shape[0]} "
+                f"row(s) and {covered + 1} tokens: pass the earlier output's sequences followed by the new turn"
+            )
+        if not torch.equal(input_ids[:, :covered], conversation.text_ids.to(input_ids.device)):
+            raise ValueError(
+                "input_ids do not start with the tokens the cache holds: pass torch.cat([output.sequences, new_turn_ids], "
+                "dim=-1), not a re-tokenized conversation (decoding and encoding again can change the tokens)"
+            )
+        if (input_ids[:, covered:] == self.config.image_token_id).any():
+            raise ValueError(
+                "a continued conversation cannot add images: the cache's feature memory holds the earlier turns' images; "
+                "start a new generate for a new image"
+            )
+        kwargs.pop("pixel_values", None)  # the cache's feature memory stands for them
+        kwargs.pop("image_sizes", None)
+        state.conversation = conversation
+        state.feature_memory = conversation.feature_memory
+        state.prefilled = True
+        state.prompt_length = input_ids.shape[1]
+        state.cache_mask = conversation.cache_mask
+        return input_ids
 
     def _get_stopping_criteria(self, generation_config, stopping_criteria, *args, **kwargs):
         criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, *args, **kwargs)
@@ -254,10 +354,6 @@ class VGRGenerationMixin(GenerationMixin):
         # v5 leaves unset generation options as None.
         if (config.num_beams or 1) != 1 or (getattr(config, "num_beam_groups", None) or 1) != 1:
             raise ValueError("VGR's replay loop does not support beam search: use greedy decoding or sampling")
-        if (config.num_return_sequences or 1) != 1:
-            raise ValueError(
-                "VGR's replay loop does not support num_return_sequences > 1: repeat the inputs in the batch instead"
-            )
         if config.use_cache is False:
             raise ValueError("VGR replays through the KV cache: use_cache=False is not supported")
         if config.cache_implementation not in (None, "dynamic"):
@@ -274,8 +370,10 @@ class VGRGenerationMixin(GenerationMixin):
             raise ValueError("custom_generate is not supported: VGR's generate is the replay loop")
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("VGR generates from input_ids: the image placeholders say where the image features go")
-        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError("VGR's generate starts from an empty cache: do not pass a cache")
+        if (kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None) and (
+            config.num_return_sequences or 1
+        ) != 1:
+            raise ValueError("num_return_sequences > 1 cannot continue a conversation: its cache has one row per sample")
 
     def _box_texts(self, tokenizer) -> dict[int, str]:
         table = self.config
@@ -303,6 +401,8 @@ class VGRGenerationMixin(GenerationMixin):
         replay_state: ReplayState | None = None,
         **kwargs,
     ):
+        if replay_state is not None and is_first_iteration and replay_state.conversation is not None:
+            return self._continuation_inputs(input_ids, cache, attention_mask, replay_state, **kwargs)
         if replay_state is None or is_first_iteration:
             model_inputs = super().prepare_inputs_for_generation(
                 input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
@@ -333,6 +433,50 @@ class VGRGenerationMixin(GenerationMixin):
             feature_memory=replay_state.feature_memory,
         )
         return model_inputs
+
+    def _continuation_inputs(self, input_ids, cache, attention_mask, state: ReplayState, **kwargs):
+        """The first step of a continued conversation: the tokens the cache does not hold yet, after it."""
+        conversation = state.conversation
+        covered = conversation.text_ids.shape[1]
+        new_ids = input_ids[:, covered:]  # (batch, new): the earlier output's last token, then the new turn
+        if attention_mask is None:
+            new_mask = torch.ones_like(new_ids)
+        else:
+            new_mask = attention_mask[:, covered:].clone()
+        new_mask[:, 0] = conversation.last_is_real.to(new_mask.dtype)  # a pad if the row had ended before
+        full_mask = torch.cat([conversation.cache_mask.to(new_mask.dtype), new_mask], dim=-1)
+        # Real positions count on from the real positions the cache holds (replays included, pads not).
+        positions = conversation.cache_mask.sum(-1, keepdim=True) + (new_mask.cumsum(-1) - 1).clamp(min=0)
+        state.start(new_ids, full_mask, positions)
+        model_inputs = super().prepare_inputs_for_generation(
+            new_ids, next_sequence_length=new_ids.shape[1], cache=cache, attention_mask=full_mask,
+            is_first_iteration=True, **kwargs,
+        )
+        model_inputs.update(
+            input_ids=new_ids, attention_mask=full_mask, position_ids=positions,
+            feature_memory=conversation.feature_memory,
+        )
+        return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """`num_return_sequences` copies of each row, each with its row's images (transformers' own expansion repeats
+        each image instead, which pairs images with rows only when every row has exactly one)."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        image_sizes = model_kwargs.pop("image_sizes", None)
+        replay_boxes = model_kwargs.pop("replay_boxes", None)
+        if expand_size > 1 and pixel_values is not None and input_ids is not None:
+            rows = self.model.images_of_rows(input_ids, image_sizes)
+            order = [image for images in rows for _ in range(expand_size) for image in images]
+            pixel_values, image_sizes = self.model.select_images(pixel_values, image_sizes, order)
+        if expand_size > 1 and replay_boxes is not None:
+            replay_boxes = [boxes for boxes in replay_boxes for _ in range(expand_size)]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        for name, value in (("pixel_values", pixel_values), ("image_sizes", image_sizes), ("replay_boxes", replay_boxes)):
+            if value is not None:
+                model_kwargs[name] = value
+        return input_ids, model_kwargs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(

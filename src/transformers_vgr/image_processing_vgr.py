@@ -84,10 +84,21 @@ def _read_image(source) -> PIL.Image.Image:
     return image
 
 
+def _decoded(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The image with its pixels decoded: an image opened by the caller is read lazily, so a truncated or corrupt
+    file would otherwise fail deep inside resizing."""
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as error:
+        name = getattr(image, "filename", None) or "<PIL image>"
+        raise ValueError(f"cannot read image {name}: the file is truncated or corrupt ({error})") from error
+    return image
+
+
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image has size 0: {image.width} x {image.height} pixels")
-    image = PIL.ImageOps.exif_transpose(image)
+    image = PIL.ImageOps.exif_transpose(_decoded(image))
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         levels = np.asarray(image, dtype=np.int64)
         image = PIL.Image.fromarray(np.clip(levels >> 8, 0, 255).astype(np.uint8), mode="L")
@@ -212,8 +223,14 @@ class VGRImageProcessor(PilBackend):
             return to_rgb_image(image_url_or_urls)
         return image_url_or_urls
 
-    def process_image(self, image, **kwargs) -> np.ndarray:
-        """One raw image -> (3, H, W) uint8, channels first."""
+    def process_image(self, image, do_convert_rgb: bool | None = None, input_data_format=None, **kwargs) -> np.ndarray:
+        """One raw image -> (3, H, W) uint8, channels first, converted by `to_rgb_image`. With `do_convert_rgb=False`
+        the image keeps its own channels (as transformers' image processors do; `image_mean` / `image_std` must then
+        have one value per channel)."""
+        if do_convert_rgb is False:
+            if isinstance(image, PIL.Image.Image):
+                image = _decoded(image)
+            return super().process_image(image, do_convert_rgb=False, input_data_format=input_data_format, **kwargs)
         return np.moveaxis(np.asarray(to_rgb_image(image)), -1, 0)
 
     def _preprocess(

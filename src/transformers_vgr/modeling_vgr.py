@@ -13,14 +13,16 @@ from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
 from .generation_vgr import VGRGenerationMixin
 from .geometry_vgr import TileGeometry, unpadded_span
+from .replay_vgr import pool_grid, replay_features, stitch_crops
 
 
 @dataclass
@@ -49,6 +51,21 @@ class FeatureMemory:
 
 
 @dataclass
+class VGRImageOutput(BaseModelOutputWithPooling):
+    r"""
+    The vision tower's output (`last_hidden_state`, and `hidden_states` / `attentions` of every crop when asked for),
+    with what VGR makes of it:
+
+    pooler_output (`tuple(torch.FloatTensor)`):
+        Per image, its prompt tokens `(snapshot + crop tokens, hidden_size)`, in the order of the placeholders.
+    feature_memory (`list[ImageMemory]`):
+        Per image, its feature memory S (unpooled crop features, stitched).
+    """
+
+    feature_memory: list[ImageMemory] | None = None
+
+
+@dataclass
 class VGRModelOutputWithPast(ModelOutput):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
@@ -61,6 +78,8 @@ class VGRModelOutputWithPast(ModelOutput):
         Attention weights of the language model, when asked for.
     feature_memory (`FeatureMemory`, *optional*):
         S of every image of `pixel_values` (or the memory that was passed in), and which image each row replays from.
+    image_outputs (`VGRImageOutput`, *optional*):
+        The vision tower's output for `pixel_values` (see `VGRModel.get_image_features`); `None` without images.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -68,6 +87,7 @@ class VGRModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
+    image_outputs: VGRImageOutput | None = None
 
 
 @dataclass
@@ -86,7 +106,7 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     eot_boxes (`torch.FloatTensor` of shape `(num_eot, 4)`, *optional*):
         The detection head's box at each `<eot>` of `input_ids` (rows in order, then positions), normalized
         `(x1, y1, x2, y2)`.
-    cache, hidden_states, attentions, feature_memory:
+    cache, hidden_states, attentions, feature_memory, image_outputs:
         As in [`VGRModelOutputWithPast`].
     """
 
@@ -100,17 +120,7 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
-
-
-def pool_grid(grid: torch.Tensor, pool: int) -> torch.Tensor:
-    """Average-pool a `(..., height, width, channels)` grid by `pool` in ceil mode: a partial cell at the bottom or
-    right edge is the mean of the features it covers."""
-    if pool == 1:
-        return grid
-    *leading, height, width, channels = grid.shape
-    grid = grid.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
-    pooled = F.avg_pool2d(grid, kernel_size=pool, stride=pool, ceil_mode=True)
-    return pooled.permute(0, 2, 3, 1).reshape(*leading, pooled.shape[-2], pooled.shape[-1], channels)
+    image_outputs: VGRImageOutput | None = None
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -197,8 +207,15 @@ class VGRPreTrainedModel(PreTrainedModel):
             return
         super()._init_weights(module)
         if isinstance(module, VGRModel) and module.image_newline is not None:
-            with torch.no_grad():
-                module.image_newline.normal_(mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
+            init.normal_(module.image_newline, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers assumes that code outside it writes weights in place, so when it initializes weights missing
+        # from a checkpoint it skips every module without parameters of its own, CLIP's MLP and attention among them,
+        # whose `_init_weights` sets their layers' std (they would get N(0, 0.02)). VGR initializes only through
+        # `transformers.initialization`, which leaves loaded weights alone, so it is initialized as a built-in model.
+        return False
 
 
 class VGRModel(VGRPreTrainedModel):
@@ -224,22 +241,30 @@ class VGRModel(VGRPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes) -> tuple[list[torch.Tensor], list[ImageMemory]]:
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> VGRImageOutput:
         """Run the vision tower once over every crop of every image.
 
         Args:
             pixel_values: `(num_images, max_patches, 3, crop, crop)` as the image processor pads them, or the
                 patches of all images concatenated, `(total_patches, 3, crop, crop)`.
             image_sizes: `(num_images, 2)` original (height, width).
+            kwargs: `output_attentions` / `output_hidden_states` of the vision tower.
         Returns:
-            Per image, its prompt tokens `(snapshot + crop tokens, hidden_size)`, and its feature memory S.
+            A `VGRImageOutput`: per image its prompt tokens (`pooler_output`) and its feature memory S
+            (`feature_memory`), with the vision tower's own outputs.
         """
         image_sizes = _as_size_list(image_sizes)
         tiles = [self.geometry.tile(size) for size in image_sizes]
         num_patches = [1 + tile.num_crops for tile in tiles]
         pixel_values = self._flatten_patches(pixel_values, num_patches)
 
-        vision_outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        # The feature layer is a hidden state, so the tower always returns them; they are kept only when asked for.
+        vision_outputs = self.vision_tower(
+            pixel_values,
+            output_hidden_states=True,
+            output_attentions=kwargs.get("output_attentions"),
+            return_dict=True,
+        )
         features = vision_outputs.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]  # drop CLS
@@ -257,20 +282,22 @@ class VGRModel(VGRPreTrainedModel):
         for tile, image_features in zip(tiles, torch.split(features, num_patches)):
             snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)  # (144, hidden)
             crops = image_features[1:]  # (rows * cols, side, side, hidden)
-            rows, cols = tile.grid
-            memory = crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
-            memories.append(ImageMemory(memory, tile))
+            memories.append(ImageMemory(stitch_crops(crops, tile.grid), tile))  # (rows * side, cols * side, hidden)
             prompt_tokens.append(torch.cat([snapshot, self._crop_tokens(crops, tile)]))
-        return prompt_tokens, memories
+        return VGRImageOutput(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            hidden_states=vision_outputs.hidden_states if kwargs.get("output_hidden_states") else None,
+            attentions=vision_outputs.attentions,
+            pooler_output=tuple(prompt_tokens),
+            feature_memory=memories,
+        )
 
     def _crop_tokens(self, crops: torch.Tensor, tile: TileGeometry) -> torch.Tensor:
         """Prompt tokens of the local crops: `(num_crop_tokens, hidden)`."""
         pooled = pool_grid(crops, self.config.crop_pool)  # (rows * cols, side', side', hidden)
         if self.config.image_layout == "vgr":
             return pooled.flatten(0, 2)  # each crop row-major, crops in row-major order
-        rows, cols = tile.grid
-        side = pooled.shape[1]
-        stitched = pooled.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+        stitched = stitch_crops(pooled, tile.grid)  # (rows * side', cols * side', hidden)
         top, bottom, left, right = unpadded_span(tile.image_size, tuple(stitched.shape[:2]))
         stitched = stitched[top:bottom, left:right]
         newline = self.image_newline.to(stitched.dtype).expand(stitched.shape[0], 1, -1)
@@ -278,9 +305,7 @@ class VGRModel(VGRPreTrainedModel):
 
     def replay_tokens(self, memory: ImageMemory, box) -> torch.Tensor:
         """The tokens a replay of `box` feeds to the LLM: its cells of S, `replay_pool`-pooled, row-major `(K, hidden)`."""
-        top, bottom, left, right = memory.tile.box_to_cells(box)
-        region = memory.features[top:bottom, left:right]
-        return pool_grid(region, self.config.replay_pool).flatten(0, 1)
+        return replay_features(memory.features, memory.tile, box, self.config.replay_pool)
 
     def _flatten_patches(self, pixel_values: torch.Tensor, num_patches: list[int]) -> torch.Tensor:
         """`(total_patches, 3, crop, crop)`, dropping the batch padding of the image processor."""
@@ -304,6 +329,46 @@ class VGRModel(VGRPreTrainedModel):
         if tuple(pixel_values.shape[-3:]) != (3, crop, crop):
             raise ValueError(f"pixel_values crops are {tuple(pixel_values.shape[-3:])}, expected (3, {crop}, {crop})")
         return pixel_values.to(self.vision_tower.dtype)
+
+    def images_of_rows(self, input_ids: torch.LongTensor, image_sizes) -> list[list[int]]:
+        """Which images (indices into `image_sizes`) each row's prompt placeholders stand for: images fill the
+        placeholder runs in order across rows, as in `visual_embeddings`."""
+        counts = [self.geometry.prompt_tokens(size).total for size in _as_size_list(image_sizes)]
+        rows, next_image = [], 0
+        for ids in input_ids.tolist():
+            runs = _runs(ids, self.config.image_token_id)
+            placeholders = sum(length for start, length in runs if start == 0 or ids[start - 1] != self.config.eot_token_id)
+            images = []
+            while placeholders > 0 and next_image < len(counts):
+                images.append(next_image)
+                placeholders -= counts[next_image]
+                next_image += 1
+            rows.append(images)
+        return rows
+
+    def select_images(self, pixel_values: torch.Tensor, image_sizes, order: list[int]):
+        """`pixel_values` and `image_sizes` of the images `order` lists (repeats allowed), in that order."""
+        sizes = _as_size_list(image_sizes)
+        if pixel_values.dim() == 5:  # (num_images, max_patches, 3, crop, crop)
+            selected = pixel_values[order]
+        else:  # (total_patches, 3, crop, crop): each image's patches in turn
+            patches = torch.split(pixel_values, [self.geometry.num_patches(size) for size in sizes])
+            selected = torch.cat([patches[image] for image in order])
+        selected_sizes = [sizes[image] for image in order]
+        if isinstance(image_sizes, torch.Tensor):
+            selected_sizes = torch.tensor(selected_sizes, dtype=image_sizes.dtype, device=image_sizes.device)
+        return selected, selected_sizes
+
+    def placeholder_ids(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """`input_ids`, or without them the ids VGR's layout depends on, read back from `inputs_embeds` (as LLaVA-NeXT
+        finds its image positions): `<image>` and `<eot>` where a position holds their embedding, -1 elsewhere."""
+        if input_ids is not None:
+            return input_ids
+        token_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        for token_id in (self.config.image_token_id, self.config.eot_token_id):
+            embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            token_ids[(inputs_embeds == embedding.to(inputs_embeds.dtype)).all(-1)] = token_id
+        return token_ids
 
     def visual_embeddings(self, input_ids, prompt_tokens, memory: FeatureMemory, replay_boxes, prefill: bool = True):
         """Features for the image placeholders of `input_ids`.
@@ -369,6 +434,7 @@ class VGRModel(VGRPreTrainedModel):
         features = torch.cat(pieces) if pieces else None
         return fill_mask, features, row_images
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -394,22 +460,27 @@ class VGRModel(VGRPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        token_ids = self.placeholder_ids(input_ids, inputs_embeds)  # (batch, seq)
 
-        prompt_tokens = []
+        image_outputs, prompt_tokens = None, ()
         if pixel_values is not None and pixel_values.shape[0] > 0:
-            if input_ids is None:
-                raise ValueError("images need input_ids: the image placeholders say where their tokens go")
             if image_sizes is None:
                 raise ValueError("pixel_values were given without image_sizes")
-            prompt_tokens, image_memories = self.encode_images(pixel_values, image_sizes)
-            feature_memory = FeatureMemory(image_memories, [None] * input_ids.shape[0])
-        elif input_ids is not None and feature_memory is None and _is_prefill(cache):
-            if (input_ids == self.config.image_token_id).any():
+            output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+            output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+            image_outputs = self.get_image_features(
+                pixel_values, image_sizes, output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
+            prompt_tokens = image_outputs.pooler_output
+            feature_memory = FeatureMemory(image_outputs.feature_memory, [None] * token_ids.shape[0])
+        elif feature_memory is None and _is_prefill(cache):
+            if (token_ids == self.config.image_token_id).any():
                 raise ValueError("input_ids has image placeholders but no pixel_values were given")
 
         if feature_memory is not None:
             fill_mask, visual, row_images = self.visual_embeddings(
-                input_ids, prompt_tokens, feature_memory, replay_boxes, prefill=_is_prefill(cache)
+                token_ids, prompt_tokens, feature_memory, replay_boxes, prefill=_is_prefill(cache)
             )
             feature_memory = FeatureMemory(feature_memory.images, row_images)
             if visual is not None:  # (num_filled, hidden)
@@ -421,6 +492,7 @@ class VGRModel(VGRPreTrainedModel):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return VGRModelOutputWithPast(
@@ -429,6 +501,7 @@ class VGRModel(VGRPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             feature_memory=feature_memory,
+            image_outputs=image_outputs,
         )
 
 
@@ -437,6 +510,8 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
     box's region of the feature memory after each `<eot>` (see `generation_vgr.py`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # The head is tied to the embeddings, which the language model's plan shards: gather its output, as LLaVA-NeXT does.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: VGRConfig):
         super().__init__(config)
@@ -454,6 +529,10 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> VGRImageOutput:
+        """Prompt tokens and feature memory S of each image (see `VGRModel.get_image_features`)."""
+        return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # A class registers one auto class (AutoModel); the image-text-to-text pipeline loads through
         # AutoModelForImageTextToText, so its auto_map entry is added here, next to the copied remote code.
@@ -465,6 +544,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -497,6 +577,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             not run (generation passes it on every step).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # label tokens of the whole batch (Trainer)
+        shift_labels = kwargs.pop("shift_labels", None)  # pre-shifted targets (sequence / context parallelism)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -508,29 +589,25 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             replay_boxes=replay_boxes,
             feature_memory=feature_memory,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        token_ids = self.model.placeholder_ids(input_ids, inputs_embeds)  # (batch, seq)
 
         eot_boxes = None
-        if input_ids is not None and input_ids.shape == hidden_states.shape[:2]:
-            eot_mask = input_ids == self.config.eot_token_id
+        if token_ids.shape == hidden_states.shape[:2]:
+            eot_mask = token_ids == self.config.eot_token_id
             if eot_mask.any():
                 eot_boxes = box_cxcywh_to_xyxy(self.box_head(hidden_states[eot_mask]))  # (num_eot, 4)
 
         lm_loss = box_l1_loss = box_giou_loss = None
-        if labels is not None:
-            if labels.shape != hidden_states.shape[:2]:
-                raise ValueError(
-                    f"labels of shape {tuple(labels.shape)} do not match the input's (batch, sequence_length) "
-                    f"{tuple(hidden_states.shape[:2])}"
-                )
-            if input_ids is not None:  # from inputs_embeds there are no image positions: images need input_ids
-                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
-            lm_loss = self.language_modeling_loss(hidden_states, labels, num_items_in_batch)
+        if labels is not None or shift_labels is not None:
+            targets = self.next_token_targets(token_ids, labels, shift_labels, hidden_states.shape[:2])
+            lm_loss = self.language_modeling_loss(hidden_states, targets, num_items_in_batch)
         if box_targets is not None:
-            box_l1_loss, box_giou_loss = self.box_losses(input_ids, hidden_states, box_targets)
+            box_l1_loss, box_giou_loss = self.box_losses(token_ids, hidden_states, box_targets)
 
         pieces = [
             (lm_loss, 1.0),
@@ -551,23 +628,40 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             feature_memory=outputs.feature_memory,
+            image_outputs=outputs.image_outputs,
         )
 
-    def language_modeling_loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
+    def next_token_targets(self, token_ids, labels, shift_labels, shape) -> torch.Tensor:
+        """The token each position predicts, `(batch, seq)`, -100 where none: `labels` shifted by one, or
+        `shift_labels` as given (already shifted, as sequence-parallel training passes them). Image and replay
+        positions never count."""
+        if shift_labels is not None:
+            if shift_labels.shape != shape:
+                raise ValueError(
+                    f"shift_labels of shape {tuple(shift_labels.shape)} do not match the input's (batch, "
+                    f"sequence_length) {tuple(shape)}"
+                )
+            return shift_labels.masked_fill(shift_labels == self.config.image_token_id, -100)
+        if labels.shape != shape:
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} do not match the input's (batch, sequence_length) {tuple(shape)}"
+            )
+        labels = labels.masked_fill(token_ids == self.config.image_token_id, -100)
+        return F.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts token p + 1
+
+    def language_modeling_loss(self, hidden_states, targets, num_items_in_batch=None) -> torch.Tensor:
         """Next-token cross-entropy, from the LM head applied only where there is a target: most positions of a VGR
         sequence (prompt, image and replay tokens) have none, and the head over the vocabulary is the costliest part
-        of a small model's training step. The mean over targets, or their sum over `num_items_in_batch`."""
-        targets = labels[:, 1:]  # (batch, seq - 1): position p predicts token p + 1
+        of a small model's training step. `targets` `(batch, seq)` are already shifted (`next_token_targets`). The
+        mean over targets, or their sum over `num_items_in_batch`."""
         supervised = targets != -100
-        logits = self.lm_head(hidden_states[:, :-1][supervised]).float()  # (num_targets, vocab)
+        logits = self.lm_head(hidden_states[supervised]).float()  # (num_targets, vocab)
         loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else supervised.sum()
         return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
 
     def box_losses(self, input_ids, hidden_states, box_targets) -> tuple[torch.Tensor, torch.Tensor]:
         """L1 on (cx, cy, w, h) and 1 - GIoU on corners, of the detection head at every `<eot>` with a target."""
-        if input_ids is None:
-            raise ValueError("box_targets need input_ids to find the <eot> positions")
         targets = _as_box_lists(box_targets, input_ids.shape[0], allow_missing=True)
         states, boxes = [], []
         for row in range(input_ids.shape[0]):

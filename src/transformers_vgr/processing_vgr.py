@@ -117,6 +117,15 @@ class VGRProcessor(ProcessorMixin):
             chat_template = VICUNA_V1_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Saving with remote code writes `auto_map` into processor_config.json and, as a side effect, onto this object;
+        # loading a processor never restores it. Drop it here, so that a processor equals its reloaded copy.
+        had_auto_map = "auto_map" in vars(self)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if not had_auto_map:
+            vars(self).pop("auto_map", None)
+        return result
+
     def __call__(self, images=None, text=None, **kwargs: Unpack[VGRProcessorKwargs]) -> BatchFeature:
         """
         Returns `input_ids`, `attention_mask`, and with images `pixel_values` `(num_images, max_patches, 3, crop,
@@ -258,10 +267,6 @@ class VGRProcessor(ProcessorMixin):
     parse_boxes = staticmethod(parse_boxes)
     extract_final_answer = staticmethod(extract_final_answer)
     draw_boxes = staticmethod(draw_boxes)
-
-    @property
-    def model_input_names(self):
-        return ["input_ids", "attention_mask", "pixel_values", "image_sizes", "replay_boxes"]
 
 
 def _prepends_to_each_piece(tokenizer) -> bool:

@@ -1,0 +1,120 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""Selective feature replay, the part every runner shares: reading the box a row closes with `<eot>`, deciding
+whether it replays (caps, context size) and cutting its tokens out of the feature memory S.
+
+`generate` (generation_vgr.py), the model (modeling_vgr.py) and the vLLM plugin all call these functions, so a box is
+read, capped and cut the same way everywhere. Nothing here depends on transformers.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .box_text_vgr import ParsedBox, parse_box, to_pixel_box
+
+
+@dataclass
+class ReplayRecord:
+    """One `<eot>` of a generated row and what it did."""
+
+    step: int  # index of the <eot> among the row's generated tokens
+    box: tuple[float, float, float, float] | None  # normalized, clamped
+    pixel_box: tuple[float, float, float, float] | None  # in pixels of the row's image
+    num_tokens: int  # tokens replayed (0 if none)
+    valid: bool  # whether the region was replayed
+    reason: str | None = None  # why not
+    head_box: tuple[float, float, float, float] | None = None  # the detection head's box at this <eot>
+
+
+@dataclass(frozen=True)
+class ReplayLimits:
+    """The caps a replay must fit in: from the config (`max_replays`, `max_replay_tokens`) and the context size."""
+
+    max_replays: int
+    max_replay_tokens: int
+    max_positions: int
+
+
+# Why a row stops when its replay does not fit in the context (a finish reason, as `generate` reports it).
+CONTEXT_OVERFLOW = "context_overflow"
+
+
+def read_box(generated: list[int], sot_token_id: int, eot_token_id: int, box_texts: dict[int, str]):
+    """The box that a row's fresh `<eot>` closes (a `ParsedBox`), or a reason string.
+
+    `generated` is the row's generated ids, ending on that `<eot>`. Only the ids since the row's previous `<eot>`
+    count: a box already closed is never read twice, and the prompt is never read (the authors' prompt spells out
+    `<sot>[x1, y1, x2, y2]<eot>`). `box_texts` maps each token id a box may hold to its text."""
+    body = generated[:-1]
+    if eot_token_id in body:
+        body = body[len(body) - body[::-1].index(eot_token_id) :]
+    if sot_token_id not in body:
+        return "no <sot> before <eot>"
+    body = body[len(body) - body[::-1].index(sot_token_id) :]
+    if any(token not in box_texts for token in body):
+        return "unparsable: the box text holds tokens that are not part of a box"
+    return parse_box("".join(box_texts[token] for token in body))
+
+
+def plan_replay(
+    parsed: ParsedBox | str,
+    step: int,
+    image_size: tuple[int, int] | None,
+    geometry,
+    records: list[ReplayRecord],
+    next_position: int,
+    limits: ReplayLimits,
+) -> tuple[ReplayRecord, str | None]:
+    """Decide what the `<eot>` at generated index `step` does, given the box read before it (`read_box`).
+
+    `image_size` is `(height, width)` of the image the row replays from (`None` for a row without one), `geometry` a
+    `VGRGeometry`, `records` the row's earlier records, and `next_position` the position id the `<eot>` takes.
+    Returns the record (with the K tokens to replay when valid) and a finish reason when the row must stop."""
+    if isinstance(parsed, str) or not parsed.valid:
+        return ReplayRecord(step, None, None, 0, False, parsed if isinstance(parsed, str) else parsed.reason), None
+    if image_size is None:
+        return ReplayRecord(step, parsed.box, None, 0, False, "the row has no image to replay from"), None
+    box = parsed.box
+    pixel_box = to_pixel_box(box, image_size)
+    num_tokens = geometry.replay_tokens(image_size, box)
+    replays_done = sum(record.valid for record in records)
+    replayed_tokens = sum(record.num_tokens for record in records)
+    if replays_done >= limits.max_replays:
+        reason, finish = f"max_replays ({limits.max_replays}) reached", None
+    elif replayed_tokens + num_tokens > limits.max_replay_tokens:
+        reason, finish = f"max_replay_tokens ({limits.max_replay_tokens}) would be exceeded", None
+    elif next_position + num_tokens + 2 > limits.max_positions:
+        # The <eot>, its K tokens and one more token must fit.
+        reason = f"context overflow: {num_tokens} replayed tokens do not fit in {limits.max_positions} positions"
+        finish = CONTEXT_OVERFLOW
+    else:
+        return ReplayRecord(step, box, pixel_box, num_tokens, True), None
+    return ReplayRecord(step, box, pixel_box, 0, False, reason), finish
+
+
+def pool_grid(grid: torch.Tensor, pool: int) -> torch.Tensor:
+    """Average-pool a `(..., height, width, channels)` grid by `pool` in ceil mode: a partial cell at the bottom or
+    right edge is the mean of the features it covers."""
+    if pool == 1:
+        return grid
+    *leading, height, width, channels = grid.shape
+    grid = grid.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(grid, kernel_size=pool, stride=pool, ceil_mode=True)
+    return pooled.permute(0, 2, 3, 1).reshape(*leading, pooled.shape[-2], pooled.shape[-1], channels)
+
+
+def stitch_crops(crops: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """`(rows * cols, side, side, hidden)` crop features, row-major, as one `(rows * side, cols * side, hidden)` map."""
+    rows, cols = grid
+    side = crops.shape[1]
+    return crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
+
+
+def replay_features(memory: torch.Tensor, tile, box, pool: int) -> torch.Tensor:
+    """The tokens a replay of `box` feeds to the LLM: its cells of the feature memory `memory`
+    `(rows * side, cols * side, hidden)` laid out by `tile` (a `TileGeometry`), `pool`-pooled, row-major
+    `(K, hidden)`."""
+    top, bottom, left, right = tile.box_to_cells(box)
+    return pool_grid(memory[top:bottom, left:right], pool).flatten(0, 1)
