@@ -11,7 +11,7 @@ WORDLLAMA := wordllama==0.4.0.post1
 # ImageProcessingTestMixin), unpacked from the sdist of the installed transformers version; never committed.
 TRANSFORMERS_TESTS := assets/transformers-tests/.unpacked
 
-.PHONY: install assets test demo clean
+.PHONY: install eval-deps assets test demo clean
 
 install: $(STAMP)
 
@@ -21,6 +21,19 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
+
+# lmms-eval for the evaluation backend (transformers_vgr.lmms_eval) and its tests: --no-deps, as its declared
+# dependencies include torchvision (whose PyPI build replaces CPU torch); what it needs here is setup.cfg's `eval` extra.
+LMMS_EVAL := lmms-eval==0.7.3
+EVAL_STAMP := $(VENV)/.installed-eval
+
+eval-deps: $(EVAL_STAMP)
+
+$(EVAL_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[test,eval]"
+	# lmms-eval itself without its declared dependencies (see above)
+	$(PIP) install -q --no-deps $(LMMS_EVAL)
+	touch $(EVAL_STAMP)
 
 # The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
 CHECKPOINT := checkpoints/vgr-tiny
@@ -57,7 +70,7 @@ $(TRANSFORMERS_TESTS): | $(STAMP)
 $(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
 	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
 
-test: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS)
+test: $(STAMP) $(EVAL_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS)
 	$(PY) -m pytest -q
 
 demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json

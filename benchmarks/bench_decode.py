@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaForCausalLM, LlamaModel, LogitsProcessorList, StoppingCriteriaList
+from transformers import CompileConfig, LlamaForCausalLM, LlamaModel, LogitsProcessorList, StoppingCriteriaList
 
 from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.generation_vgr import ReplayStoppingCriteriaList, SuppressImagePlaceholderLogitsProcessor
@@ -60,7 +60,7 @@ class ProfileDecoding(Timestamps):
         self.profiler.disable()
 
 
-def make_runs(vgr, llama, inputs, sequence, streamer=Timestamps):
+def make_runs(vgr, llama, inputs, sequence, streamer=Timestamps, **generate_kwargs):
     prompt_length = inputs["input_ids"].shape[1]
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
 
@@ -68,7 +68,8 @@ def make_runs(vgr, llama, inputs, sequence, streamer=Timestamps):
         stamps = streamer()
         start = time.perf_counter()
         out = vgr.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=stamps,
-                           logits_processor=[ForceTokens(prompt_length, [sequence])], return_dict_in_generate=True)
+                           logits_processor=[ForceTokens(prompt_length, [sequence])], return_dict_in_generate=True,
+                           **generate_kwargs)
         total = time.perf_counter() - start
         assert out.sequences.shape[1] - prompt_length == NEW_TOKENS and not out.replays[0]
         run_vgr.streamer = stamps
@@ -78,7 +79,8 @@ def make_runs(vgr, llama, inputs, sequence, streamer=Timestamps):
         stamps = streamer()
         start = time.perf_counter()
         out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             streamer=stamps, logits_processor=[ForceTokens(prompt_length, [sequence])])
+                             streamer=stamps, logits_processor=[ForceTokens(prompt_length, [sequence])],
+                             **generate_kwargs)
         total = time.perf_counter() - start
         assert out.shape[1] - prompt_length == NEW_TOKENS
         run_llama.streamer = stamps
@@ -184,13 +186,51 @@ def measure(ctx, name: str, vgr, processor, llama, repeats: int) -> dict:
     return result
 
 
+# The static cache's room for replays (config.max_replay_tokens per row) in the compiled runs: none happen here, and a
+# static cache's attention spans all of it.
+COMPILED_REPLAY_BUDGET = 256
+
+
+def measure_compiled(vgr, processor, llama, repeats: int) -> dict:
+    """Decode ms/token with a static cache and the decoding step compiled (torch.compile through `generate`'s
+    compile_config), against VGR's eager dynamic-cache decode and LLaMA's compiled decode on the same weights."""
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked
+    compiled = dict(cache_implementation="static", compile_config=compile_config)
+    inputs = processor(images=chart(2016, 1344), text=chat_prompt(QUESTION), return_tensors="pt")
+    sequence = forced_sequence(processor.tokenizer, NEW_TOKENS)
+    replay_tokens, vgr.config.max_replay_tokens = vgr.config.max_replay_tokens, COMPILED_REPLAY_BUDGET
+    try:
+        run_vgr, _ = make_runs(vgr, llama, inputs, sequence)
+        run_vgr_compiled, run_llama_compiled = make_runs(vgr, llama, inputs, sequence, **compiled)
+        with torch.inference_mode():
+            samples = interleaved(
+                {"vgr_eager": run_vgr, "vgr_compiled": run_vgr_compiled, "llama_compiled": run_llama_compiled},
+                repeats=repeats, warmup=1,  # the warm-up round compiles
+            )
+    finally:
+        vgr.config.max_replay_tokens = replay_tokens
+    per_token = {name: [1000 * v for v in runs["per_token"]] for name, runs in samples.items()}
+    return {
+        "ms_per_token": {name: statistics.median(values) for name, values in per_token.items()},
+        "speedup": paired_ratios(samples["vgr_eager"]["per_token"], samples["vgr_compiled"]["per_token"]),
+        "vgr_compiled_over_llama_compiled": paired_ratios(
+            samples["vgr_compiled"]["per_token"], samples["llama_compiled"]["per_token"]
+        ),
+        "replay_budget": COMPILED_REPLAY_BUDGET,
+        "rounds": repeats,
+        "samples_per_token_ms": per_token,
+    }
+
+
 def run(ctx) -> dict:
     rows = [measure(ctx, "mid", ctx.vgr, ctx.processor, ctx.llama, ctx.repeats(9))]
     config = vgr_config("small")
     processor = vgr_processor(config, ctx.tokenizer)
     small = build_vgr(config, processor)
-    rows.append(measure(ctx, "small", small, processor, shared_llama(small), ctx.repeats(7)))
-    return {"goal": 1.05, "rows": rows}
+    llama = shared_llama(small)
+    rows.append(measure(ctx, "small", small, processor, llama, ctx.repeats(7)))
+    return {"goal": 1.05, "rows": rows, "compiled_small": measure_compiled(small, processor, llama, ctx.repeats(5))}
 
 
 def markdown(result) -> str:
@@ -215,4 +255,19 @@ def markdown(result) -> str:
     for row in result["rows"]:
         for label, entry in row.get("profile", {}).get("ms_per_call", {}).items():
             lines.append(f"| {label} | {entry['vgr']:.3f} | {entry['llama']:.3f} |")
+    compiled = result.get("compiled_small")
+    if compiled:
+        ms = compiled["ms_per_token"]
+        lines += [
+            "",
+            "Compiled decoding, small configuration (static cache with room for "
+            f"{compiled['replay_budget']} replayed tokens, the decoding step through torch.compile; "
+            f"{compiled['rounds']} interleaved rounds after a compiling warm-up):",
+            "",
+            "| VGR eager, dynamic cache | VGR compiled | LLaMA compiled | speed-up (eager / compiled) | "
+            "VGR compiled / LLaMA compiled |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {ms['vgr_eager']:.2f} ms | {ms['vgr_compiled']:.2f} ms | {ms['llama_compiled']:.2f} ms | "
+            f"{compiled['speedup']:.2f} | {compiled['vgr_compiled_over_llama_compiled']:.3f} |",
+        ]
     return "\n".join(lines)

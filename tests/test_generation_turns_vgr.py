@@ -216,3 +216,40 @@ class TestConversation:
             model.generate(input_ids=first.sequences, cache=DynamicCache())
         text = prompt(processor)
         assert text  # the prompt helper is shared with the other generation tests
+
+
+class TestStaticCacheAndCompiledDecoding:
+    def test_static_cache_and_compiled_decoding_give_the_dynamic_eager_tokens(self, setup, images):
+        """A static cache sized for the prompt, max_new_tokens and the replay budget; with a compile config, the text
+        steps run compiled (the model's eager forward then runs only for the prefill, replay chunks and <eot> steps)."""
+        from transformers import CompileConfig
+
+        model, processor = setup
+        inputs = make_inputs(processor, images, ["chelsea_451x300", "text_448x172"])
+        plan = [(0, 1, BOX_A), (1, 5, BOX_B)]
+        model.config.max_replay_tokens = 256  # the static cache's replay budget: 256 positions per row
+        compile_config = CompileConfig(fullgraph=True, mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked
+        eager_calls = []
+        handle = model.register_forward_hook(lambda *args: eager_calls.append(1))
+        try:
+            dynamic = generate(model, processor, inputs, plan, max_new_tokens=40)
+            dynamic_calls = len(eager_calls)
+            static = generate(model, processor, inputs, plan, max_new_tokens=40, cache_implementation="static")
+            eager_calls.clear()
+            compiled = generate(model, processor, inputs, plan, max_new_tokens=40, cache_implementation="static",
+                                compile_config=compile_config)
+        finally:
+            handle.remove()
+            model.config.max_replay_tokens = 4096
+        assert type(static.cache).__name__ == type(compiled.cache).__name__ == "StaticCache"
+        assert static.cache.get_max_length() == inputs["input_ids"].shape[1] + 40 - 1 + 2 * 256  # last token unfed
+        for output in (static, compiled):
+            assert torch.equal(output.sequences, dynamic.sequences)
+            assert [[(r.box, r.num_tokens) for r in row] for row in output.replays] == \
+                [[(r.box, r.num_tokens) for r in row] for row in dynamic.replays]
+            for a, b in zip(output.logits, dynamic.logits):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        # 40 steps eagerly without compilation; with it, the prefill, the two replay chunks and the <eot>-free rest
+        # compiled: a handful of eager calls.
+        assert dynamic_calls == 40 and len(eager_calls) <= 4

@@ -28,6 +28,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationMixin
 from transformers.generation import (
     LogitsProcessor,
@@ -38,6 +39,7 @@ from transformers.generation import (
     StoppingCriteriaList,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.modeling_outputs import ModelOutput
 
 from .box_text_vgr import box_token_table
 from .replay_vgr import CONTEXT_OVERFLOW, ReplayLimits, ReplayRecord, plan_replay, read_box
@@ -126,29 +128,31 @@ class ReplayState:
         or None per row) and returns the rows VGR itself stops: those whose replay would overflow the context, and
         those with no room left for the token just appended."""
         self.plans, self.head_box_rows = [], []
-        stop = torch.zeros_like(done)
+        stop = [False] * input_ids.shape[0]
         column = input_ids.shape[1] - 1
-        for row, ids in enumerate(input_ids.tolist()):
+        # Plain Python over the last column: the full rows are read only at an <eot> (this runs every step).
+        last_tokens, done_rows, next_positions = input_ids[:, -1].tolist(), done.tolist(), self.next_position.tolist()
+        for row, token in enumerate(last_tokens):
             was_finished = self.finished[row]
-            if not was_finished and done[row]:
+            if not was_finished and done_rows[row]:
                 self.finish(row, reasons[row], column)
-            if was_finished or ids[-1] != self.eot_token_id:
+            if was_finished or token != self.eot_token_id:
                 self.plans.append(None)
             else:
-                step = len(ids) - 1 - self.prompt_length
+                step = column - self.prompt_length
                 if self.finished[row]:
                     record = ReplayRecord(step, None, None, 0, False, "generation ended at this <eot>")
                 else:
-                    record = self._decide(row, ids, step)
+                    record = self._decide(row, input_ids[row].tolist(), step)
                     self.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
                 self.records[row].append(record)
                 self.plans.append((record.num_tokens, record.box) if record.valid else None)
             if not self.finished[row] and self.finish_reasons[row] == CONTEXT_OVERFLOW:
                 self.finish(row, CONTEXT_OVERFLOW, column)
-            elif not self.finished[row] and int(self.next_position[row]) >= self.limits.max_positions:
+            elif not self.finished[row] and next_positions[row] >= self.limits.max_positions:
                 self.finish(row, FINISH_LENGTH, column)  # the token just appended has no position left
             stop[row] = self.finished[row] and not was_finished
-        return stop
+        return torch.tensor(stop, device=done.device)
 
     def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
@@ -165,27 +169,34 @@ class ReplayState:
         """Input ids, attention mask and position ids of this step's chunk `(batch, 1 + max K)`, and its boxes.
         Pads come first and are masked, so every row ends on the position whose logits pick its next token."""
         batch = last_tokens.shape[0]
-        width = 1 + max((plan[0] for plan in plans if plan is not None), default=0)
         device = last_tokens.device
-        ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((batch, width), dtype=self.cache_mask.dtype, device=device)
-        boxes, text_slots = [], []
-        for row, plan in enumerate(plans):
-            length = 1 + (plan[0] if plan is not None else 0)
-            text_slots.append(self.cache_mask.shape[1] + width - length)
-            ids[row, -length] = last_tokens[row]
-            ids[row, width - length + 1 :] = self.image_token_id
-            mask[row, -length:] = 1
-            boxes.append([plan[1]] if plan is not None else [])
-        # Real positions count on from each row's next position; pads repeat the first one (they are masked).
-        offsets = (mask.cumsum(-1) - 1).clamp(min=0)
-        positions = self.next_position[:, None] + offsets
+        cache_length = self.cache_mask.shape[1]
+        if all(plan is None for plan in plans):  # no replay this step: one token per row, as in a plain decode
+            ids, positions = last_tokens[:, None], self.next_position[:, None]
+            mask = torch.ones((batch, 1), dtype=self.cache_mask.dtype, device=device)
+            self.text_slots.append(torch.full((batch, 1), cache_length, device=device))
+            boxes = [[] for _ in range(batch)]
+        else:
+            width = 1 + max(plan[0] for plan in plans if plan is not None)
+            ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
+            mask = torch.zeros((batch, width), dtype=self.cache_mask.dtype, device=device)
+            boxes, text_slots = [], []
+            for row, plan in enumerate(plans):
+                length = 1 + (plan[0] if plan is not None else 0)
+                text_slots.append(cache_length + width - length)
+                ids[row, -length] = last_tokens[row]
+                ids[row, width - length + 1 :] = self.image_token_id
+                mask[row, -length:] = 1
+                boxes.append([plan[1]] if plan is not None else [])
+            # Real positions count on from each row's next position; pads repeat the first one (they are masked).
+            offsets = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = self.next_position[:, None] + offsets
+            self.text_slots.append(torch.tensor(text_slots, device=device)[:, None])
         self.next_position = positions[:, -1] + 1
-        self.text_slots.append(torch.tensor(text_slots, device=device)[:, None])
         self.cache_mask = torch.cat([self.cache_mask, mask], dim=-1)
-        self.fed_eot_rows = (ids == self.eot_token_id).nonzero()[:, 0].tolist()  # the order of the head's boxes
+        # The order of the detection head's boxes, needed only when a record waits for one.
+        self.fed_eot_rows = (ids == self.eot_token_id).nonzero()[:, 0].tolist() if self.head_box_rows else []
         return ids, self.cache_mask, positions, boxes
-
 
     def cached_conversation(self, sequences: torch.Tensor) -> CachedConversation:
         """What the cache holds after this call, for a later `generate` to continue from. Every text token of
@@ -242,13 +253,15 @@ class ReplayStoppingCriteriaList(StoppingCriteriaList):
         self.state = state
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        hits = [criterion(input_ids, scores, **kwargs) for criterion in self]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        reasons = [None] * input_ids.shape[0]
-        for criterion in self:
-            hit = criterion(input_ids, scores, **kwargs)
-            for row in (hit & ~done).nonzero().flatten().tolist():
-                reasons[row] = _finish_reason(criterion)
+        for hit in hits:
             done = done | hit
+        reasons = [None] * input_ids.shape[0]
+        if done.any():  # the first criterion that finished a row says why
+            for criterion, hit in reversed(list(zip(self, hits))):
+                for row in hit.nonzero().flatten().tolist():
+                    reasons[row] = _finish_reason(criterion)
         return done | self.state.after_append(input_ids, done, reasons)
 
 
@@ -356,10 +369,10 @@ class VGRGenerationMixin(GenerationMixin):
             raise ValueError("VGR's replay loop does not support beam search: use greedy decoding or sampling")
         if config.use_cache is False:
             raise ValueError("VGR replays through the KV cache: use_cache=False is not supported")
-        if config.cache_implementation not in (None, "dynamic"):
+        if config.cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(
-                f"cache_implementation={config.cache_implementation!r} is not supported: replays add positions "
-                "that a fixed-size cache has no room for; use the default dynamic cache"
+                f"cache_implementation={config.cache_implementation!r} is not supported: use the default dynamic "
+                "cache, or 'static' (sized for the prompt, max_new_tokens and the replay budget)"
             )
         if getattr(config, "prefill_chunk_size", None) is not None:
             raise ValueError("prefill_chunk_size is not supported by VGR's replay loop")
@@ -429,7 +442,7 @@ class VGRGenerationMixin(GenerationMixin):
             input_ids=chunk_ids,
             attention_mask=chunk_mask,
             position_ids=positions,
-            replay_boxes=boxes,
+            replay_boxes=boxes if any(boxes) else None,
             feature_memory=replay_state.feature_memory,
         )
         return model_inputs
@@ -478,6 +491,53 @@ class VGRGenerationMixin(GenerationMixin):
                 model_kwargs[name] = value
         return input_ids, model_kwargs
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        # A static cache also needs room for the replays: every chunk is as wide as the step's widest replay, so a
+        # batch adds at most `max_replay_tokens` positions per row (lower it to shrink the cache).
+        replay_budget = batch_size * (generation_config.num_return_sequences or 1) * self.config.max_replay_tokens
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length + replay_budget
+        )
+
+    def get_compiled_call(self, compile_config):
+        """The decoding step `generate` compiles (with a static cache and a `compile_config`): a step that feeds one
+        text token per row runs the language model and LM head compiled; the prefill, replay chunks and `<eot>` steps
+        (whose detection-head box is recorded) run eagerly."""
+        compiled_text_step = self._compiled_text_step(compile_config)
+
+        def decoding_step(**inputs):
+            input_ids = inputs.get("input_ids")
+            if (
+                input_ids is None
+                or input_ids.shape[1] != 1
+                or inputs.get("replay_boxes") is not None
+                or set(inputs) - _TEXT_STEP_INPUTS
+                or bool((input_ids == self.config.eot_token_id).any())
+            ):
+                return self(**inputs)
+            cache, attention_mask = inputs["cache"], inputs["attention_mask"]
+            if cache.is_compileable:  # a static cache: the mask covers all of it, so its shape never changes
+                attention_mask = F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[1]))
+            logits, cache = compiled_text_step(inputs["input_ids"], attention_mask, inputs["position_ids"], cache)
+            return VGRTextStepOutput(logits=logits, cache=cache, feature_memory=inputs.get("feature_memory"))
+
+        return decoding_step
+
+    def _compiled_text_step(self, compile_config):
+        compile_config = compile_config or self._default_compile_config()
+        if getattr(self, "_compiled_text_step_config", None) != compile_config:
+            self._compiled_text_step_config = compile_config
+            self._compiled_text_step_fn = torch.compile(self.text_step, **compile_config.to_dict())
+        return self._compiled_text_step_fn
+
+    def text_step(self, input_ids, attention_mask, position_ids, cache):
+        """One token per row through the language model and the LM head, nothing else: logits `(batch, 1, vocab)`."""
+        outputs = self.model.language_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True,
+        )
+        return self.lm_head(outputs.last_hidden_state), outputs.cache
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
@@ -494,6 +554,21 @@ class VGRGenerationMixin(GenerationMixin):
                     state.records[row][-1].head_box = tuple(head_box)
             state.head_box_rows = []
         return model_kwargs
+
+
+# What a plain text decoding step receives; anything else (hidden states, attentions, ...) runs eagerly.
+_TEXT_STEP_INPUTS = {"input_ids", "attention_mask", "position_ids", "cache", "use_cache", "feature_memory",
+                     "replay_boxes", "return_dict", "logits_to_keep"}
+
+
+@dataclass
+class VGRTextStepOutput(ModelOutput):
+    """The output of a compiled text step, with the fields `generate` reads from the model's."""
+
+    logits: torch.FloatTensor | None = None
+    cache: object = None
+    feature_memory: object = None
+    eot_boxes: torch.FloatTensor | None = None
 
 
 def _pad_token_id(config, generation_config) -> int:

@@ -478,7 +478,10 @@ class VGRModel(VGRPreTrainedModel):
             if (token_ids == self.config.image_token_id).any():
                 raise ValueError("input_ids has image placeholders but no pixel_values were given")
 
-        if feature_memory is not None:
+        # A decoding step without placeholders has nothing to fill: the memory is passed on as it is.
+        if feature_memory is not None and (
+            _is_prefill(cache) or replay_boxes is not None or (token_ids == self.config.image_token_id).any()
+        ):
             fill_mask, visual, row_images = self.visual_embeddings(
                 token_ids, prompt_tokens, feature_memory, replay_boxes, prefill=_is_prefill(cache)
             )
@@ -512,6 +515,8 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # The head is tied to the embeddings, which the language model's plan shards: gather its output, as LLaVA-NeXT does.
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # PreTrainedModel comes first in the MRO and has its own; generate compiles VGR's decoding step instead.
+    get_compiled_call = VGRGenerationMixin.get_compiled_call
 
     def __init__(self, config: VGRConfig):
         super().__init__(config)

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from ..box_text_vgr import extract_final_answer, parse_boxes
+from ..costs import answer_cost, cost_columns
 from ..geometry_vgr import llava_next_prompt_tokens
 from ..image_processing_vgr import to_rgb_image
 from ..training.collator import VGRDataCollator
@@ -70,29 +71,22 @@ def answer_all(model, processor, records, root: Path, batch_size: int, max_new_t
 
 def score(results, geometry) -> dict:
     n = len(results)
-    correct = text_iou = head_iou = valid_boxes = boxes_written = replays = replayed = 0.0
+    correct = text_iou = head_iou = 0.0
     for result in results:
         truth = result["record"]["box"]
         correct += extract_final_answer(result["text"]) == result["record"]["answer"]
         boxes = parse_boxes(result["text"])
         text_iou += box_iou(boxes[0], truth) if boxes else 0.0
-        records = result["replays"]
-        head = next((r.head_box for r in records if r.head_box is not None), None)
+        head = next((r.head_box for r in result["replays"] if r.head_box is not None), None)
         head_iou += box_iou(head, truth) if head is not None else 0.0
-        boxes_written += len(records)
-        valid_boxes += sum(r.box is not None for r in records)
-        replays += sum(r.valid for r in records)
-        replayed += sum(r.num_tokens for r in records)
     sizes = [result["image_size"] for result in results]
+    costs = cost_columns([answer_cost(result["replays"], [result["image_size"]], geometry) for result in results])
     return {
         "examples": n,
         "accuracy": correct / n,
         "text_box_mean_iou": text_iou / n,
         "head_box_mean_iou": head_iou / n,
-        "valid_box_rate": valid_boxes / boxes_written if boxes_written else 0.0,
-        "replays_per_answer": replays / n,
-        "replayed_tokens_per_answer": replayed / n,
-        "prompt_visual_tokens": sum(geometry.prompt_tokens(s).total for s in sizes) / n,
+        **costs,
         "llava_next_prompt_tokens": sum(llava_next_prompt_tokens(s) for s in sizes) / n,
     }
 
