@@ -48,10 +48,10 @@ $(TOKENIZER): | $(STAMP)
 	open(sys.argv[1], 'wb').write(z.read('wordllama/tokenizers/l2_supercat_tokenizer_config.json'))" $@
 	rm -rf assets/.download
 
-# Only the mixins and their own helpers are unpacked, as a package of its own (tests/test_transformers_common_vgr.py
-# imports it); the sdist does not carry tests/generation, tests/exporters, tests/utils or utils/, so that test module
-# stands in for the few names they provide.
-$(TRANSFORMERS_TESTS): | $(STAMP)
+# Only the four files of the mixins are unpacked, as a package of its own (tests/test_transformers_common_vgr.py
+# imports it); the sdist does not carry tests/generation, tests/exporters, tests/utils or utils/, which they import a
+# few names from, so that test module stands in for those. Unpacked again whenever the virtualenv is, so they match its transformers.
+$(TRANSFORMERS_TESTS): $(STAMP)
 	rm -rf assets/transformers-tests assets/.download-transformers
 	$(PIP) download -q --no-deps --no-binary :all: -d assets/.download-transformers \
 		"transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
