@@ -6,7 +6,12 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+
+try:  # transformers >= 5.20
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers 5.x < 5.20 (vLLM 0.32's pin): the sub-configs are built in __post_init__
+    SubConfigSpec = None
 
 from .geometry_vgr import VGRGeometry
 
@@ -93,13 +98,18 @@ class VGRConfig(PreTrainedConfig):
     """
 
     model_type = "vgr"
-    sub_configs_defaults = {
-        # A LLaMA vocabulary with room for <image>, <sot> and <eot> (padded to 32064 as LLaVA-NeXT-vicuna is).
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs={"vocab_size": 32064}),
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_L14_336
-        ),
+    # A LLaMA vocabulary with room for <image>, <sot> and <eot> (padded to 32064 as LLaVA-NeXT-vicuna is).
+    _sub_config_defaults = {
+        "text_config": ("llama", {"vocab_size": 32064}),
+        "vision_config": ("clip_vision_model", CLIP_L14_336),
     }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            name: SubConfigSpec(config_class=AutoConfig, model_type=model_type, init_kwargs=init_kwargs)
+            for name, (model_type, init_kwargs) in _sub_config_defaults.items()
+        }
+    else:
+        sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -125,6 +135,8 @@ class VGRConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:
+            self._build_sub_configs()
         super().__post_init__(**kwargs)
         self.geometry()  # refuses crops, pools and pinpoints that do not fit together
         vocab_size = self.text_config.vocab_size
@@ -146,6 +158,18 @@ class VGRConfig(PreTrainedConfig):
                 f"vision_feature_layer={self.vision_feature_layer} is outside the vision tower's "
                 f"{num_layers} layers (hidden states -{num_layers + 1}..{num_layers})"
             )
+
+    def _build_sub_configs(self) -> None:
+        """What `sub_configs_defaults` does in transformers >= 5.20: a dict or `None` becomes the sub-config."""
+        from transformers import CONFIG_MAPPING
+
+        for name, (model_type, init_kwargs) in self._sub_config_defaults.items():
+            value = getattr(self, name)
+            if value is None:
+                value = CONFIG_MAPPING[model_type](**init_kwargs)
+            elif isinstance(value, dict):
+                value = CONFIG_MAPPING[value.get("model_type", model_type)](**value)
+            setattr(self, name, value)
 
     def geometry(self) -> VGRGeometry:
         """The tiling and token-count rules this config implies (shared with the image processor)."""

@@ -14,9 +14,14 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
+
+
+try:  # transformers >= 5.20
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers < 5.20 (vLLM 0.32's pin) imports this module but never runs it: vLLM has its own model
+    slice_logits_to_keep = None
 
 from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
