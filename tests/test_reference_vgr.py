@@ -134,3 +134,13 @@ def test_the_digit_is_read_from_the_replay(tmp_path):
     assert swap["examples"] >= 20  # records with a grey box of another digit and as many replay tokens
     assert swap["true_replay_names_answer"] >= 0.8  # measured: 23 of 24
     assert swap["grey_replay_names_answer"] <= 0.35  # measured: 1 of 24; with the answer read from the prompt, ~1
+
+
+def test_the_reference_checkpoint_ships_the_current_remote_code():
+    """The committed checkpoint loads with trust_remote_code from its own copy of the shipped modules: it must be the
+    package's (refresh it with `reference.train --export-from checkpoints/vgr-tiny --output checkpoints/vgr-tiny
+    --overwrite` after changing them)."""
+    shipped = sorted((ROOT / "src" / "transformers_vgr").glob("*_vgr.py"))
+    assert sorted(path.name for path in CHECKPOINT.glob("*_vgr.py")) == [path.name for path in shipped]
+    stale = [path.name for path in shipped if (CHECKPOINT / path.name).read_bytes() != path.read_bytes()]
+    assert stale == []
