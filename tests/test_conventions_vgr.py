@@ -105,7 +105,10 @@ class TestImageFeatures:
         assert len(features.pooler_output) == len(reference.pooler_output) == 2
         for image_tokens, reference_tokens in zip(features.pooler_output, reference.pooler_output):
             torch.testing.assert_close(image_tokens, reference_tokens, rtol=1e-5, atol=1e-5)
-        assert [memory.tile.image_size for memory in features.feature_memory] == [(300, 451), (172, 448)]
+        as_tuple = vgr.get_image_features(ours["pixel_values"], ours["image_sizes"], return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        _, memories = vgr.model.encode_images(ours["pixel_values"], ours["image_sizes"])
+        assert [memory.tile.image_size for memory in memories] == [(300, 451), (172, 448)]
 
     def test_vision_hidden_states_and_attentions_when_asked(self, llava_pair, pair_inputs):
         vgr, llava, _, _ = llava_pair

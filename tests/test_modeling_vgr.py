@@ -53,8 +53,8 @@ class TestTokenCounts:
         for name, image in images.items():
             inputs = processor(images=image, text=chat(), return_tensors="pt")
             with torch.no_grad():
-                image_outputs = paper_model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
-                prompt_tokens, memories = image_outputs.pooler_output, image_outputs.feature_memory
+                image_outputs, memories = paper_model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+                prompt_tokens = image_outputs.pooler_output
                 paper_model(**inputs)  # the forward checks placeholders against features itself
             placeholders = (inputs["input_ids"] == paper_model.config.image_token_id).sum().item()
             tile = memories[0].tile
@@ -66,8 +66,8 @@ class TestTokenCounts:
         processor = tiny_processor(paper_model.config)
         inputs = processor(images=chart, text=chat(), return_tensors="pt")
         with torch.no_grad():
-            image_outputs = paper_model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
-            prompt_tokens, memories = image_outputs.pooler_output, image_outputs.feature_memory
+            image_outputs, memories = paper_model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+            prompt_tokens = image_outputs.pooler_output
         assert memories[0].tile.num_crops == 20
         assert prompt_tokens[0].shape[0] == 864
         assert (inputs["input_ids"] == paper_model.config.image_token_id).sum().item() == 864
@@ -83,8 +83,8 @@ class TestTokenCounts:
         model, processor = VGRForConditionalGeneration(config).eval(), tiny_processor(config)
         inputs = processor(images=images[image_name], text=chat(), return_tensors="pt")
         with torch.no_grad():
-            image_outputs = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
-            prompt_tokens, memories = image_outputs.pooler_output, image_outputs.feature_memory
+            image_outputs, memories = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+            prompt_tokens = image_outputs.pooler_output
             model(**inputs)
         tile = memories[0].tile
         top, bottom, left, right = unpadded_span(tile.image_size, (tile.grid[0] * 2, tile.grid[1] * 2))  # 8 / 4 = 2
@@ -411,7 +411,10 @@ class TestBadInput:
         model, processor, image = setup
         inputs = processor(images=image, text=chat(), return_tensors="pt")
         with pytest.raises(ValueError, match="no pixel_values"):
-            model(input_ids=inputs["input_ids"])
+            model.generate(input_ids=inputs["input_ids"], max_new_tokens=2, tokenizer=processor.tokenizer)
+        # The forward embeds them as the ids they are, as LLaVA-NeXT does (transformers' common tests rely on it).
+        with torch.no_grad():
+            assert model(input_ids=inputs["input_ids"]).logits.shape[:2] == inputs["input_ids"].shape
 
     def test_more_images_than_placeholders(self, setup):
         model, processor, image = setup

@@ -303,6 +303,12 @@ class VGRGenerationMixin(GenerationMixin):
         if cache is not None:
             inputs = self._continue_conversation(state, cache, inputs, kwargs)
             kwargs["cache"] = cache
+        else:
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            if input_ids is not None and kwargs.get("pixel_values") is None and (
+                input_ids == self.config.image_token_id
+            ).any():
+                raise ValueError("input_ids has image placeholders but no pixel_values were given")
         # The model never writes <image> itself: placeholders are the processor's and the replay loop's.
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(SuppressImagePlaceholderLogitsProcessor(self.config.image_token_id))

@@ -6,7 +6,9 @@ import re
 
 from tokenizers import AddedToken
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 from .box_text_vgr import (
     EOT_TOKEN,
@@ -126,7 +128,12 @@ class VGRProcessor(ProcessorMixin):
             vars(self).pop("auto_map", None)
         return result
 
-    def __call__(self, images=None, text=None, **kwargs: Unpack[VGRProcessorKwargs]) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        **kwargs: Unpack[VGRProcessorKwargs],
+    ) -> BatchFeature:
         """
         Returns `input_ids`, `attention_mask`, and with images `pixel_values` `(num_images, max_patches, 3, crop,
         crop)` and `image_sizes` `(num_images, 2)` as (height, width); with replay markers also `replay_boxes`.

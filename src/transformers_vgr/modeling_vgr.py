@@ -56,21 +56,6 @@ class FeatureMemory:
 
 
 @dataclass
-class VGRImageOutput(BaseModelOutputWithPooling):
-    r"""
-    The vision tower's output (`last_hidden_state`, and `hidden_states` / `attentions` of every crop when asked for),
-    with what VGR makes of it:
-
-    pooler_output (`tuple(torch.FloatTensor)`):
-        Per image, its prompt tokens `(snapshot + crop tokens, hidden_size)`, in the order of the placeholders.
-    feature_memory (`list[ImageMemory]`):
-        Per image, its feature memory S (unpooled crop features, stitched).
-    """
-
-    feature_memory: list[ImageMemory] | None = None
-
-
-@dataclass
 class VGRModelOutputWithPast(ModelOutput):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
@@ -83,8 +68,9 @@ class VGRModelOutputWithPast(ModelOutput):
         Attention weights of the language model, when asked for.
     feature_memory (`FeatureMemory`, *optional*):
         S of every image of `pixel_values` (or the memory that was passed in), and which image each row replays from.
-    image_outputs (`VGRImageOutput`, *optional*):
-        The vision tower's output for `pixel_values` (see `VGRModel.get_image_features`); `None` without images.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        The vision tower's output for `pixel_values`, with each image's prompt tokens as `pooler_output` (see
+        `VGRModel.get_image_features`); `None` without images.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -92,7 +78,7 @@ class VGRModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
-    image_outputs: VGRImageOutput | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
@@ -125,7 +111,7 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
-    image_outputs: VGRImageOutput | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -246,17 +232,30 @@ class VGRModel(VGRPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> VGRImageOutput:
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> BaseModelOutputWithPooling:
+        """The vision tower's output for every crop of every image, with each image's prompt tokens
+        `(snapshot + crop tokens, hidden_size)` as `pooler_output` (a tuple, one per image, as LLaVA-NeXT's).
+        `output_hidden_states` / `output_attentions` (or the config's) keep the tower's. The feature memory S comes
+        with the forward's output, or from `encode_images`."""
+        return self.encode_images(
+            pixel_values, image_sizes,
+            output_hidden_states=kwargs.get("output_hidden_states", self.config.output_hidden_states),
+            output_attentions=kwargs.get("output_attentions", self.config.output_attentions),
+        )[0]
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_sizes, output_hidden_states=False, output_attentions=False
+    ) -> tuple[BaseModelOutputWithPooling, list[ImageMemory]]:
         """Run the vision tower once over every crop of every image.
 
         Args:
             pixel_values: `(num_images, max_patches, 3, crop, crop)` as the image processor pads them, or the
                 patches of all images concatenated, `(total_patches, 3, crop, crop)`.
             image_sizes: `(num_images, 2)` original (height, width).
-            kwargs: `output_attentions` / `output_hidden_states` of the vision tower.
         Returns:
-            A `VGRImageOutput`: per image its prompt tokens (`pooler_output`) and its feature memory S
-            (`feature_memory`), with the vision tower's own outputs.
+            The vision tower's output with each image's prompt tokens as `pooler_output`, and each image's feature
+            memory S.
         """
         image_sizes = _as_size_list(image_sizes)
         tiles = [self.geometry.tile(size) for size in image_sizes]
@@ -265,10 +264,7 @@ class VGRModel(VGRPreTrainedModel):
 
         # The feature layer is a hidden state, so the tower always returns them; they are kept only when asked for.
         vision_outputs = self.vision_tower(
-            pixel_values,
-            output_hidden_states=True,
-            output_attentions=kwargs.get("output_attentions"),
-            return_dict=True,
+            pixel_values, output_hidden_states=True, output_attentions=output_attentions, return_dict=True
         )
         features = vision_outputs.hidden_states[self.config.vision_feature_layer]
         if self.config.vision_feature_select_strategy == "default":
@@ -289,13 +285,13 @@ class VGRModel(VGRPreTrainedModel):
             crops = image_features[1:]  # (rows * cols, side, side, hidden)
             memories.append(ImageMemory(stitch_crops(crops, tile.grid), tile))  # (rows * side, cols * side, hidden)
             prompt_tokens.append(torch.cat([snapshot, self._crop_tokens(crops, tile)]))
-        return VGRImageOutput(
+        image_outputs = BaseModelOutputWithPooling(
             last_hidden_state=vision_outputs.last_hidden_state,
-            hidden_states=vision_outputs.hidden_states if kwargs.get("output_hidden_states") else None,
-            attentions=vision_outputs.attentions,
             pooler_output=tuple(prompt_tokens),
-            feature_memory=memories,
+            hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
+            attentions=vision_outputs.attentions if output_attentions else None,
         )
+        return image_outputs, memories
 
     def _crop_tokens(self, crops: torch.Tensor, tile: TileGeometry) -> torch.Tensor:
         """Prompt tokens of the local crops: `(num_crop_tokens, hidden)`."""
@@ -471,17 +467,15 @@ class VGRModel(VGRPreTrainedModel):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             if image_sizes is None:
                 raise ValueError("pixel_values were given without image_sizes")
-            output_hidden_states = kwargs.get("output_hidden_states", self.config.output_hidden_states)
-            output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
-            image_outputs = self.get_image_features(
-                pixel_values, image_sizes, output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
+            image_outputs, image_memories = self.encode_images(
+                pixel_values, image_sizes,
+                output_hidden_states=kwargs.get("output_hidden_states", self.config.output_hidden_states),
+                output_attentions=kwargs.get("output_attentions", self.config.output_attentions),
             )
             prompt_tokens = image_outputs.pooler_output
-            feature_memory = FeatureMemory(image_outputs.feature_memory, [None] * token_ids.shape[0])
-        elif feature_memory is None and _is_prefill(cache):
-            if (token_ids == self.config.image_token_id).any():
-                raise ValueError("input_ids has image placeholders but no pixel_values were given")
+            feature_memory = FeatureMemory(image_memories, [None] * token_ids.shape[0])
+        # Without images (and a memory), placeholders are embedded as the ids they are, as in LLaVA-NeXT; generate
+        # refuses them.
 
         # A decoding step without placeholders has nothing to fill: the memory is passed on as it is.
         if feature_memory is not None and (
@@ -539,8 +533,8 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> VGRImageOutput:
-        """Prompt tokens and feature memory S of each image (see `VGRModel.get_image_features`)."""
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> BaseModelOutputWithPooling:
+        """Each image's prompt tokens with the vision tower's output (see `VGRModel.get_image_features`)."""
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
