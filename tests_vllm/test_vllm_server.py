@@ -159,6 +159,13 @@ def test_bad_requests_get_400_with_a_message(server, client, example_url):
         client.chat.completions.create(model=str(CHECKPOINT), max_tokens=5, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/x.png"}},
                                          {"type": "text", "text": "hi"}]}])
+    # A client never makes the server read its own files: paths and file URLs are refused, even of a real image.
+    example = (CHECKPOINT / "example.png").resolve()
+    for part in ({"type": "image_url", "image_url": {"url": f"file://{example}"}},
+                 {"type": "image", "image": str(example)}):
+        with pytest.raises(openai.BadRequestError, match="data URL"):
+            client.chat.completions.create(model=str(CHECKPOINT), max_tokens=5, messages=[
+                {"role": "user", "content": [part, {"type": "text", "text": "hi"}]}])
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
         client.chat.completions.create(model=str(CHECKPOINT), messages=messages(example_url), max_tokens=5, n=2)
     assert httpx.get(f"{server}/health").status_code == 200  # still serving

@@ -65,11 +65,9 @@ class VGRGenerateOutput(GenerateDecoderOnlyOutput):
 @dataclass
 class CachedConversation:
     """What a cache returned by `generate` holds besides keys and values, so that a later `generate` can continue
-    from it: the text it covers, where each text token sits in the cache, which cache positions are attended, and the
-    feature memory of its images."""
+    from it: the text it covers, which cache positions are attended, and the feature memory of its images."""
 
     text_ids: torch.Tensor  # (batch, covered): the text tokens fed to the cache, in order
-    text_slots: torch.Tensor  # (batch, covered): the cache index of each of them
     cache_mask: torch.Tensor  # (batch, cache_length): 1 where a later token attends (pads after a row's end are 0)
     last_is_real: torch.Tensor  # (batch,): whether the last token of `sequences` (never fed) is real, not a pad
     feature_memory: object  # FeatureMemory of the conversation's images, or None
@@ -98,13 +96,15 @@ class ReplayState:
     plans: list | None = None  # decided when the tokens are appended, consumed by the next step
     fed_eot_rows: list[int] = field(default_factory=list)  # rows whose last chunk holds an <eot>
     conversation: CachedConversation | None = None  # the cache this call continues from, if any
-    text_slots: list[torch.Tensor] = field(default_factory=list)  # (batch, n) cache index of each text token fed
+    text_slots: list[torch.Tensor] = field(default_factory=list)  # (batch, n): cache index of this call's text tokens
     last_real_column: list[int] = field(default_factory=list)  # per row, its last real column of input_ids
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
-        """The prefill of `input_ids` (the new part of them when continuing a conversation)."""
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+              prompt_length: int | None = None) -> None:
+        """The prefill of `input_ids`: the new part of them when continuing a conversation, whose whole prompt is
+        `prompt_length` columns long."""
         batch = input_ids.shape[0]
-        self.prompt_length = input_ids.shape[1] if self.conversation is None else self.prompt_length
+        self.prompt_length = input_ids.shape[1] if prompt_length is None else prompt_length
         start = attention_mask.shape[1] - input_ids.shape[1]  # the cache length before it
         slots = start + torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
         self.text_slots.append(slots)
@@ -213,10 +213,7 @@ class ReplayState:
             pads = text_slots[row, last_real + 1 - prompt_start :]  # fed after the row's end
             cache_mask[row, pads] = 0
             last_is_real[row] = last_real == sequences.shape[1] - 1
-        text_ids = sequences[:, :-1]
-        if self.conversation is not None:
-            text_slots = torch.cat([self.conversation.text_slots, text_slots], dim=1)
-        return CachedConversation(text_ids, text_slots, cache_mask, last_is_real, self.feature_memory)
+        return CachedConversation(sequences[:, :-1], cache_mask, last_is_real, self.feature_memory)
 
 
 class SuppressImagePlaceholderLogitsProcessor(LogitsProcessor):
@@ -357,8 +354,6 @@ class VGRGenerationMixin(GenerationMixin):
         state.conversation = conversation
         state.feature_memory = conversation.feature_memory
         state.prefilled = True
-        state.prompt_length = input_ids.shape[1]
-        state.cache_mask = conversation.cache_mask
         return input_ids
 
     def _get_stopping_criteria(self, generation_config, stopping_criteria, *args, **kwargs):
@@ -466,7 +461,7 @@ class VGRGenerationMixin(GenerationMixin):
         full_mask = torch.cat([conversation.cache_mask.to(new_mask.dtype), new_mask], dim=-1)
         # Real positions count on from the real positions the cache holds (replays included, pads not).
         positions = conversation.cache_mask.sum(-1, keepdim=True) + (new_mask.cumsum(-1) - 1).clamp(min=0)
-        state.start(new_ids, full_mask, positions)
+        state.start(new_ids, full_mask, positions, prompt_length=input_ids.shape[1])
         model_inputs = super().prepare_inputs_for_generation(
             new_ids, next_sequence_length=new_ids.shape[1], cache=cache, attention_mask=full_mask,
             is_first_iteration=True, **kwargs,

@@ -281,10 +281,9 @@ class VGRModel(VGRPreTrainedModel):
 
         prompt_tokens, memories = [], []
         for tile, image_features in zip(tiles, torch.split(features, num_patches)):
-            snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)  # (144, hidden)
-            crops = image_features[1:]  # (rows * cols, side, side, hidden)
-            memories.append(ImageMemory(stitch_crops(crops, tile.grid), tile))  # (rows * side, cols * side, hidden)
-            prompt_tokens.append(torch.cat([snapshot, self._crop_tokens(crops, tile)]))
+            tokens, memory = self.image_tokens_and_memory(image_features, tile)
+            prompt_tokens.append(tokens)
+            memories.append(memory)
         image_outputs = BaseModelOutputWithPooling(
             last_hidden_state=vision_outputs.last_hidden_state,
             pooler_output=tuple(prompt_tokens),
@@ -292,6 +291,14 @@ class VGRModel(VGRPreTrainedModel):
             attentions=vision_outputs.attentions if output_attentions else None,
         )
         return image_outputs, memories
+
+    def image_tokens_and_memory(self, image_features: torch.Tensor, tile: TileGeometry):
+        """One image's prompt tokens `(snapshot + crop tokens, hidden)` and its feature memory S, from the projected
+        features of its snapshot and crops `(1 + rows * cols, side, side, hidden)`. (The vLLM plugin calls it too.)"""
+        snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)  # (144, hidden)
+        crops = image_features[1:]  # (rows * cols, side, side, hidden)
+        memory = ImageMemory(stitch_crops(crops, tile.grid), tile)  # (rows * side, cols * side, hidden)
+        return torch.cat([snapshot, self._crop_tokens(crops, tile)]), memory
 
     def _crop_tokens(self, crops: torch.Tensor, tile: TileGeometry) -> torch.Tensor:
         """Prompt tokens of the local crops: `(num_crop_tokens, hidden)`."""

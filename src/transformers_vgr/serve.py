@@ -80,7 +80,7 @@ def build_app(engine, frontend: VGRFrontend, model_name: str):
             if not isinstance(body, dict):
                 raise ValueError("the request body must be a JSON object")
             params = sampling_params(body)
-            prepared = frontend.prepare(body.get("messages"))
+            prepared = frontend.prepare(body.get("messages"), local_files=False)  # a client never reads our files
             session = frontend.session(prepared, params)
         except (ValueError, TypeError) as bad:
             return error(str(bad))

@@ -62,7 +62,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..image_processing_vgr import VGRImageProcessor, to_rgb_image
 from ..modeling_vgr import ImageMemory, VGRModel
-from ..replay_vgr import pool_grid, replay_features, stitch_crops
+from ..replay_vgr import replay_features
 
 
 ARCHITECTURE = "VGRForConditionalGeneration"
@@ -336,13 +336,11 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
         features = self.multi_modal_projector(features).view(features.shape[0], side, side, -1)
         prompt_tokens = []
         for size, key, image_features in zip(image_sizes, keys, torch.split(features, num_patches)):
-            tile = self.geometry.tile(size)
-            snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)
-            crops = image_features[1:]  # (rows * cols, side, side, hidden)
-            self.feature_memory.put(key, ImageMemory(stitch_crops(crops, tile.grid), tile))
+            # Pooling, the prompt layout ("vgr" or "llava_next") and S are the transformers model's own code.
+            tokens, memory = VGRModel.image_tokens_and_memory(self, image_features, self.geometry.tile(size))
+            self.feature_memory.put(key, memory)
             self.encoder_runs[key] = self.encoder_runs.get(key, 0) + 1
-            # The prompt layout ("vgr" or "llava_next") is the transformers model's own code.
-            prompt_tokens.append(torch.cat([snapshot, VGRModel._crop_tokens(self, crops, tile)]))
+            prompt_tokens.append(tokens)
         return prompt_tokens
 
     def _embed_images(self, pixel_values, num_patches, image_sizes, image_keys) -> list[torch.Tensor]:

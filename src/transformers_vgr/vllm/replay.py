@@ -75,9 +75,10 @@ class VGRFrontend:
 
     # -- requests
 
-    def prepare(self, messages: list[dict]) -> PreparedRequest:
+    def prepare(self, messages: list[dict], local_files: bool = True) -> PreparedRequest:
         """Chat messages (OpenAI or transformers style; images as PIL images, paths, bytes or base64 data URLs) as
-        token ids and pictures. Raises `ValueError` with the processor's message on bad input."""
+        token ids and pictures. Raises `ValueError` with the processor's message on bad input. With
+        `local_files=False` (the server's requests) images must be data URLs: a path would read the server's files."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("a request is a non-empty list of chat messages")
         images, normalized = [], []
@@ -88,7 +89,7 @@ class VGRFrontend:
             if isinstance(content, list):
                 parts = []
                 for part in content:
-                    image = _image_of(part)
+                    image = _image_of(part, local_files)
                     if image is not None:
                         images.append(to_rgb_image(image))
                         parts.append({"type": "image"})
@@ -241,7 +242,7 @@ async def run_session(engine, session: ReplaySession):
     yield session.result()
 
 
-def _image_of(part):
+def _image_of(part, local_files: bool = True):
     """The image of a content part (`{"type": "image", "image": ...}` or OpenAI's `image_url`), or None."""
     if not isinstance(part, dict):
         return None
@@ -249,7 +250,11 @@ def _image_of(part):
         image = part.get("image", part.get("url", part.get("path")))
         if image is None:
             raise ValueError("an image content part needs its image: {'type': 'image', 'image': <PIL image or path>}")
-        return _from_data_url(image) if isinstance(image, str) and image.startswith("data:") else image
+        if isinstance(image, str) and image.startswith("data:"):
+            return _from_data_url(image)
+        if not local_files:
+            raise ValueError("images must be base64 data URLs (data:image/png;base64,...): the server reads no files")
+        return image
     if part.get("type") == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
@@ -257,7 +262,7 @@ def _image_of(part):
             raise ValueError("an image_url content part needs {'image_url': {'url': 'data:image/...;base64,...'}}")
         if url.startswith("data:"):
             return _from_data_url(url)
-        if url.startswith("file://"):
+        if url.startswith("file://") and local_files:
             return Path(url[len("file://"):])
         raise ValueError(f"image_url must be a base64 data URL (data:image/png;base64,...), got {url[:40]!r}")
     return None
