@@ -114,6 +114,28 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     image_outputs: BaseModelOutputWithPooling | None = None
 
 
+def image_tokens_and_memory(image_features: torch.Tensor, tile: TileGeometry, config, image_newline=None):
+    """One image's prompt tokens `(snapshot + crop tokens, hidden)` and its feature memory S, from the projected
+    features of its snapshot and crops `(1 + rows * cols, side, side, hidden)`. The vLLM plugin calls it too."""
+    snapshot = pool_grid(image_features[0], config.snapshot_pool).flatten(0, 1)  # (144, hidden)
+    crops = image_features[1:]  # (rows * cols, side, side, hidden)
+    memory = ImageMemory(stitch_crops(crops, tile.grid), tile)  # (rows * side, cols * side, hidden)
+    return torch.cat([snapshot, crop_tokens(crops, tile, config, image_newline)]), memory
+
+
+def crop_tokens(crops: torch.Tensor, tile: TileGeometry, config, image_newline=None) -> torch.Tensor:
+    """Prompt tokens of the local crops `(num_crop_tokens, hidden)`: "vgr" flattens each pooled crop on its own;
+    "llava_next" stitches them, removes the padding and ends each row with `image_newline`."""
+    pooled = pool_grid(crops, config.crop_pool)  # (rows * cols, side', side', hidden)
+    if config.image_layout == "vgr":
+        return pooled.flatten(0, 2)  # each crop row-major, crops in row-major order
+    stitched = stitch_crops(pooled, tile.grid)  # (rows * side', cols * side', hidden)
+    top, bottom, left, right = unpadded_span(tile.image_size, tuple(stitched.shape[:2]))
+    stitched = stitched[top:bottom, left:right]
+    newline = image_newline.to(stitched.dtype).expand(stitched.shape[0], 1, -1)
+    return torch.cat([stitched, newline], dim=1).flatten(0, 1)
+
+
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), dim=-1)
@@ -281,7 +303,7 @@ class VGRModel(VGRPreTrainedModel):
 
         prompt_tokens, memories = [], []
         for tile, image_features in zip(tiles, torch.split(features, num_patches)):
-            tokens, memory = self.image_tokens_and_memory(image_features, tile)
+            tokens, memory = image_tokens_and_memory(image_features, tile, self.config, self.image_newline)
             prompt_tokens.append(tokens)
             memories.append(memory)
         image_outputs = BaseModelOutputWithPooling(
@@ -291,25 +313,6 @@ class VGRModel(VGRPreTrainedModel):
             attentions=vision_outputs.attentions if output_attentions else None,
         )
         return image_outputs, memories
-
-    def image_tokens_and_memory(self, image_features: torch.Tensor, tile: TileGeometry):
-        """One image's prompt tokens `(snapshot + crop tokens, hidden)` and its feature memory S, from the projected
-        features of its snapshot and crops `(1 + rows * cols, side, side, hidden)`. (The vLLM plugin calls it too.)"""
-        snapshot = pool_grid(image_features[0], self.config.snapshot_pool).flatten(0, 1)  # (144, hidden)
-        crops = image_features[1:]  # (rows * cols, side, side, hidden)
-        memory = ImageMemory(stitch_crops(crops, tile.grid), tile)  # (rows * side, cols * side, hidden)
-        return torch.cat([snapshot, self._crop_tokens(crops, tile)]), memory
-
-    def _crop_tokens(self, crops: torch.Tensor, tile: TileGeometry) -> torch.Tensor:
-        """Prompt tokens of the local crops: `(num_crop_tokens, hidden)`."""
-        pooled = pool_grid(crops, self.config.crop_pool)  # (rows * cols, side', side', hidden)
-        if self.config.image_layout == "vgr":
-            return pooled.flatten(0, 2)  # each crop row-major, crops in row-major order
-        stitched = stitch_crops(pooled, tile.grid)  # (rows * side', cols * side', hidden)
-        top, bottom, left, right = unpadded_span(tile.image_size, tuple(stitched.shape[:2]))
-        stitched = stitched[top:bottom, left:right]
-        newline = self.image_newline.to(stitched.dtype).expand(stitched.shape[0], 1, -1)
-        return torch.cat([stitched, newline], dim=1).flatten(0, 1)
 
     def replay_tokens(self, memory: ImageMemory, box) -> torch.Tensor:
         """The tokens a replay of `box` feeds to the LLM: its cells of S, `replay_pool`-pooled, row-major `(K, hidden)`."""

@@ -61,7 +61,7 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from ..image_processing_vgr import VGRImageProcessor, to_rgb_image
-from ..modeling_vgr import ImageMemory, VGRModel
+from ..modeling_vgr import ImageMemory, image_tokens_and_memory
 from ..replay_vgr import replay_features
 
 
@@ -337,7 +337,9 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
         prompt_tokens = []
         for size, key, image_features in zip(image_sizes, keys, torch.split(features, num_patches)):
             # Pooling, the prompt layout ("vgr" or "llava_next") and S are the transformers model's own code.
-            tokens, memory = VGRModel.image_tokens_and_memory(self, image_features, self.geometry.tile(size))
+            tokens, memory = image_tokens_and_memory(
+                image_features, self.geometry.tile(size), self.config, self.image_newline
+            )
             self.feature_memory.put(key, memory)
             self.encoder_runs[key] = self.encoder_runs.get(key, 0) + 1
             prompt_tokens.append(tokens)
