@@ -38,7 +38,7 @@ from transformers.generation import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import ModelOutput
 
 from .box_text_vgr import box_token_table
@@ -122,16 +122,16 @@ class ReplayState:
             self.finish_reasons[row] = self.finish_reasons[row] or reason
             self.last_real_column[row] = column
 
-    def after_append(self, input_ids: torch.Tensor, done: torch.Tensor, reasons: list[str | None]) -> torch.Tensor:
+    def after_append(self, input_ids: torch.Tensor, done_rows: list[bool], reasons: list[str | None]) -> list[bool]:
         """Runs as soon as a token is appended to every row, with the rows the other stopping criteria just finished
         and why (`reasons`). Records each fresh `<eot>`, plans the replays the next step feeds (`self.plans`: `(K, box)`
-        or None per row) and returns the rows VGR itself stops: those whose replay would overflow the context, and
-        those with no room left for the token just appended."""
+        or None per row) and returns, per row, whether VGR itself stops it: a row whose replay would overflow the
+        context, or with no room left for the token just appended."""
         self.plans, self.head_box_rows = [], []
         stop = [False] * input_ids.shape[0]
         column = input_ids.shape[1] - 1
         # Plain Python over the last column: the full rows are read only at an <eot> (this runs every step).
-        last_tokens, done_rows, next_positions = input_ids[:, -1].tolist(), done.tolist(), self.next_position.tolist()
+        last_tokens, next_positions = input_ids[:, -1].tolist(), self.next_position.tolist()
         for row, token in enumerate(last_tokens):
             was_finished = self.finished[row]
             if not was_finished and done_rows[row]:
@@ -152,7 +152,7 @@ class ReplayState:
             elif not self.finished[row] and next_positions[row] >= self.limits.max_positions:
                 self.finish(row, FINISH_LENGTH, column)  # the token just appended has no position left
             stop[row] = self.finished[row] and not was_finished
-        return torch.tensor(stop, device=done.device)
+        return stop
 
     def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
@@ -251,15 +251,19 @@ class ReplayStoppingCriteriaList(StoppingCriteriaList):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         hits = [criterion(input_ids, scores, **kwargs) for criterion in self]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for hit in hits:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device) if not hits else hits[0]
+        for hit in hits[1:]:
             done = done | hit
+        done_rows = done.tolist()
         reasons = [None] * input_ids.shape[0]
-        if done.any():  # the first criterion that finished a row says why
+        if any(done_rows):  # the first criterion that finished a row says why
             for criterion, hit in reversed(list(zip(self, hits))):
                 for row in hit.nonzero().flatten().tolist():
                     reasons[row] = _finish_reason(criterion)
-        return done | self.state.after_append(input_ids, done, reasons)
+        stopped = self.state.after_append(input_ids, done_rows, reasons)
+        if any(stopped):
+            done = done | torch.tensor(stopped, device=done.device)
+        return done
 
 
 def _finish_reason(criterion: StoppingCriteria) -> str:
@@ -435,12 +439,15 @@ class VGRGenerationMixin(GenerationMixin):
         plans = replay_state.plans or [None] * input_ids.shape[0]
         replay_state.plans = None
         chunk_ids, chunk_mask, positions, boxes = replay_state.chunk(input_ids[:, -1], plans)
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=1, cache=cache, attention_mask=chunk_mask, is_first_iteration=False,
-            **kwargs,
-        )
+        device = self.get_input_embeddings().weight.device
+        if chunk_ids.device != device:  # as the stock method: the loop's tensors may live off the model's device
+            chunk_ids, chunk_mask, positions = (tensor.to(device) for tensor in (chunk_ids, chunk_mask, positions))
+        # Built here, not by the stock method: it would slice and copy inputs (and, for a static cache, build a 4D
+        # mask) that the chunk replaces. The forward's other arguments pass on as they are, less the prefill's.
+        model_inputs = {key: value for key, value in kwargs.items() if key not in _PREFILL_ONLY_INPUTS}
         model_inputs.update(
             input_ids=chunk_ids,
+            cache=cache,
             attention_mask=chunk_mask,
             position_ids=positions,
             replay_boxes=boxes if any(boxes) else None,
@@ -556,6 +563,12 @@ class VGRGenerationMixin(GenerationMixin):
             state.head_box_rows = []
         return model_kwargs
 
+
+# Inputs of the first step only: the images (encoded once, into the feature memory), the prompt's own replay boxes
+# and position ids (a decoding step's are the chunk's), and what the stock method never forwards.
+_PREFILL_ONLY_INPUTS = frozenset(MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL) | {
+    "replay_boxes", "position_ids", "labels", "next_sequence_length",
+}
 
 # What a plain text decoding step receives; anything else (hidden states, attentions, ...) runs eagerly.
 _TEXT_STEP_INPUTS = {"input_ids", "attention_mask", "position_ids", "cache", "use_cache", "feature_memory",
