@@ -133,15 +133,18 @@ def profile(vgr_model, llama_model, inputs, sequence) -> dict:
             _entry(vgr, "generation_vgr.py", "_update_model_kwargs_for_generation"),
             _entry(llama, "generation/utils.py", "_update_model_kwargs_for_generation"),
         ),
-        "model forward (VGR: both wrappers + LlamaModel)": (
-            _entry(vgr, "modeling_vgr.py", "forward", inspect.getsourcelines(VGRForConditionalGeneration.forward)[1]),
+        "model step (VGR: its decoding step, LlamaModel + head; LLaMA: LlamaForCausalLM.forward)": (
+            _entry(vgr, "generation_vgr.py", "decoding_step"),
             _entry(llama, "modeling_llama.py", "forward", inspect.getsourcelines(LlamaForCausalLM.forward)[1]),
         ),
         "of which LlamaModel.forward": (
             _entry(vgr, "modeling_llama.py", "forward", inspect.getsourcelines(LlamaModel.forward)[1]),
             _entry(llama, "modeling_llama.py", "forward", inspect.getsourcelines(LlamaModel.forward)[1]),
         ),
-        "of which VGRModel.visual_embeddings": (_entry(vgr, "modeling_vgr.py", "visual_embeddings"), (0, 0.0)),
+        "VGR's whole-model forward (a text step skips it)": (
+            _entry(vgr, "modeling_vgr.py", "forward", inspect.getsourcelines(VGRForConditionalGeneration.forward)[1]),
+            (0, 0.0),
+        ),
     }
     return {
         "profiled_total_s": {"vgr": vgr.total_tt, "llama": llama.total_tt},

@@ -143,7 +143,11 @@ class TestConversation:
         calls, handle = count_vision_calls(model)
         fed = []
         feed_hook = model.model.language_model.register_forward_pre_hook(
-            lambda module, args, kwargs: fed.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+            # embedded by VGRModel, or ids (a text step runs the language model alone)
+            lambda module, args, kwargs: fed.append(
+                (kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[1]
+            ),
+            with_kwargs=True,
         )
         try:
             forcing = LogitsProcessorList([ForceText(processor, continued_ids.shape[1], plan)])
@@ -230,17 +234,26 @@ class TestStaticCacheAndCompiledDecoding:
         model.config.max_replay_tokens = 256  # the static cache's replay budget: 256 positions per row
         compile_config = CompileConfig(fullgraph=True, mode="default")
         compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked
-        eager_calls = []
-        handle = model.register_forward_hook(lambda *args: eager_calls.append(1))
+        whole_model_calls, compiled_text_steps = [], []
+        handle = model.register_forward_hook(lambda *args: whole_model_calls.append(1))
+        compile_text_step = model._compiled_text_step
+
+        def counting_compiled_text_step(config):
+            compiled_step = compile_text_step(config)
+            return lambda *args: compiled_text_steps.append(1) or compiled_step(*args)
+
+        model._compiled_text_step = counting_compiled_text_step
         try:
             dynamic = generate(model, processor, inputs, plan, max_new_tokens=40)
-            dynamic_calls = len(eager_calls)
+            dynamic_counts = len(whole_model_calls), len(compiled_text_steps)
             static = generate(model, processor, inputs, plan, max_new_tokens=40, cache_implementation="static")
-            eager_calls.clear()
+            static_counts = len(whole_model_calls) - dynamic_counts[0], len(compiled_text_steps)
+            whole_model_calls.clear()
             compiled = generate(model, processor, inputs, plan, max_new_tokens=40, cache_implementation="static",
                                 compile_config=compile_config)
         finally:
             handle.remove()
+            del model._compiled_text_step
             model.config.max_replay_tokens = 4096
         assert type(static.cache).__name__ == type(compiled.cache).__name__ == "StaticCache"
         assert static.cache.get_max_length() == inputs["input_ids"].shape[1] + 40 - 1 + 2 * 256  # last token unfed
@@ -250,6 +263,7 @@ class TestStaticCacheAndCompiledDecoding:
                 [[(r.box, r.num_tokens) for r in row] for row in dynamic.replays]
             for a, b in zip(output.logits, dynamic.logits):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        # 40 steps eagerly without compilation; with it, the prefill, the two replay chunks and the <eot>-free rest
-        # compiled: a handful of eager calls.
-        assert dynamic_calls == 40 and len(eager_calls) <= 4
+        # Of the 40 steps, the prefill, the two <eot> steps with their replay chunks run the whole model; the text steps
+        # run the language model and head alone, compiled only with a compile config.
+        assert dynamic_counts == static_counts == (3, 0)
+        assert len(whole_model_calls) == 3 and len(compiled_text_steps) == 40 - 3

@@ -15,7 +15,9 @@ recomputed and the vision tower is not rerun. The stock `generate` loop of trans
   whose logits pick the next token. The replayed positions live in the cache and in the attention mask kept here,
   never in `input_ids`, so `max_new_tokens`, streamers and stopping criteria see text tokens only.
 - `_update_model_kwargs_for_generation` keeps the prefill's feature memory and the detection head's boxes;
-- `_expand_inputs_for_generation` gives each of `num_return_sequences` samples its row's images.
+- `_expand_inputs_for_generation` gives each of `num_return_sequences` samples its row's images;
+- the decoding steps go through `get_compiled_call`'s step: a plain text step runs the language model and LM head
+  alone (compiled with a static cache and a `compile_config`), the others the whole model.
 
 A cache returned by `generate` (`return_dict_in_generate=True`) carries a `CachedConversation`: passed back as
 `cache=` with `input_ids` that start with the returned `sequences`, a later `generate` continues the conversation
@@ -508,11 +510,22 @@ class VGRGenerationMixin(GenerationMixin):
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length + replay_budget
         )
 
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        """Whether `generate` calls `get_compiled_call`'s decoding step instead of the model: always, in VGR's own
+        generate (its text steps then skip the two model wrappers); whether that step compiles is transformers' own
+        decision, kept on the call's cache."""
+        compile_text_steps = super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+        cache = model_kwargs.get("cache")
+        if model_kwargs.get("replay_state") is None or cache is None:
+            return compile_text_steps
+        cache.vgr_compile_text_steps = compile_text_steps
+        return True
+
     def get_compiled_call(self, compile_config):
-        """The decoding step `generate` compiles (with a static cache and a `compile_config`): a step that feeds one
-        text token per row runs the language model and LM head compiled; the prefill, replay chunks and `<eot>` steps
-        (whose detection-head box is recorded) run eagerly."""
-        compiled_text_step = self._compiled_text_step(compile_config)
+        """The decoding step of VGR's `generate`: a step that feeds one text token per row runs the language model
+        and LM head alone, through `torch.compile` when transformers would compile (a static cache and a
+        `compile_config`); the prefill, replay chunks and `<eot>` steps (whose detection-head box is recorded) run the
+        whole model, eagerly."""
 
         def decoding_step(**inputs):
             input_ids = inputs.get("input_ids")
@@ -525,9 +538,12 @@ class VGRGenerationMixin(GenerationMixin):
             ):
                 return self(**inputs)
             cache, attention_mask = inputs["cache"], inputs["attention_mask"]
-            if cache.is_compileable:  # a static cache: the mask covers all of it, so its shape never changes
-                attention_mask = F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[1]))
-            logits, cache = compiled_text_step(inputs["input_ids"], attention_mask, inputs["position_ids"], cache)
+            text_step = self.text_step
+            if getattr(cache, "vgr_compile_text_steps", False):
+                text_step = self._compiled_text_step(compile_config)
+                if cache.is_compileable:  # a static cache: the mask covers all of it, so its shape never changes
+                    attention_mask = F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[1]))
+            logits, cache = text_step(input_ids, attention_mask, inputs["position_ids"], cache)
             return VGRTextStepOutput(logits=logits, cache=cache, feature_memory=inputs.get("feature_memory"))
 
         return decoding_step
