@@ -130,7 +130,7 @@ bench: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	# VGR on vLLM against generate (about 5 min): benchmarks/results/vllm.json and vllm.md.
 	$(VLLM_PY) benchmarks/bench_vllm.py
 
-# The paper's shape on CPU (CLIP-L/14-336 + LLaMA-7B layers, 2 of 32 decoder layers run and scaled; 16.6 CPU-min):
+# The paper's shape on CPU (CLIP-L/14-336 + LLaMA-7B layers, 2 of 32 decoder layers run and scaled; 8.5 to 9.6 min):
 # paper.json and paper.md in benchmarks/results/. Not part of `make bench`.
 .PHONY: bench-paper
 bench-paper: $(STAMP) $(TOKENIZER)

@@ -1,6 +1,6 @@
 """7. The paper's shape: VGR against LLaVA-NeXT with the CLIP-ViT-L/14-336 tower and LLaMA-7B decoder layers, on CPU.
 
-`make bench-paper` (its own target; 23 min on 2 cores shared with other runs, 16.6 CPU-minutes) writes
+`make bench-paper` (its own target; 8.5 to 9.6 min on 2 quiet cores, about 16 CPU-minutes) writes
 benchmarks/results/paper.json and paper.md.
 
 The vision tower has the real CLIP-ViT-L/14-336 shape (24 layers, 1024 wide, 16 heads, 336 px, patch 14), the
@@ -33,9 +33,11 @@ torch's FLOP counter), and for decode the ratio the bytes read per step predict 
 steps on a CPU wait on memory, not arithmetic. A time model adds both: the FLOPs at the fp32 matmul rate measured in
 the same run, the one-token steps' bytes at the measured weight-streaming bandwidth.
 
-Two diagnostics for the gaps: one CLIP-L layer over VGR's 21 crops in one batch against the same crops in batches of
-5 (page faults and kernel CPU time included), and the same matmuls as a decoder layer's MLP (prompt-sized and
-one-token) in fp32 and bf16, interleaved, which also says what bf16 would change on this CPU.
+Three diagnostics for the gaps: one CLIP-L layer over VGR's 21 crops in one batch against the same crops in batches
+of 5 (page faults and kernel CPU time included); one-token steps of the decoder layers at each model's mean decode
+context with a DynamicCache against a StaticCache (and, inside `generate`, the page faults and kernel CPU time of each
+one-token step); and the same matmuls as a decoder layer's MLP (prompt-sized and one-token) in fp32 and bf16,
+interleaved, which also says what bf16 would change on this CPU.
 """
 
 import argparse
@@ -98,8 +100,9 @@ def paper_config(layers: int, shape: str = "paper") -> VGRConfig:
 
 class PhaseClock:
     """Forward hooks on one model: when its vision tower first runs (with the kernel CPU time and page faults of the
-    vision part), and for each call of its language model the positions fed, the start time and the time spent
-    inside the decoder layers, of which inside their attention blocks."""
+    vision part), and for each call of its language model the positions fed, the start time, the process's page
+    faults and kernel CPU time so far, and the time spent inside the decoder layers, of which inside their attention
+    blocks."""
 
     def __init__(self, model):
         inner = model.model
@@ -135,8 +138,9 @@ class PhaseClock:
             usage = resource.getrusage(resource.RUSAGE_SELF)
             self.vision_kernel_cpu = usage.ru_stime - self.vision_usage.ru_stime
             self.vision_minor_faults = float(usage.ru_minflt - self.vision_usage.ru_minflt)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         self.calls.append({"positions": int(positions), "start": time.perf_counter(), "layers": 0.0,
-                           "attention": 0.0})
+                           "attention": 0.0, "minor_faults": usage.ru_minflt, "kernel_cpu": usage.ru_stime})
 
     def _layer_start(self, module, args):
         self._layer_began = time.perf_counter()
@@ -165,6 +169,7 @@ def generate_once(model, processor, clock: PhaseClock, image, text: str, sequenc
     out = model.generate(**inputs, max_new_tokens=len(sequence), do_sample=False, streamer=stamps,
                          logits_processor=[ForceTokens(prompt_length, [sequence])], return_dict_in_generate=True)
     end = time.perf_counter()
+    end_usage = resource.getrusage(resource.RUSAGE_SELF)
     if out.sequences[0, prompt_length:].tolist() != sequence:
         raise RuntimeError(f"{type(model).__name__} did not write the forced tokens")
     calls = clock.calls
@@ -189,6 +194,13 @@ def generate_once(model, processor, clock: PhaseClock, image, text: str, sequenc
     if decode:
         metrics["decode_per_token"] = statistics.fmean(seconds for seconds, _ in decode)
         metrics["decode_layers_per_token"] = statistics.fmean(call["layers"] for _, call in decode)
+        # Page faults and kernel CPU time from one one-token call's start to the next call's (or the end).
+        following = [(calls[k], calls[k + 1] if k + 1 < len(calls) else None) for k in range(1, len(calls))
+                     if calls[k]["positions"] == 1]
+        metrics["decode_minor_faults_per_token"] = statistics.fmean(
+            (after["minor_faults"] if after else end_usage.ru_minflt) - call["minor_faults"] for call, after in following)
+        metrics["decode_kernel_cpu_per_token"] = statistics.fmean(
+            (after["kernel_cpu"] if after else end_usage.ru_stime) - call["kernel_cpu"] for call, after in following)
     if replay:
         metrics["replay_steps"] = sum(seconds for seconds, _ in replay)
         metrics["replay_layers"] = sum(call["layers"] for _, call in replay)
@@ -365,6 +377,55 @@ def vision_batch_effect(vgr, crops: int, chunk: int, rounds: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------- decode: cache growth
+
+
+def decode_cache_effect(vgr, contexts: dict[str, int], steps: int, rounds: int) -> dict:
+    """One-token steps of the language model (its N decoder layers) at each model's mean decode context, with
+    transformers' `DynamicCache` (which grows every layer's keys and values by `torch.cat`: a copy of the whole cache
+    each step) against a `StaticCache` (written in place), interleaved: ms per step, kernel CPU time and page faults.
+    Says how much of the decode ratio comes from the cache's growth rather than from the bytes a step must read."""
+    language_model = vgr.model.language_model
+    text = vgr.config.text_config
+    kv_heads, head_dim = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+    step_input = torch.randn(1, 1, text.hidden_size, generator=generator)  # (batch, one token, hidden)
+
+    def runner(kind, context):
+        def fn():
+            if kind == "dynamic":
+                cache = transformers.DynamicCache(config=text)
+            else:
+                cache = transformers.StaticCache(config=text, max_cache_len=context + steps)
+            for layer in range(text.num_hidden_layers):  # a context of random keys and values
+                keys = torch.randn(1, kv_heads, context, head_dim, generator=generator)
+                cache.update(keys, keys.clone(), layer)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            start = time.perf_counter()
+            for step in range(steps):
+                language_model(inputs_embeds=step_input, position_ids=torch.tensor([[context + step]]), cache=cache,
+                               use_cache=True)
+            seconds = (time.perf_counter() - start) / steps
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            return {"seconds": seconds, "kernel_cpu": (after.ru_stime - usage.ru_stime) / steps,
+                    "minor_faults": float(after.ru_minflt - usage.ru_minflt) / steps}
+        return fn
+
+    runs = {f"{kind} {method}": runner(kind, context) for kind in ("dynamic", "static")
+            for method, context in contexts.items()}
+    with torch.inference_mode():
+        samples = interleaved(runs, repeats=rounds, warmup=1)
+    out = {name: {"ms_per_step": 1000 * medians(samples[name])["seconds"],
+                  "kernel_cpu_ms_per_step": 1000 * medians(samples[name])["kernel_cpu"],
+                  "minor_faults_per_step": medians(samples[name])["minor_faults"]} for name in runs}
+    out["vgr_over_llava_next"] = {
+        kind: paired_ratios(samples[f"{kind} vgr"]["seconds"], samples[f"{kind} llava_next"]["seconds"])
+        for kind in ("dynamic", "static")
+    }
+    out["contexts"], out["steps"], out["layers"] = contexts, steps, text.num_hidden_layers
+    return out
+
+
 # ------------------------------------------------------------------------------------------- fp32 against bf16
 
 
@@ -458,6 +519,8 @@ def run(args) -> dict:
     for clock in clocks.values():
         for hook in clock.hooks:
             hook.remove()
+    mean_contexts = {method: round(statistics.fmean(chart["info"][method]["decode_contexts"])) for method in METHODS}
+    cache_effect = decode_cache_effect(vgr, mean_contexts, steps=8, rounds=3)
     return {
         "layers_run": layers,
         "layers_full": FULL_LAYERS,
@@ -471,6 +534,7 @@ def run(args) -> dict:
         "real_images": real,
         "matmul": rates,
         "vision_batch_effect": batch_effect,
+        "decode_cache_effect": cache_effect,
         "tolerance": PREDICTION_TOLERANCE,
         "shape": args.shape,
     }
@@ -569,7 +633,11 @@ def markdown(result) -> str:
         f"/ LLaVA-NeXT {meas['llava_next']['vision_kernel_cpu']:.2f} s, page faults "
         f"{meas['vgr']['vision_minor_faults'] / 1e3:.0f} k / {meas['llava_next']['vision_minor_faults'] / 1e3:.0f} k; "
         f"vision per crop {meas['vgr']['vision'] / vgr_info['crops']:.2f} s / "
-        f"{meas['llava_next']['vision'] / llava_info['crops']:.2f} s.",
+        f"{meas['llava_next']['vision'] / llava_info['crops']:.2f} s. Per one-token decode step, page faults "
+        f"{meas['vgr']['decode_minor_faults_per_token'] / 1e3:.1f} k / "
+        f"{meas['llava_next']['decode_minor_faults_per_token'] / 1e3:.1f} k and kernel CPU time "
+        f"{1000 * meas['vgr']['decode_kernel_cpu_per_token']:.1f} / "
+        f"{1000 * meas['llava_next']['decode_kernel_cpu_per_token']:.1f} ms (VGR / LLaVA-NeXT).",
     ]
     if result["real_images"]:
         lines += [
@@ -602,6 +670,24 @@ def markdown(result) -> str:
         f"{b[chunked]['ms_per_crop']:.0f} ms per crop ({b[chunked]['kernel_cpu_s']:.2f} s, "
         f"{b[chunked]['minor_faults'] / 1e3:.0f} k): one batch / chunks **{b['one_batch_over_chunks']:.2f}**.",
     ]
+    c = result.get("decode_cache_effect")
+    if c:
+        context_vgr, context_llava = c["contexts"]["vgr"], c["contexts"]["llava_next"]
+        lines += [
+            "",
+            f"Decode, the cache's growth alone: one-token steps of the {c['layers']} decoder layers at each model's mean "
+            f"decode context ({context_vgr} / {context_llava} positions), {c['steps']} steps, interleaved:",
+            "",
+            "| cache | ms per step, VGR's context | LLaVA-NeXT's | VGR / LLaVA-NeXT | page faults per step | kernel CPU ms per step |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for kind, label in (("dynamic", "`DynamicCache` (grows by `torch.cat`)"), ("static", "`StaticCache` (in place)")):
+            v, l = c[f"{kind} vgr"], c[f"{kind} llava_next"]
+            lines.append(
+                f"| {label} | {v['ms_per_step']:.1f} | {l['ms_per_step']:.1f} | **{c['vgr_over_llava_next'][kind]:.2f}** | "
+                f"{v['minor_faults_per_step'] / 1e3:.1f} k / {l['minor_faults_per_step'] / 1e3:.1f} k | "
+                f"{v['kernel_cpu_ms_per_step']:.1f} / {l['kernel_cpu_ms_per_step']:.1f} |"
+            )
     m = result["matmul"]
     lines += [
         "",
