@@ -127,7 +127,7 @@ clean:
 .PHONY: bench
 bench: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) benchmarks/run.py
-	# VGR on vLLM against generate (about 5 min): benchmarks/results/vllm.json and vllm.md.
+	# VGR on vLLM against generate (about 1 min on a quiet machine): benchmarks/results/vllm.json and vllm.md.
 	$(VLLM_PY) benchmarks/bench_vllm.py
 
 # The paper's shape on CPU (CLIP-L/14-336 + LLaMA-7B layers, 2 of 32 decoder layers run and scaled; 8.5 to 9.6 min):

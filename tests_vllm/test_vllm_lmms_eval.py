@@ -72,7 +72,7 @@ def test_vllm_backend_reports_the_cost_columns(runs):
         vgr_costs["all"]["seconds_per_sample"], expected_costs["all"]["seconds_per_sample"]))
 
 
-def test_vllm_backend_rejects_an_unknown_engine_argument(tmp_path):
+def test_vllm_backend_rejects_an_unknown_engine_argument():
     from transformers_vgr.lmms_eval.models.vgr import VGR
 
     with pytest.raises(ValueError, match="unknown model_args for vgr with backend=vllm: tensor_paralel_size"):
