@@ -40,18 +40,22 @@ TEXT_WIDTH = 128
 CHAT_TEMPLATE = vicuna_v1_chat_template(system="")
 
 
+VISION_CONFIG = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     image_size=112, patch_size=14, projection_dim=96)
+TEXT_CONFIG = dict(model_type="llama", hidden_size=TEXT_WIDTH, intermediate_size=384, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=4, vocab_size=32064,
+                   max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                   tie_word_embeddings=True,
+                   # LLaMA's std 0.02 gives each matrix a gain of about 1.3 at width 4096, 0.23 at 128, where
+                   # attention starts flat. At 1/sqrt(width) (unit gain) a one-cell colour question was learned
+                   # in 200 steps; at 0.02 it was not learned in 300 (README, VGR-Tiny).
+                   initializer_range=TEXT_WIDTH**-0.5)
+
+
 def tiny_config() -> VGRConfig:
     return VGRConfig(
-        vision_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=112, patch_size=14, projection_dim=96),
-        text_config=dict(model_type="llama", hidden_size=TEXT_WIDTH, intermediate_size=384, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, vocab_size=32064,
-                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         tie_word_embeddings=True,
-                         # LLaMA's std 0.02 gives each matrix a gain of about 1.3 at width 4096, 0.23 at 128, where
-                         # attention starts flat. At 1/sqrt(width) (unit gain) a one-cell colour question was learned
-                         # in 200 steps; at 0.02 it was not learned in 300 (README, VGR-Tiny).
-                         initializer_range=TEXT_WIDTH**-0.5),
+        vision_config=dict(VISION_CONFIG),
+        text_config=dict(TEXT_CONFIG),
         max_crops=9,
         # Each crop pools to one token: its position code is then the same for every crop token, and only the
         # snapshot's tokens say where a box is (with 4 x 4 crop tokens a lookup by colour mixes the snapshot's global
@@ -94,11 +98,16 @@ def init_vision_positions(model) -> None:
         embeddings.position_embedding.weight.copy_(torch.cat([torch.zeros(1, embeddings.embed_dim), table]))
 
 
+def llama2_tokenizer(tokenizer_file: Path) -> PreTrainedTokenizerFast:
+    """The LLaMA-2 tokenizer of `make assets`, loaded as its tokenizer.json is (not as `LlamaTokenizer`)."""
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def restore_tokenizer(checkpoint: Path, tokenizer_file: Path) -> None:
     """Write the checkpoint's tokenizer from the LLaMA-2 tokenizer fetched at set-up: the repository does not carry
     it (Llama 2 licence). Same added tokens and ids as at export, checked against the config."""
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
+    tokenizer = llama2_tokenizer(tokenizer_file)
     add_vgr_tokens(tokenizer)
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     ids = tokenizer.convert_tokens_to_ids(["<image>", "<sot>", "<eot>"])
@@ -122,6 +131,31 @@ TINY_LIMITATIONS = [
     "meaningless answer.",
     "With replay switched off (`max_replays=0`) it derails after `<eot>`: it never saw an `<eot>` without a replay.",
 ]
+
+
+def training_arguments(output_dir, max_steps: int, batch_size: int, learning_rate: float, seed: int,
+                       logging_steps: int = 50) -> TrainingArguments:
+    """The reference recipe's `TrainingArguments` (VGR-Tiny and the paper-tables rows): cosine with 3% warmup, no
+    weight decay, Adam's beta2 at 0.95, fixed seeds, CPU."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        # LLaMA's 0.95, not 0.999: the answer's wording is learned first, with large gradients; at 0.999 Adam's
+        # second moment remembers them for about 1,000 steps and damps the smaller box and digit ones (README).
+        adam_beta2=0.95,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
 
 
 def export_tiny(checkpoint: Path, output: Path) -> Path:
@@ -166,8 +200,7 @@ def main(argv=None) -> None:
     if not (args.data / "train.jsonl").exists():
         make_dataset(args.data, train=args.train_records)
     set_seed(args.seed)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(args.tokenizer), bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
+    tokenizer = llama2_tokenizer(args.tokenizer)
     config = tiny_config()
     processor = VGRProcessor(VGRImageProcessor.from_model_config(config), tokenizer, chat_template=CHAT_TEMPLATE)
     config.update(processor.box_token_table())
@@ -177,25 +210,7 @@ def main(argv=None) -> None:
     print(f"data: {dataset.report}")
 
     with tempfile.TemporaryDirectory() as scratch:
-        training_args = TrainingArguments(
-            output_dir=scratch,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.03,
-            weight_decay=0.0,
-            # LLaMA's 0.95, not 0.999: the answer's wording is learned first, with large gradients; at 0.999 Adam's
-            # second moment remembers them for about 1,000 steps and damps the smaller box and digit ones (README).
-            adam_beta2=0.95,
-            logging_steps=50,
-            save_strategy="no",
-            report_to=[],
-            seed=args.seed,
-            data_seed=args.seed,
-            dataloader_num_workers=0,
-            use_cpu=True,
-        )
+        training_args = training_arguments(scratch, args.max_steps, args.batch_size, args.learning_rate, args.seed)
         # The paper's 0.1x for the vision tower, although it starts random: its random features already carry the
         # digit, and at the full rate its first updates (for colour and place) wash the digit out (README, VGR-Tiny).
         trainer = VGRTrainer(model=model, args=training_args, train_dataset=dataset,

@@ -17,10 +17,12 @@ class VGRSFTDataset(Dataset):
 
     Records are encoded when the dataset is built, and each image is read once with the collator's checks (its pixels
     are not kept), so that records that are dropped are known and counted up front (`dataset.report`) and no image
-    fails mid-training."""
+    fails mid-training. With `replay=False` (a model trained to write boxes and replay nothing, `max_replays=0`)
+    the answers' replay markers are stripped."""
 
-    def __init__(self, data_files, image_root, processor, max_length: int | None = None):
+    def __init__(self, data_files, image_root, processor, max_length: int | None = None, replay: bool = True):
         self.image_root = Path(image_root) if image_root is not None else None
+        self.replay = replay
         self.report = CleaningReport()
         self.examples: list[tuple[Features, Path | None]] = []
         files = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
@@ -35,7 +37,7 @@ class VGRSFTDataset(Dataset):
         self.report.kept = len(self.examples)
 
     def _prepare(self, record, processor, max_length):
-        messages, reason = clean_record(record, self.report.fixed)
+        messages, reason = clean_record(record, self.report.fixed, replay=self.replay)
         if messages is None:
             return None, reason
         path = None

@@ -14,7 +14,11 @@ Cleaning policy (every fix and every drop is counted in `CleaningReport`):
   marker. A `<sot>` that is not closed before the next `<sot>` or the end of the turn is an orphan and is stripped;
   an `<eot>` with no open `<sot>` is an orphan and is stripped with the `<image>` after it. A box whose text is not a
   valid box drops the record. A valid box without a replay marker gets one (generation always replays after a valid
-  box, so training does too), and any other `<image>` in an assistant turn is stripped.
+  box, so training does too), and any other `<image>` in an assistant turn is stripped. For a model that never
+  replays (`replay=False`: boxes written, nothing replayed, `max_replays=0` in its config) every replay marker is
+  stripped instead.
+- A record that lists its regions (`"boxes"`, as the fine-detail task's records do) must ground each of them in its
+  answers: one with fewer or more boxes is dropped (`missing_region`).
 - A record whose image file does not exist is dropped (`missing_image`), and so is one whose image the image
   processor would refuse (`unreadable_image`: corrupt or truncated, or above Pillow's decompression-bomb limit or in
   its warning band). A record that does not fit in `max_length` is truncated at a place that cuts no image or replay
@@ -27,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..box_text_vgr import EOT_TOKEN, SOT_TOKEN, normalize_tags, parse_box
+from ..box_text_vgr import EOT_TOKEN, SOT_TOKEN, find_boxes, normalize_tags, parse_box
 from ..image_processing_vgr import to_rgb_image
 from ..processing_vgr import IMAGE_TOKEN
 
@@ -68,9 +72,9 @@ def read_records(path) -> list[dict]:
     raise ValueError(f"{path}: unknown data format (expected .parquet, .json or .jsonl)")
 
 
-def clean_record(record: dict, fixed: Counter) -> tuple[list[dict] | None, str | None]:
+def clean_record(record: dict, fixed: Counter, replay: bool = True) -> tuple[list[dict] | None, str | None]:
     """The record's conversation as chat messages `[{"role", "content"}]` after the cleaning policy, or `(None,
-    reason)` if it is dropped. Fixes are counted in `fixed`."""
+    reason)` if it is dropped. Fixes are counted in `fixed`; with `replay=False` replay markers are stripped."""
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         return None, "no_conversation"
@@ -102,14 +106,17 @@ def clean_record(record: dict, fixed: Counter) -> tuple[list[dict] | None, str |
         fixed["image_marker_added"] += 1
 
     for message in messages[1::2]:
-        content, reason = _clean_assistant_text(message["content"], has_image, fixed)
+        content, reason = _clean_assistant_text(message["content"], has_image, replay, fixed)
         if reason is not None:
             return None, reason
         message["content"] = content
+    regions = record.get("boxes")
+    if isinstance(regions, list) and len(regions) != sum(len(find_boxes(m["content"])) for m in messages[1::2]):
+        return None, "missing_region"
     return messages, None
 
 
-def _clean_assistant_text(text: str, has_image: bool, fixed: Counter) -> tuple[str, str | None]:
+def _clean_assistant_text(text: str, has_image: bool, replay: bool, fixed: Counter) -> tuple[str, str | None]:
     pieces, position, open_sot = [], 0, None  # open_sot: index in pieces of an unclosed <sot>
     for match in _ASSISTANT_TAGS.finditer(text):
         pieces.append(text[position : match.start()])
@@ -128,12 +135,15 @@ def _clean_assistant_text(text: str, has_image: bool, fixed: Counter) -> tuple[s
             body = "".join(pieces[open_sot + 1 :])
             if not parse_box(body).valid:
                 return text, "invalid_box"
-            replay = tag != EOT_TOKEN
+            marked = tag != EOT_TOKEN
             if not has_image:  # nothing to replay from
-                fixed["stray_image_marker_stripped"] += int(replay)
+                fixed["stray_image_marker_stripped"] += int(marked)
+                pieces.append(EOT_TOKEN)
+            elif not replay:  # a model that writes boxes and replays nothing
+                fixed["replay_marker_stripped"] += int(marked)
                 pieces.append(EOT_TOKEN)
             else:
-                fixed["replay_marker_added"] += int(not replay)
+                fixed["replay_marker_added"] += int(not marked)
                 pieces.append(EOT_TOKEN + IMAGE_TOKEN)
             open_sot = None
         else:  # an <image> that follows no box

@@ -286,6 +286,11 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         self.config = config
+        if config.replay_source != "memory":
+            raise ValueError(
+                f"replay_source={config.replay_source!r} is not served on vLLM: the plugin replays the box's region of "
+                "the feature memory S (replay_source='memory'); run this checkpoint with `generate`"
+            )
         self.geometry = config.geometry()
         self.configure_mm_token_handling(
             vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_id]

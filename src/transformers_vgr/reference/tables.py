@@ -1,0 +1,265 @@
+# Copyright 2026 The transformers-vgr authors.
+# Licensed under the Apache License, Version 2.0.
+"""The paper's Tables 2, 6b and 7 in miniature: seven rows trained the same way on the fine-detail task
+(`reference.fine_detail`), then scored through lmms-eval's CLI with the `vgr` backend.
+
+    python -m transformers_vgr.reference.fine_detail data/fine-detail          # the splits, fixed seeds
+    python -m transformers_vgr.reference.tables train --row vgr                # one row: outputs/tables/vgr
+    python -m transformers_vgr.reference.tables evaluate --row vgr             # lmms-eval on the held-out split
+    python -m transformers_vgr.reference.tables report                        # results/tables.{json,md}
+
+Every row has the same vision tower and language model (VGR-Tiny's: CLIP-style 4 x 96 on 112-px crops of 8 x 8
+patches, LLaMA-style 4 x 128), the same crops (up to 12, so that every image of the task is an exact grid and the
+crops see it at full resolution), the same data, steps, batch, learning rate and seed. They differ only in what the
+paper's rows differ in (`ROWS`): the prompt's pooling and layout, whether answers ground and replay, the detection
+loss, and where a replay's tokens come from.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import set_seed
+
+from ..box_text_vgr import find_boxes
+from ..cli import HelpFormatter
+from ..configuration_vgr import VGRConfig
+from ..modeling_vgr import VGRForConditionalGeneration
+from ..image_processing_vgr import VGRImageProcessor
+from ..processing_vgr import VGRProcessor
+from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer
+from ..lmms_eval.tasks.fine_detail import KINDS, TASKS, write_fine_detail_tasks
+from ..training.data import read_records
+from .evaluate import box_iou
+from .fine_detail import CROP_SIZE, make_dataset
+from .train import CHAT_TEMPLATE, TEXT_CONFIG, VISION_CONFIG, init_vision_positions, llama2_tokenizer, \
+    training_arguments
+
+
+ROOT = Path(__file__).resolve().parents[3]
+MAX_CROPS = 12  # the task's largest image, 448 x 336, is a 3 x 4 grid of 112-px crops
+MAX_LENGTH = 1024  # tokens: the full-token rows' longest sequence (864 visual tokens and the answer) fits
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: its model config on top of the shared sizes, and how its answers are written."""
+
+    title: str
+    paper: str  # the paper's counterpart
+    config: dict = field(default_factory=dict)  # VGRConfig fields that differ from VGR's
+    grounded: bool = True  # answers write boxes (else "Final answer: 7" alone)
+    replay: bool = True  # boxes are replayed (in training and in generation)
+
+
+# VGR's own prompt geometry (the paper's at a scale of 1/3: snapshot 2x2-pooled, crops 4x4, replays 2x2).
+VGR_GEOMETRY = dict(image_layout="vgr", snapshot_pool=2, crop_pool=4, replay_pool=2)
+LLAVA_NEXT_FULL = dict(image_layout="llava_next", snapshot_pool=1, crop_pool=1)
+# The paper's 1 : 2 detection-loss weights at a tenth, as VGR-Tiny's (reference/train.py says why).
+DETECTION = dict(box_l1_weight=0.1, box_giou_weight=0.2)
+NO_DETECTION = dict(box_l1_weight=0.0, box_giou_weight=0.0)
+
+ROWS = {
+    "llava_next": Row("LLaVA-NeXT, full tokens, direct answer", "Table 2, LLaVA-NeXT",
+                      {**LLAVA_NEXT_FULL, **DETECTION, "max_replays": 0}, grounded=False, replay=False),
+    "llava_next_grounded": Row("LLaVA-NeXT, full tokens, grounded answer without replay",
+                               "LLaVA-NeXT trained on VGR's answers", {**LLAVA_NEXT_FULL, **DETECTION, "max_replays": 0},
+                               replay=False),
+    "llava_next_pooled": Row("LLaVA-NeXT pooled to VGR's prompt budget, direct answer", "Table 2, LLaVA-NeXT pooled",
+                             {"image_layout": "llava_next", "snapshot_pool": 2, "crop_pool": 4, **DETECTION,
+                              "max_replays": 0}, grounded=False, replay=False),
+    "vgr": Row("VGR (pooled prompt + replay, detection loss)", "Table 2, VGR", {**VGR_GEOMETRY, **DETECTION}),
+    "vgr_no_replay": Row("VGR without replay (boxes written, nothing replayed)", "w/o replay",
+                         {**VGR_GEOMETRY, **DETECTION, "max_replays": 0}, replay=False),
+    "vgr_no_detection": Row("VGR without the detection loss", "Table 6b", {**VGR_GEOMETRY, **NO_DETECTION}),
+    "vgr_reencode": Row("VGR re-encoding the box's crop instead of replaying S", "Table 7",
+                        {**VGR_GEOMETRY, **DETECTION, "replay_source": "crop"}),
+}
+
+
+def row_config(name: str) -> VGRConfig:
+    """The row's `VGRConfig`: VGR-Tiny's vision tower and language model, the task's crops, the row's fields."""
+    row = ROWS[name]
+    return VGRConfig(vision_config=dict(VISION_CONFIG, image_size=CROP_SIZE), text_config=dict(TEXT_CONFIG),
+                     max_crops=MAX_CROPS, tie_word_embeddings=True, **row.config)
+
+
+def row_processor(config: VGRConfig, tokenizer_file: Path) -> VGRProcessor:
+    return VGRProcessor(VGRImageProcessor.from_model_config(config), llama2_tokenizer(tokenizer_file),
+                        chat_template=CHAT_TEMPLATE)
+
+
+def train_data(data: Path, name: str) -> Path:
+    """The training split a row reads: grounded answers, or the same records answered directly."""
+    return data / ("train.jsonl" if ROWS[name].grounded else "train-direct.jsonl")
+
+
+def build_row(name: str, tokenizer_file: Path, seed: int):
+    """`(model, processor)` of a row, initialized from `seed` as VGR-Tiny is (vision positions from a sin-cos table)."""
+    set_seed(seed)
+    config = row_config(name)
+    processor = row_processor(config, tokenizer_file)
+    config.update(processor.box_token_table())
+    model = VGRForConditionalGeneration(config)
+    init_vision_positions(model)
+    return model, processor
+
+
+def train_row(name: str, data: Path, output: Path, tokenizer_file: Path, max_steps: int, batch_size: int,
+              learning_rate: float, seed: int, max_records: int | None = None) -> dict:
+    """Train one row with the project's training path and save it (model, processor, training_log.json) to
+    `output`. Returns the training log."""
+    model, processor = build_row(name, tokenizer_file, seed)
+    data_file = train_data(data, name)
+    if max_records is not None:  # a prefix of the split (tests, quick checks)
+        scratch_file = Path(tempfile.mkdtemp()) / data_file.name
+        scratch_file.write_text("".join(data_file.read_text().splitlines(keepends=True)[:max_records]))
+        data_file = scratch_file
+    dataset = VGRSFTDataset(data_file, data, processor, max_length=MAX_LENGTH, replay=ROWS[name].replay)
+    print(f"{name}: data {dataset.report}")
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = VGRTrainer(model=model, args=training_arguments(scratch, max_steps, batch_size, learning_rate, seed),
+                             train_dataset=dataset, data_collator=VGRDataCollator(processor),
+                             vision_tower_lr_ratio=0.1)
+        started = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - started
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    log = {"row": name, "title": ROWS[name].title, "steps": max_steps, "batch_size": batch_size,
+           "learning_rate": learning_rate, "seed": seed, "data": str(data_file), "records": dataset.report.kept,
+           "cleaning": str(dataset.report), "train_runtime_seconds": seconds,
+           "train_loss": result.metrics.get("train_loss"),
+           "logs": [entry for entry in trainer.state.log_history if "loss" in entry]}
+    (output / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def run_lmms_eval(checkpoint: Path, task_folder: Path, output: Path, batch_size: int) -> Path:
+    """lmms-eval's own CLI on the four fine-detail tasks with the `vgr` backend, offline; returns its results JSON."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(output / "datasets-cache"), "HF_HOME": str(output / "hf-home")}
+    command = [sys.executable, "-m", "lmms_eval", "--model", "vgr",
+               "--model_args", f"pretrained={checkpoint},log_dir={output / 'vgr'}",
+               "--include_path", str(task_folder), "--tasks", ",".join(TASKS), "--batch_size", str(batch_size),
+               "--output_path", str(output), "--log_samples"]
+    print(" ".join(command))
+    subprocess.run(command, env=env, check=True)
+    return sorted(output.glob("*/*_results.json"))[-1]
+
+
+def best_mean_iou(written: list, truths: list) -> float:
+    """Mean IoU over the true regions under the best one-to-one pairing with the written boxes (a region without a
+    box counts 0)."""
+    if not written:
+        return 0.0
+    best = 0.0
+    for order in itertools.permutations(range(len(written)), min(len(written), len(truths))):
+        best = max(best, sum(box_iou(written[i], truth) for i, truth in zip(order, truths)))
+    return best / len(truths)
+
+
+def summarize(results_file: Path, log_dir: Path, data: Path) -> dict:
+    """The row's table columns from lmms-eval's results (accuracy per task) and the backend's sample log (boxes,
+    replays, costs), against the held-out records."""
+    results = json.loads(results_file.read_text())["results"]
+    records = read_records(data / "test.jsonl")
+    accuracy = {task: results[task]["exact_match,none"] for task in TASKS}
+    counts = {kind: sum(record["kind"] == kind for record in records) for kind in KINDS}
+    summary = {
+        "accuracy": sum(accuracy[f"fine_detail_{kind}"] * counts[kind] for kind in KINDS) / sum(counts.values()),
+        "accuracy_one_region": accuracy["fine_detail_one"],
+        "accuracy_two_region": accuracy["fine_detail_two"],
+        "accuracy_blurred": sum(accuracy[f"fine_detail_{kind}_blurred"] * counts[kind] for kind in KINDS)
+        / sum(counts.values()),
+    }
+    text_iou, head_iou, boxes_written, valid_boxes, costs = [], [], 0, 0, []
+    for kind in KINDS:
+        chosen = [record for record in records if record["kind"] == kind]
+        task = f"fine_detail_{kind}"
+        samples = [json.loads(line) for line in (log_dir / f"vgr_samples_{task}.jsonl").read_text().splitlines()]
+        for sample in samples:
+            truths = chosen[sample["doc_id"]]["boxes"]
+            parsed = find_boxes(sample["text"])
+            boxes_written += len(parsed)
+            valid_boxes += sum(box.valid for box in parsed)
+            text_iou.append(best_mean_iou([box.box for box in parsed if box.valid], truths))
+            heads = [record["head_box"] for record in sample["replays"] if record.get("head_box") is not None]
+            head_iou.append(best_mean_iou(heads, truths))
+            costs.append(sample["cost"])
+    summary.update(
+        text_box_mean_iou=sum(text_iou) / len(text_iou),
+        head_box_mean_iou=sum(head_iou) / len(head_iou),
+        valid_box_rate=valid_boxes / boxes_written if boxes_written else 0.0,
+        boxes_per_answer=boxes_written / len(costs),
+        prompt_visual_tokens=sum(cost["prompt_visual_tokens"] for cost in costs) / len(costs),
+        replays_per_answer=sum(cost["replays"] for cost in costs) / len(costs),
+        replayed_tokens_per_answer=sum(cost["replayed_tokens"] for cost in costs) / len(costs),
+        seconds_per_answer=sum(cost["seconds"] for cost in costs) / len(costs),
+        answers=len(costs),
+    )
+    return summary
+
+
+def evaluate_row(name: str, checkpoint: Path, data: Path, output: Path, batch_size: int) -> dict:
+    """lmms-eval on the row's checkpoint; writes `output/summary.json` and returns it."""
+    task_folder = output.parent / "tasks"
+    if not all((task_folder / f"{task}.yaml").exists() for task in TASKS):
+        write_fine_detail_tasks(task_folder, data)
+    results_file = run_lmms_eval(checkpoint, task_folder, output, batch_size)
+    summary = {"row": name, **summarize(results_file, output / "vgr", data)}
+    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train one row", formatter_class=HelpFormatter)
+    train.add_argument("--row", required=True, choices=sorted(ROWS), help="which row")
+    train.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail",
+                       help="the fine-detail splits (made here when missing)")
+    train.add_argument("--output", type=Path, help="folder for the trained row (default: outputs/tables/ROW)")
+    train.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
+                       help="the LLaMA-2 tokenizer.json that `make assets` fetches")
+    train.add_argument("--max-steps", type=int, default=4000, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    train.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (cosine, 3%% warmup)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
+    train.add_argument("--max-records", type=int, help="train on the first N records only")
+    evaluate = commands.add_parser("evaluate", help="score one trained row through lmms-eval's CLI",
+                                   formatter_class=HelpFormatter)
+    evaluate.add_argument("--row", required=True, choices=sorted(ROWS), help="which row")
+    evaluate.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
+    evaluate.add_argument("--model", type=Path, help="the trained row (default: outputs/tables/ROW)")
+    evaluate.add_argument("--output", type=Path, help="lmms-eval's output (default: outputs/tables/eval/ROW)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if args.command == "train":
+        if not (args.data / "train.jsonl").exists():
+            make_dataset(args.data)
+        output = args.output or ROOT / "outputs" / "tables" / args.row
+        log = train_row(args.row, args.data, output, args.tokenizer, args.max_steps, args.batch_size,
+                        args.learning_rate, args.seed, args.max_records)
+        print(f"{args.row}: {log['steps']} steps in {log['train_runtime_seconds'] / 60:.1f} min, mean loss "
+              f"{log['train_loss']:.3f}; saved to {output}")
+    elif args.command == "evaluate":
+        model = args.model or ROOT / "outputs" / "tables" / args.row
+        output = args.output or ROOT / "outputs" / "tables" / "eval" / args.row
+        print(json.dumps(evaluate_row(args.row, model, args.data, output, args.batch_size), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The paper's tables in miniature: the fine-detail task (records, boxes, the detail absent from the prompt's pixels),
+the re-encoding replay of the Table 7 row against a teacher-forced forward, a model that writes boxes and replays
+nothing, every row's configuration training one step, and the lmms-eval task's scoring."""
+
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.box_text_vgr import find_boxes
+from transformers_vgr.lmms_eval.tasks.fine_detail import TASKS, process_results, write_fine_detail_tasks
+from transformers_vgr.reference import fine_detail, tables
+from transformers_vgr.training import VGRSFTDataset
+from transformers_vgr.training.data import clean_record, read_records
+
+from conftest import TOKENIZER_FILE, tiny_config, tiny_processor
+from test_generation_vgr import BOX_A, BOX_B, generate, make_inputs, teacher_forced_logits
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fine-detail")
+    fine_detail.make_dataset(root, train=16, validation=2, test=8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def row_processor():
+    return tables.row_processor(tables.row_config("vgr"), TOKENIZER_FILE)
+
+
+class TestTask:
+    def test_records_parse_with_one_replay_span_per_region(self, data, row_processor):
+        records = read_records(data / "train.jsonl")
+        assert Counter(record["kind"] for record in records) == {"one": 8, "two": 8}
+        dataset = VGRSFTDataset(data / "train.jsonl", data, row_processor)
+        assert dataset.report.kept == 16 and not +dataset.report.dropped and not +dataset.report.fixed
+        for record, (features, _) in zip(records, dataset.examples):
+            regions = 1 if record["kind"] == "one" else 2
+            assert len(features.replay_boxes) == len(record["boxes"]) == regions
+            assert [list(box) for box in features.replay_boxes] == record["boxes"]
+            assert record["answer"] == max(record["digits"]) and len(set(record["digits"])) == regions
+        direct = VGRSFTDataset(data / "train-direct.jsonl", data, row_processor)
+        assert direct.report.kept == 16 and all(not f.replay_boxes for f, _ in direct.examples)
+
+    def test_boxes_enclose_their_tag_at_continuous_places(self):
+        rng = random.Random(0)
+        corners = set()
+        for index in range(40):
+            image, tags = fine_detail.make_image(rng, ("one", "two")[index % 2])
+            for tag in tags:
+                left, top, width, height = tag["rect"]
+                x1, y1, x2, y2 = tag["box"]
+                # the box holds the tag (to its two decimals) with room on every side that is not the image's edge
+                assert x1 * image.width <= left + 0.5 * 0.01 * image.width
+                assert y1 * image.height <= top + 0.5 * 0.01 * image.height
+                assert x2 * image.width >= left + width - 0.5 * 0.01 * image.width
+                assert y2 * image.height >= top + height - 0.5 * 0.01 * image.height
+                corners.add((x1, y1))
+        assert len(corners) > 150  # no lattice: almost every tag has a corner of its own
+
+    @pytest.mark.parametrize("seed", range(4))
+    @pytest.mark.parametrize("kind", ["one", "two"])
+    def test_the_digit_is_absent_from_the_snapshot_pixels(self, seed, kind, row_processor):
+        """The same image with other digits on its coloured tags: at full resolution (the crops) the tags differ by
+        the checkerboard's contrast; in the snapshot the image processor makes, by a few levels at most."""
+        rng_images = [fine_detail.make_image(random.Random(seed), kind, digits)[0] for digits in ([1, 8], [7, 0])]
+        pixels = [row_processor.image_processor(image, return_tensors="pt")["pixel_values"][0] for image in rng_images]
+        std = torch.tensor(row_processor.image_processor.image_std).view(3, 1, 1)
+        levels = [(pixel * std * 255) for pixel in pixels]  # back to 0..255 steps (the mean cancels in differences)
+        crops = (levels[0][1:] - levels[1][1:]).abs().amax()
+        snapshot = (levels[0][0] - levels[1][0]).abs().amax()
+        assert crops >= fine_detail.INK_CONTRAST - 1  # ink against none: one checkerboard shade
+        assert snapshot < 8  # the background noise alone spans 60 levels
+        # and blurred, as the image-ablation column asks, the digits are gone at full resolution too
+        blurred = [np.asarray(fine_detail.blurred(image), np.int16) for image in rng_images]
+        assert np.abs(blurred[0] - blurred[1]).max() < 12
+
+    def test_pixel_check_of_the_module(self):
+        full, down = fine_detail.snapshot_difference(0, "two", scale=2)
+        assert full == fine_detail.INK_CONTRAST and down < 8
+
+    def test_bad_records_are_dropped_and_counted(self, data, tmp_path, row_processor):
+        records = read_records(data / "train.jsonl")
+        two = next(record for record in records if record["kind"] == "two")
+        answer = two["conversations"][1]["value"]
+        outside = json.loads(json.dumps(two))
+        outside["conversations"][1]["value"] = answer.replace(find_boxes(answer)[0].text, "[1.20, 0.30, 1.40, 0.50]")
+        missing = json.loads(json.dumps(two))
+        first, second = answer.split(" The ", 1)[0], answer.rsplit(" Final answer:", 1)[1]
+        missing["conversations"][1]["value"] = f"{first} Final answer:{second}"
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in (two, outside, missing)) + "\n")
+        dataset = VGRSFTDataset(path, data, row_processor)
+        assert dataset.report.kept == 1
+        assert +dataset.report.dropped == {"invalid_box": 1, "missing_region": 1}
+
+
+class TestReencodingReplay:
+    """`replay_source="crop"`: the box's pixels resized to one crop and encoded again (Table 7's row)."""
+
+    @pytest.fixture(scope="class")
+    def setup(self):
+        torch.manual_seed(0)
+        config = tiny_config(replay_source="crop")
+        processor = tiny_processor(config)
+        config.update(processor.box_token_table())
+        return VGRForConditionalGeneration(config).eval(), processor
+
+    def test_tokens_are_the_tower_on_the_resized_region(self, setup, images):
+        model, processor = setup
+        image = images["chelsea_451x300"]
+        inputs = processor.image_processor(image, return_tensors="pt")
+        with torch.no_grad():
+            _, (memory,) = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+            box = (0.1, 0.2, 0.5, 0.6)
+            tokens = model.model.replay_tokens(memory, box)
+            # the region cut from the image the processor resized (no padding at the top-left), independently
+            tile = memory.tile
+            height, width = tile.resized_size
+            top, left = tile.padding[0], tile.padding[2]
+            rows = int(np.floor(top + 0.2 * height)), int(np.ceil(top + 0.6 * height))
+            cols = int(np.floor(left + 0.1 * width)), int(np.ceil(left + 0.5 * width))
+            crops = inputs["pixel_values"][0, 1 : 1 + tile.num_crops]
+            grid_rows, grid_cols = tile.grid
+            canvas = crops.view(grid_rows, grid_cols, 3, 112, 112).permute(2, 0, 3, 1, 4).reshape(
+                3, grid_rows * 112, grid_cols * 112)
+            region = canvas[None, :, rows[0] : rows[1], cols[0] : cols[1]]
+            region = F.interpolate(region, size=(112, 112), mode="bilinear", align_corners=False)
+            hidden = model.model.vision_tower(region, output_hidden_states=True).hidden_states[-2][:, 1:]
+            features = model.model.multi_modal_projector(hidden).view(1, 8, 8, -1).permute(0, 3, 1, 2)
+            expected = F.avg_pool2d(features, 2).permute(0, 2, 3, 1).reshape(16, -1)
+        assert tokens.shape[0] == model.config.geometry().replay_tokens(tile.image_size, box) == 16
+        torch.testing.assert_close(tokens, expected)
+
+    def test_generation_equals_teacher_forced_forward(self, setup, images):
+        model, processor = setup
+        inputs = make_inputs(processor, images, ["chelsea_451x300"])
+        output = generate(model, processor, inputs, [(0, 2, BOX_A), (0, 30, BOX_B)], max_new_tokens=64)
+        assert [(record.valid, record.num_tokens) for record in output.replays[0]] == [(True, 16), (True, 16)]
+        torch.testing.assert_close(torch.stack(output.logits)[:, 0], teacher_forced_logits(model, inputs, 0, output),
+                                   rtol=1e-4, atol=1e-4)
+
+    def test_training_reaches_the_tower_through_the_replay(self, setup, images):
+        model, processor = setup
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": f"Here {BOX_A}<image> it is."}]}])
+        inputs = processor(images=[images["chelsea_451x300"]], text=[text], return_tensors="pt")
+        model.train()
+        try:
+            out = model(**inputs, labels=inputs["input_ids"])
+            spans = (inputs["input_ids"] == model.config.image_token_id).sum().item()
+            assert spans == model.config.geometry().prompt_tokens((300, 451)).total + 16
+            grad = torch.autograd.grad(out.loss, model.model.vision_tower.embeddings.patch_embedding.weight)[0]
+            assert grad.abs().sum() > 0
+        finally:
+            model.eval()
+
+
+def test_a_model_without_replay_trains_on_boxes_alone(data, row_processor):
+    record = next(record for record in read_records(data / "train.jsonl") if record["kind"] == "two")
+    fixed = Counter()
+    messages, reason = clean_record(record, fixed, replay=False)
+    assert reason is None and "<image>" not in messages[1]["content"] and +fixed == {"replay_marker_stripped": 2}
+    assert len(find_boxes(messages[1]["content"])) == 2
+    dataset = VGRSFTDataset(data / "train.jsonl", data, row_processor, replay=False)
+    assert dataset.report.kept == 16 and all(not features.replay_boxes for features, _ in dataset.examples)
+    assert all(len(features.box_targets) >= 1 for features, _ in dataset.examples)  # the head still learns
+
+
+@pytest.mark.parametrize("row", sorted(tables.ROWS))
+def test_every_row_trains_one_step(row, data, tmp_path):
+    log = tables.train_row(row, data, tmp_path / row, TOKENIZER_FILE, max_steps=1, batch_size=2, learning_rate=1e-4,
+                           seed=0, max_records=4)
+    assert log["records"] == 4 and np.isfinite(log["train_loss"])
+    config = json.loads((tmp_path / row / "config.json").read_text())
+    for name, value in tables.ROWS[row].config.items():
+        assert config[name] == value
+
+
+def test_rows_differ_only_where_the_paper_does():
+    configs = {name: tables.row_config(name).to_dict() for name in tables.ROWS}
+    shared = ("vision_config", "text_config", "max_crops", "replay_pool")
+    for name in shared:
+        assert len({json.dumps(config[name], sort_keys=True, default=str) for config in configs.values()}) == 1
+    geometry = {name: tables.row_config(name).geometry() for name in tables.ROWS}
+    size = (336, 448)  # the task's largest image, a 3 x 4 grid
+    tokens = {name: g.prompt_tokens(size).total for name, g in geometry.items()}
+    assert tokens["vgr"] == tokens["vgr_no_replay"] == 16 + 12 * 4
+    assert tokens["llava_next"] == tokens["llava_next_grounded"] == 64 + 24 * 33
+    assert tokens["vgr"] <= 0.35 * tokens["llava_next"]
+
+
+class TestScoring:
+    def test_the_task_scores_a_hand_made_answer_file(self, data, tmp_path):
+        yamls = write_fine_detail_tasks(tmp_path / "tasks", data)
+        assert sorted(path.stem for path in yamls) == sorted(TASKS)
+        records = read_records(data / "test.jsonl")
+        by_kind = {kind: [r for r in records if r["kind"] == kind] for kind in ("one", "two")}
+        # a hand-made run: every one-region answer right with its true box; two-region answers right for the first
+        # record only, which writes its two boxes in the wrong order (the pairing is found) and the others none
+        log = tmp_path / "vgr"
+        log.mkdir()
+        results = {}
+        for task in TASKS:
+            kind = "one" if "_one" in task else "two"
+            samples, scores = [], []
+            for doc_id, record in enumerate(by_kind[kind]):
+                right = kind == "one" or doc_id == 0
+                boxes = record["boxes"][::-1] if kind == "two" and doc_id == 0 else record["boxes"]
+                written = " ".join(f"<sot>[{', '.join(f'{v:.2f}' for v in box)}]<eot>" for box in boxes) if right else ""
+                answer = record["answer"] if right else "x"
+                text = f"{written} Final answer: {answer}"
+                scores.append(process_results({"answer": record["answer"]}, [answer])["exact_match"])
+                samples.append({"doc_id": doc_id, "text": text, "replays": [],
+                                "cost": {"prompt_visual_tokens": 64, "replays": len(boxes) if right else 0,
+                                         "replayed_tokens": 4 if right else 0, "seconds": 0.5}})
+            if "blurred" in task:
+                scores = [0.0] * len(scores)
+            results[task] = {"exact_match,none": sum(scores) / len(scores)}
+            (log / f"vgr_samples_{task}.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+        results_file = tmp_path / "results.json"
+        results_file.write_text(json.dumps({"results": results}))
+        summary = tables.summarize(results_file, log, data)
+        two = len(by_kind["two"])
+        assert summary["accuracy_one_region"] == 1.0 and summary["accuracy_two_region"] == pytest.approx(1 / two)
+        assert summary["accuracy"] == pytest.approx((len(by_kind["one"]) + 1) / len(records))
+        assert summary["accuracy_blurred"] == 0.0
+        # the written boxes are the true ones to two decimals: IoU 1 where written, 0 where not
+        assert summary["text_box_mean_iou"] == pytest.approx((len(by_kind["one"]) + 1) / len(records), abs=1e-6)
+        assert summary["valid_box_rate"] == 1.0 and summary["seconds_per_answer"] == 0.5
+
+    def test_best_pairing(self):
+        a, b = (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)
+        assert tables.best_mean_iou([b, a], [a, b]) == 1.0
+        assert tables.best_mean_iou([a], [a, b]) == 0.5
+        assert tables.best_mean_iou([], [a]) == 0.0
