@@ -70,6 +70,11 @@ class VGRConfig(PreTrainedConfig):
         Average-pooling factor of each local crop in the prompt (24x24 -> 6x6 = 36 tokens).
     replay_pool (`int`, *optional*, defaults to 2):
         Average-pooling factor of a replayed region of the feature memory (ceil mode).
+    replay_source (`str`, *optional*, defaults to `"memory"`):
+        Where a replay's tokens come from. `"memory"` (the paper): the box's cells of the feature memory S, pooled by
+        `replay_pool`, without running the vision tower. `"crop"`: the box's pixels cut from the resized image,
+        resized to one crop and encoded again by the vision tower and projector, pooled by `replay_pool` (what
+        crop-and-re-encode systems do; the paper's Table 7 ablation). Not served by the vLLM plugin.
     image_layout (`str`, *optional*, defaults to `"vgr"`):
         `"vgr"`: the paper's layout, each crop flattened on its own. `"llava_next"`: crops stitched, padding removed and
         an `image_newline` after each row, which with LLaVA-NeXT's pinpoints and no pooling is LLaVA-NeXT itself.
@@ -121,6 +126,7 @@ class VGRConfig(PreTrainedConfig):
     snapshot_pool: int = 2
     crop_pool: int = 4
     replay_pool: int = 2
+    replay_source: Literal["memory", "crop"] = "memory"
     image_layout: Literal["vgr", "llava_next"] = "vgr"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"

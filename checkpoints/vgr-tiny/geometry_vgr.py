@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 
 IMAGE_LAYOUTS = ("vgr", "llava_next")
+# Where a replay's tokens come from: the box's cells of S (the paper), or its pixels cropped and encoded again.
+REPLAY_SOURCES = ("memory", "crop")
 
 # LLaVA-NeXT's own grid pinpoints, (height, width): at most 4 crops of 336 px.
 LLAVA_NEXT_GRID_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -138,6 +140,16 @@ class TileGeometry:
             math.ceil((left + width) / self.patch_size),
         )
 
+    def box_to_pixels(self, box) -> tuple[int, int, int, int]:
+        """Pixels `(top, bottom, left, right)` of the canvas (end exclusive) under a normalized box: the box clamped
+        to the image, mapped through the resize-and-pad geometry, widened to whole pixels, at least one each way."""
+        x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) for v in box)
+        top, _, left, _ = self.padding
+        height, width = self.resized_size
+        rows = _cell_span(top + y1 * height, top + y2 * height, 1, top, top + height)
+        cols = _cell_span(left + x1 * width, left + x2 * width, 1, left, left + width)
+        return rows[0], rows[1], cols[0], cols[1]
+
     def box_to_cells(self, box) -> tuple[int, int, int, int]:
         """Cells `(top, bottom, left, right)` of S (end exclusive) under a normalized box.
 
@@ -170,10 +182,13 @@ class VGRGeometry:
     crop_pool: int = 4
     replay_pool: int = 2
     image_layout: str = "vgr"
+    replay_source: str = "memory"
 
     def __post_init__(self):
         if self.image_layout not in IMAGE_LAYOUTS:
             raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {self.image_layout!r}")
+        if self.replay_source not in REPLAY_SOURCES:
+            raise ValueError(f"replay_source must be one of {REPLAY_SOURCES}, got {self.replay_source!r}")
         if self.crop_size % self.patch_size:
             raise ValueError(f"crop_size {self.crop_size} is not a multiple of patch_size {self.patch_size}")
         for name in ("snapshot_pool", "crop_pool", "replay_pool"):
@@ -203,13 +218,15 @@ class VGRGeometry:
         crop_pool: int = 4,
         replay_pool: int = 2,
         image_layout: str = "vgr",
+        replay_source: str = "memory",
     ) -> "VGRGeometry":
         """Explicit `image_grid_pinpoints` (height, width) override the `max_crops` tilings, as in LLaVA-NeXT."""
         if image_grid_pinpoints:
             resolutions = tuple((int(h), int(w)) for h, w in image_grid_pinpoints)
         else:
             resolutions = tuple(grid_resolutions(max_crops, crop_size))
-        return cls(crop_size, patch_size, resolutions, snapshot_pool, crop_pool, replay_pool, image_layout)
+        return cls(crop_size, patch_size, resolutions, snapshot_pool, crop_pool, replay_pool, image_layout,
+                   replay_source)
 
     @classmethod
     def from_config(cls, config) -> "VGRGeometry":
@@ -222,6 +239,7 @@ class VGRGeometry:
             crop_pool=config.crop_pool,
             replay_pool=config.replay_pool,
             image_layout=config.image_layout,
+            replay_source=config.replay_source,
         )
 
     @property
@@ -274,7 +292,10 @@ class VGRGeometry:
         return self.tile(image_size).box_to_cells(box)
 
     def replay_tokens(self, image_size, box) -> int:
-        """Tokens a replay of `box` feeds to the LLM: the box's cells of S, `replay_pool` x `replay_pool` pooled."""
+        """Tokens a replay of `box` feeds to the LLM: the box's cells of S, `replay_pool` x `replay_pool` pooled; with
+        `replay_source="crop"`, one crop's features (the box's pixels resized to a crop and encoded), pooled alike."""
+        if self.replay_source == "crop":
+            return pooled_length(self.crop_side, self.replay_pool) ** 2
         top, bottom, left, right = self.replay_cells(image_size, box)
         return pooled_length(bottom - top, self.replay_pool) * pooled_length(right - left, self.replay_pool)
 

@@ -33,6 +33,8 @@ class VGRImageProcessorKwargs(ImagesKwargs, total=False):
         Pooling factor of a replayed region.
     image_layout (`str`, *optional*, defaults to `"vgr"`):
         `"vgr"` or `"llava_next"`: how the model lays out the crop tokens (see `VGRConfig`).
+    replay_source (`str`, *optional*, defaults to `"memory"`):
+        `"memory"` or `"crop"`: where a replay's tokens come from, which sets their count (see `VGRConfig`).
     """
 
     max_crops: int
@@ -42,6 +44,7 @@ class VGRImageProcessorKwargs(ImagesKwargs, total=False):
     crop_pool: int
     replay_pool: int
     image_layout: str
+    replay_source: str
 
 
 def to_rgb_image(image) -> PIL.Image.Image:
@@ -164,6 +167,7 @@ class VGRImageProcessor(PilBackend):
     crop_pool = 4
     replay_pool = 2
     image_layout = "vgr"
+    replay_source = "memory"
 
     def __init__(self, **kwargs: Unpack[VGRImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -182,6 +186,7 @@ class VGRImageProcessor(PilBackend):
             crop_pool=config.crop_pool,
             replay_pool=config.replay_pool,
             image_layout=config.image_layout,
+            replay_source=config.replay_source,
             **kwargs,
         )
 
@@ -200,6 +205,7 @@ class VGRImageProcessor(PilBackend):
             crop_pool=self.crop_pool,
             replay_pool=self.replay_pool,
             image_layout=self.image_layout,
+            replay_source=self.replay_source,
         )
 
     def num_image_tokens(self, image_size) -> int:

@@ -35,10 +35,12 @@ class ImageMemory:
     """The feature memory S of one image: unpooled post-projector features of all its local crops, stitched.
 
     `features` is `(rows * crop_side, cols * crop_side, hidden_size)`; `tile` says where the image lies in it (the
-    rest is padding)."""
+    rest is padding). With `replay_source="crop"`, `pixels` holds the crops' pixels stitched into the canvas
+    `(3, rows * crop, cols * crop)`, which a replay crops and encodes again."""
 
     features: torch.Tensor
     tile: TileGeometry
+    pixels: torch.Tensor | None = None
 
 
 @dataclass
@@ -114,12 +116,18 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     image_outputs: BaseModelOutputWithPooling | None = None
 
 
-def image_tokens_and_memory(image_features: torch.Tensor, tile: TileGeometry, config, image_newline=None):
+def image_tokens_and_memory(image_features: torch.Tensor, tile: TileGeometry, config, image_newline=None,
+                            pixel_values: torch.Tensor | None = None):
     """One image's prompt tokens `(snapshot + crop tokens, hidden)` and its feature memory S, from the projected
-    features of its snapshot and crops `(1 + rows * cols, side, side, hidden)`. The vLLM plugin calls it too."""
+    features of its snapshot and crops `(1 + rows * cols, side, side, hidden)`. With `replay_source="crop"` the
+    memory also keeps the crops' pixels, from the image's `pixel_values` `(1 + rows * cols, 3, crop, crop)`. The
+    vLLM plugin calls it too."""
     snapshot = pool_grid(image_features[0], config.snapshot_pool).flatten(0, 1)  # (144, hidden)
     crops = image_features[1:]  # (rows * cols, side, side, hidden)
-    memory = ImageMemory(stitch_crops(crops, tile.grid), tile)  # (rows * side, cols * side, hidden)
+    canvas = None
+    if config.replay_source == "crop":
+        canvas = stitch_crops(pixel_values[1:].permute(0, 2, 3, 1), tile.grid).permute(2, 0, 1)  # (3, H, W)
+    memory = ImageMemory(stitch_crops(crops, tile.grid), tile, canvas)  # (rows * side, cols * side, hidden)
     return torch.cat([snapshot, crop_tokens(crops, tile, config, image_newline)]), memory
 
 
@@ -284,6 +292,26 @@ class VGRModel(VGRPreTrainedModel):
         num_patches = [1 + tile.num_crops for tile in tiles]
         pixel_values = self._flatten_patches(pixel_values, num_patches)
 
+        features, vision_outputs = self.crop_features(pixel_values, output_attentions)  # (patches, side, side, hidden)
+
+        prompt_tokens, memories = [], []
+        for tile, image_features, image_pixels in zip(
+            tiles, torch.split(features, num_patches), torch.split(pixel_values, num_patches)
+        ):
+            tokens, memory = image_tokens_and_memory(image_features, tile, self.config, self.image_newline, image_pixels)
+            prompt_tokens.append(tokens)
+            memories.append(memory)
+        image_outputs = BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=tuple(prompt_tokens),
+            hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
+            attentions=vision_outputs.attentions if output_attentions else None,
+        )
+        return image_outputs, memories
+
+    def crop_features(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+        """Projected features of crops `(num_crops, 3, crop, crop)`: `(num_crops, side, side, hidden)`, with the
+        vision tower's output."""
         # The feature layer is a hidden state, so the tower always returns them; they are kept only when asked for.
         vision_outputs = self.vision_tower(
             pixel_values, output_hidden_states=True, output_attentions=output_attentions, return_dict=True
@@ -298,25 +326,20 @@ class VGRModel(VGRPreTrainedModel):
                 f"-px crop with patch size {self.geometry.patch_size} needs {side}x{side}; check "
                 "vision_feature_select_strategy ('default' drops a CLS token, 'full' keeps every token)"
             )
-        features = self.multi_modal_projector(features)  # (total_patches, side * side, hidden)
-        features = features.view(features.shape[0], side, side, -1)  # (total_patches, side, side, hidden)
-
-        prompt_tokens, memories = [], []
-        for tile, image_features in zip(tiles, torch.split(features, num_patches)):
-            tokens, memory = image_tokens_and_memory(image_features, tile, self.config, self.image_newline)
-            prompt_tokens.append(tokens)
-            memories.append(memory)
-        image_outputs = BaseModelOutputWithPooling(
-            last_hidden_state=vision_outputs.last_hidden_state,
-            pooler_output=tuple(prompt_tokens),
-            hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
-            attentions=vision_outputs.attentions if output_attentions else None,
-        )
-        return image_outputs, memories
+        features = self.multi_modal_projector(features)  # (num_crops, side * side, hidden)
+        return features.view(features.shape[0], side, side, -1), vision_outputs  # (num_crops, side, side, hidden)
 
     def replay_tokens(self, memory: ImageMemory, box) -> torch.Tensor:
-        """The tokens a replay of `box` feeds to the LLM: its cells of S, `replay_pool`-pooled, row-major `(K, hidden)`."""
-        return replay_features(memory.features, memory.tile, box, self.config.replay_pool)
+        """The tokens a replay of `box` feeds to the LLM, row-major `(K, hidden)`: its cells of S, `replay_pool`-pooled;
+        with `replay_source="crop"`, its pixels resized to one crop and encoded again, pooled alike."""
+        if self.config.replay_source == "memory":
+            return replay_features(memory.features, memory.tile, box, self.config.replay_pool)
+        top, bottom, left, right = memory.tile.box_to_pixels(box)
+        crop = self.geometry.crop_size
+        region = memory.pixels[None, :, top:bottom, left:right]  # (1, 3, h, w)
+        region = F.interpolate(region, size=(crop, crop), mode="bilinear", align_corners=False)  # (1, 3, crop, crop)
+        features, _ = self.crop_features(region)  # (1, side, side, hidden)
+        return pool_grid(features[0], self.config.replay_pool).flatten(0, 1)
 
     def _flatten_patches(self, pixel_values: torch.Tensor, num_patches: list[int]) -> torch.Tensor:
         """`(total_patches, 3, crop, crop)`, dropping the batch padding of the image processor."""

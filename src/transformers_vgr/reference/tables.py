@@ -167,11 +167,11 @@ def best_mean_iou(written: list, truths: list) -> float:
     return best / len(truths)
 
 
-def summarize(results_file: Path, log_dir: Path, data: Path) -> dict:
+def summarize(results_file: Path, log_dir: Path, data: Path, count: int | None = None) -> dict:
     """The row's table columns from lmms-eval's results (accuracy per task) and the backend's sample log (boxes,
-    replays, costs), against the held-out records."""
+    replays, costs), against the first `count` held-out records (all by default)."""
     results = json.loads(results_file.read_text())["results"]
-    records = read_records(data / "test.jsonl")
+    records = read_records(data / "test.jsonl")[:count]
     accuracy = {task: results[task]["exact_match,none"] for task in TASKS}
     counts = {kind: sum(record["kind"] == kind for record in records) for kind in KINDS}
     summary = {
@@ -209,15 +209,55 @@ def summarize(results_file: Path, log_dir: Path, data: Path) -> dict:
     return summary
 
 
-def evaluate_row(name: str, checkpoint: Path, data: Path, output: Path, batch_size: int) -> dict:
-    """lmms-eval on the row's checkpoint; writes `output/summary.json` and returns it."""
-    task_folder = output.parent / "tasks"
+def evaluate_row(name: str, checkpoint: Path, data: Path, output: Path, batch_size: int,
+                 count: int | None = None) -> dict:
+    """lmms-eval on the row's checkpoint, on the first `count` held-out records; writes `output/summary.json` and
+    returns it."""
+    task_folder = output.parent / f"tasks-{count or 'all'}"
     if not all((task_folder / f"{task}.yaml").exists() for task in TASKS):
-        write_fine_detail_tasks(task_folder, data)
+        write_fine_detail_tasks(task_folder, data, count)
     results_file = run_lmms_eval(checkpoint, task_folder, output, batch_size)
-    summary = {"row": name, **summarize(results_file, output / "vgr", data)}
+    summary = {"row": name, "records": count, **summarize(results_file, output / "vgr", data, count)}
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+COLUMNS = [  # (header, summary key, format)
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("one region", "accuracy_one_region", "{:.1%}"),
+    ("two regions", "accuracy_two_region", "{:.1%}"),
+    ("blurred image", "accuracy_blurred", "{:.1%}"),
+    ("IoU, written box", "text_box_mean_iou", "{:.3f}"),
+    ("IoU, head", "head_box_mean_iou", "{:.3f}"),
+    ("valid boxes", "valid_box_rate", "{:.1%}"),
+    ("prompt visual tokens", "prompt_visual_tokens", "{:.1f}"),
+    ("replayed tokens / answer", "replayed_tokens_per_answer", "{:.1f}"),
+    ("s / answer", "seconds_per_answer", "{:.2f}"),
+]
+
+
+def report(outputs: Path, results: Path) -> str:
+    """`results/tables.json` and `results/tables.md` from every row trained and evaluated under `outputs`, and each
+    row's training log in `results/tables-logs/`. Rows not (yet) run are listed as such."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "tables-logs").mkdir(exist_ok=True)
+    table, lines = {}, ["| row | paper | " + " | ".join(h for h, _, _ in COLUMNS) + " | training min |",
+                        "|---" * (len(COLUMNS) + 3) + "|"]
+    for name, row in ROWS.items():
+        summary_file, log_file = outputs / "eval" / name / "summary.json", outputs / name / "training_log.json"
+        if not (summary_file.exists() and log_file.exists()):
+            lines.append(f"| {row.title} | {row.paper} | " + " | ".join("not run" for _ in COLUMNS) + " | |")
+            continue
+        summary, log = json.loads(summary_file.read_text()), json.loads(log_file.read_text())
+        (results / "tables-logs" / f"{name}.json").write_text(json.dumps(log, indent=1))
+        table[name] = {**summary, "title": row.title, "paper": row.paper, "steps": log["steps"],
+                       "train_minutes": log["train_runtime_seconds"] / 60, "final_logged_loss": log["logs"][-1]}
+        cells = [fmt.format(summary[key]) if (row.grounded or "box" not in key) else "-" for _, key, fmt in COLUMNS]
+        lines.append(f"| {row.title} | {row.paper} | " + " | ".join(cells) + f" | {table[name]['train_minutes']:.0f} |")
+    (results / "tables.json").write_text(json.dumps(table, indent=1))
+    markdown = "\n".join(lines) + "\n"
+    (results / "tables.md").write_text(markdown)
+    return markdown
 
 
 def parser() -> argparse.ArgumentParser:
@@ -242,6 +282,10 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", type=Path, help="the trained row (default: outputs/tables/ROW)")
     evaluate.add_argument("--output", type=Path, help="lmms-eval's output (default: outputs/tables/eval/ROW)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
+    evaluate.add_argument("--records", type=int, help="the first N held-out records only (default: all 400)")
+    summary = commands.add_parser("report", help="the table of every row run so far", formatter_class=HelpFormatter)
+    summary.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "tables", help="where rows were run")
+    summary.add_argument("--results", type=Path, default=ROOT / "results", help="where to write the table")
     return parser
 
 
@@ -258,7 +302,9 @@ def main(argv=None) -> None:
     elif args.command == "evaluate":
         model = args.model or ROOT / "outputs" / "tables" / args.row
         output = args.output or ROOT / "outputs" / "tables" / "eval" / args.row
-        print(json.dumps(evaluate_row(args.row, model, args.data, output, args.batch_size), indent=1))
+        print(json.dumps(evaluate_row(args.row, model, args.data, output, args.batch_size, args.records), indent=1))
+    elif args.command == "report":
+        print(report(args.outputs, args.results))
 
 
 if __name__ == "__main__":
