@@ -7,7 +7,6 @@ import random
 from collections import Counter
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F

@@ -141,26 +141,28 @@ class TileGeometry:
         )
 
     def box_to_pixels(self, box) -> tuple[int, int, int, int]:
-        """Pixels `(top, bottom, left, right)` of the canvas (end exclusive) under a normalized box: the box clamped
-        to the image, mapped through the resize-and-pad geometry, widened to whole pixels, at least one each way."""
-        x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) for v in box)
+        """Pixels `(top, bottom, left, right)` of the canvas (end exclusive) under a normalized box, as
+        `box_to_cells` maps it, with one-pixel cells: what `replay_source="crop"` encodes again."""
         top, _, left, _ = self.padding
         height, width = self.resized_size
-        rows = _cell_span(top + y1 * height, top + y2 * height, 1, top, top + height)
-        cols = _cell_span(left + x1 * width, left + x2 * width, 1, left, left + width)
-        return rows[0], rows[1], cols[0], cols[1]
+        return self._box_span(box, 1, (top, top + height, left, left + width))
 
     def box_to_cells(self, box) -> tuple[int, int, int, int]:
         """Cells `(top, bottom, left, right)` of S (end exclusive) under a normalized box.
 
         The box is clamped to the image, mapped through the resize-and-pad geometry, widened to whole cells
         (start = floor, end = ceil), kept at least one cell each way and never extended into the padding."""
+        return self._box_span(box, self.patch_size, self.image_cells)
+
+    def _box_span(self, box, cell: int, bounds: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """`(top, bottom, left, right)` in cells of `cell` pixels under a normalized box, within `bounds` (the
+        image's cells, end exclusive)."""
         x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) for v in box)
         top, _, left, _ = self.padding
         height, width = self.resized_size
-        first_row, end_row, first_col, end_col = self.image_cells
-        rows = _cell_span(top + y1 * height, top + y2 * height, self.patch_size, first_row, end_row)
-        cols = _cell_span(left + x1 * width, left + x2 * width, self.patch_size, first_col, end_col)
+        first_row, end_row, first_col, end_col = bounds
+        rows = _cell_span(top + y1 * height, top + y2 * height, cell, first_row, end_row)
+        cols = _cell_span(left + x1 * width, left + x2 * width, cell, first_col, end_col)
         return rows[0], rows[1], cols[0], cols[1]
 
 

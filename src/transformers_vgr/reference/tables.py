@@ -118,11 +118,12 @@ def train_row(name: str, data: Path, output: Path, tokenizer_file: Path, max_ste
     `output`. Returns the training log."""
     model, processor = build_row(name, tokenizer_file, seed)
     data_file = train_data(data, name)
-    if max_records is not None:  # a prefix of the split (tests, quick checks)
-        scratch_file = Path(tempfile.mkdtemp()) / data_file.name
-        scratch_file.write_text("".join(data_file.read_text().splitlines(keepends=True)[:max_records]))
-        data_file = scratch_file
-    dataset = VGRSFTDataset(data_file, data, processor, max_length=MAX_LENGTH, replay=ROWS[name].replay)
+    with tempfile.TemporaryDirectory() as scratch:
+        records = data_file
+        if max_records is not None:  # a prefix of the split (tests, quick checks)
+            records = Path(scratch) / data_file.name
+            records.write_text("".join(data_file.read_text().splitlines(keepends=True)[:max_records]))
+        dataset = VGRSFTDataset(records, data, processor, max_length=MAX_LENGTH, replay=ROWS[name].replay)
     print(f"{name}: data {dataset.report}")
     with tempfile.TemporaryDirectory() as scratch:
         trainer = VGRTrainer(model=model, args=training_arguments(scratch, max_steps, batch_size, learning_rate, seed),
@@ -135,7 +136,8 @@ def train_row(name: str, data: Path, output: Path, tokenizer_file: Path, max_ste
     model.save_pretrained(output)
     processor.save_pretrained(output)
     log = {"row": name, "title": ROWS[name].title, "steps": max_steps, "batch_size": batch_size,
-           "learning_rate": learning_rate, "seed": seed, "data": str(data_file), "records": dataset.report.kept,
+           "learning_rate": learning_rate, "seed": seed, "data": str(data_file), "max_records": max_records,
+           "records": dataset.report.kept,
            "cleaning": str(dataset.report), "train_runtime_seconds": seconds,
            "train_loss": result.metrics.get("train_loss"),
            "logs": [entry for entry in trainer.state.log_history if "loss" in entry]}
