@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.box_text_vgr import find_boxes
 from transformers_vgr.lmms_eval.tasks.fine_detail import TASKS, process_results, write_fine_detail_tasks
-from transformers_vgr.reference import fine_detail, tables
+from transformers_vgr.reference import fine_detail, tables, tower_pretraining
 from transformers_vgr.training import VGRSFTDataset
 from transformers_vgr.training.data import clean_record, read_records
 
@@ -241,3 +242,63 @@ class TestScoring:
         assert tables.best_mean_iou([b, a], [a, b]) == 1.0
         assert tables.best_mean_iou([a], [a, b]) == 0.5
         assert tables.best_mean_iou([], [a]) == 0.0
+
+
+class TestDiagnostics:
+    """The run's diagnostics: the shared pretrained vision tower, the digit probes and the per-segment losses."""
+
+    def test_an_answer_splits_into_its_segments(self, row_processor):
+        answer = "The red tag is here <sot>[0.12, 0.34, 0.56, 0.78]<eot> and its digit is 7. Final answer: 7"
+        tokens = row_processor.tokenizer.tokenize(answer)
+        segments = tables.token_segments(tokens)
+        picked = {name: "".join(t for t, s in zip(tokens, segments) if s == name).replace("▁", "")
+                  for name in tables.SEGMENTS}
+        assert picked == {"colour": "red", "box": "12345678", "digit": "7", "larger": "", "final": "7"}
+
+    def test_the_tower_reads_each_tag_in_a_window_that_holds_it(self):
+        rng = random.Random(0)
+        size = (336, 224)  # (width, height)
+        box = (0.4, 0.5, 0.6, 0.8)  # pixels x 134.4..201.6, y 112..179.2
+        for _ in range(50):
+            left, top, place = tower_pretraining.tag_window(box, size, 112, 14, rng)
+            assert left <= 134.4 and 201.6 <= left + 112 and top <= 112 and 179.2 <= top + 112
+            assert 0 <= left <= 336 - 112 and 0 <= top <= 224 - 112
+            # the centre, pixel (168, 145.6), falls in the window's patch (row, col)
+            assert place == int((145.6 - top) // 14) * 8 + int((168 - left) // 14)
+        edge = (0.0, 0.0, 0.3, 0.4)  # against the image's corner: the window starts there
+        assert tower_pretraining.tag_window(edge, size, 112, 14, rng)[:2] == (0, 0)
+
+    def test_every_row_starts_from_the_pretrained_tower(self, data, tmp_path):
+        log = tower_pretraining.pretrain_tower(tmp_path / "tower", data, TOKENIZER_FILE, steps=2, windows_per_step=4,
+                                               learning_rate=1e-3, seed=0, train_images=8, test_images=2)
+        assert 0.0 <= log["held_out_accuracy"] <= 1.0 and len(log["losses"]) == 2
+        saved = load_file(tmp_path / "tower" / tower_pretraining.WEIGHTS_NAME)
+        random_tower = tables.build_row("llava_next", TOKENIZER_FILE, 0)[0].model.vision_tower.state_dict()
+        assert any(not torch.equal(saved[name], random_tower[name]) for name in saved)  # it was trained
+        for row in ("llava_next", "vgr"):
+            tower = tables.build_row(row, TOKENIZER_FILE, 0, tmp_path / "tower")[0].model.vision_tower.state_dict()
+            assert all(torch.equal(saved[name], tower[name]) for name in saved)
+
+    def test_the_ridge_probe_reads_a_linear_code_and_not_noise(self):
+        generator = torch.Generator().manual_seed(0)
+        digits = torch.randint(0, 10, (600,), generator=generator)
+        code = torch.randn(10, 32, generator=generator)
+        features = code[digits] + 0.5 * torch.randn(600, 32, generator=generator)
+        noise = torch.randn(600, 32, generator=generator)
+        assert tables.ridge_probe(features[:500], digits[:500], features[500:], digits[500:]) > 0.9
+        assert tables.ridge_probe(noise[:500], digits[:500], noise[500:], digits[500:]) < 0.3
+
+    def test_probes_and_segment_losses_of_a_saved_row(self, data, tmp_path):
+        model, processor = tables.build_row("vgr", TOKENIZER_FILE, 0)
+        model.save_pretrained(tmp_path / "vgr")
+        processor.save_pretrained(tmp_path / "vgr")
+        probes = tables.digit_probes(tmp_path / "vgr", data, train_count=8, test_count=2)
+        records = read_records(data / "train.jsonl")[:8]
+        assert probes["train_tags"] == sum(len(record["boxes"]) for record in records)
+        assert all(0.0 <= probes[name] <= 1.0 for name in tables.PROBE_FEATURES)
+        losses = tables.segment_losses("vgr", tmp_path / "vgr", data, count=2)
+        regions = sum(len(record["boxes"]) for record in read_records(data / "validation.jsonl")[:2])
+        for condition in ("image", "blurred"):
+            assert losses[condition]["box"]["tokens"] == 8 * regions  # two decimals of four coordinates a box
+            assert losses[condition]["digit"]["tokens"] == regions and losses[condition]["final"]["tokens"] == 2
+            assert all(np.isfinite(entry["loss"]) for entry in losses[condition].values())

@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import PIL.Image
 from transformers import set_seed
 
 from ..box_text_vgr import find_boxes
@@ -34,17 +36,21 @@ from ..configuration_vgr import VGRConfig
 from ..modeling_vgr import VGRForConditionalGeneration
 from ..image_processing_vgr import VGRImageProcessor
 from ..processing_vgr import VGRProcessor
+from ..replay_vgr import pool_grid
 from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer
 from ..lmms_eval.tasks.fine_detail import KINDS, TASKS, write_fine_detail_tasks
 from ..training.data import read_records
 from .evaluate import box_iou
-from .fine_detail import CROP_SIZE, make_dataset
+from .fine_detail import CROP_SIZE, blurred, make_dataset
+from . import tower_pretraining
+from .tower_pretraining import WEIGHTS_NAME as TOWER_WEIGHTS, load_tower
 from .train import CHAT_TEMPLATE, TEXT_CONFIG, VISION_CONFIG, init_vision_positions, llama2_tokenizer, \
     training_arguments
 
 
 ROOT = Path(__file__).resolve().parents[3]
 MAX_CROPS = 12  # the task's largest image, 448 x 336, is a 3 x 4 grid of 112-px crops
+VISION_TOWER = ROOT / "outputs" / "tables" / "vision-tower"  # every row's pretrained tower (`tower_pretraining`)
 MAX_LENGTH = 1024  # tokens: the full-token rows' longest sequence (864 visual tokens and the answer) fits
 
 
@@ -101,22 +107,26 @@ def train_data(data: Path, name: str) -> Path:
     return data / ("train.jsonl" if ROWS[name].grounded else "train-direct.jsonl")
 
 
-def build_row(name: str, tokenizer_file: Path, seed: int):
-    """`(model, processor)` of a row, initialized from `seed` as VGR-Tiny is (vision positions from a sin-cos table)."""
+def build_row(name: str, tokenizer_file: Path, seed: int, vision_tower: Path | None = None):
+    """`(model, processor)` of a row, initialized from `seed` as VGR-Tiny is (vision positions from a sin-cos table);
+    with `vision_tower`, the tower pretrained by `tower_pretraining` in place of the random one."""
     set_seed(seed)
     config = row_config(name)
     processor = row_processor(config, tokenizer_file)
     config.update(processor.box_token_table())
     model = VGRForConditionalGeneration(config)
     init_vision_positions(model)
+    if vision_tower is not None:
+        load_tower(model, vision_tower)
     return model, processor
 
 
 def train_row(name: str, data: Path, output: Path, tokenizer_file: Path, max_steps: int, batch_size: int,
-              learning_rate: float, seed: int, max_records: int | None = None) -> dict:
+              learning_rate: float, seed: int, max_records: int | None = None,
+              vision_tower: Path | None = None) -> dict:
     """Train one row with the project's training path and save it (model, processor, training_log.json) to
-    `output`. Returns the training log."""
-    model, processor = build_row(name, tokenizer_file, seed)
+    `output`, its vision tower from `vision_tower` (`tower_pretraining`) when given. Returns the training log."""
+    model, processor = build_row(name, tokenizer_file, seed, vision_tower)
     data_file = train_data(data, name)
     with tempfile.TemporaryDirectory() as scratch:
         records = data_file
@@ -137,6 +147,7 @@ def train_row(name: str, data: Path, output: Path, tokenizer_file: Path, max_ste
     processor.save_pretrained(output)
     log = {"row": name, "title": ROWS[name].title, "steps": max_steps, "batch_size": batch_size,
            "learning_rate": learning_rate, "seed": seed, "data": str(data_file), "max_records": max_records,
+           "vision_tower": str(vision_tower) if vision_tower is not None else None,
            "records": dataset.report.kept,
            "cleaning": str(dataset.report), "train_runtime_seconds": seconds,
            "train_loss": result.metrics.get("train_loss"),
@@ -224,6 +235,157 @@ def evaluate_row(name: str, checkpoint: Path, data: Path, output: Path, batch_si
     return summary
 
 
+# The parts of an answer whose teacher-forced loss `segment_losses` reports apart; the rest is wording.
+SEGMENTS = {
+    "colour": re.compile(r"The (\w+) tag"),
+    "box": re.compile(r"[\[ ]\d\.(\d\d)"),  # the decimals of each coordinate: what a box says
+    "digit": re.compile(r"digit is (\d)"),
+    "larger": re.compile(r"larger is (\d)"),
+    "final": re.compile(r"Final answer: (\d)"),
+}
+
+
+def token_segments(tokens: list[str]) -> list[str]:
+    """The segment of each token of an answer (`SEGMENTS`' names, else "wording"), from where its characters fall
+    in the answer's text. `tokens` are sentencepiece pieces, "▁" for a space."""
+    pieces = [token.replace("▁", " ") for token in tokens]
+    text = "".join(pieces)
+    spans = [(name, match.span(1)) for name, pattern in SEGMENTS.items() for match in pattern.finditer(text)]
+    segments, start = [], 0
+    for piece in pieces:
+        end = start + len(piece)
+        inside = [name for name, (left, right) in spans if start < right and left < end and piece.strip()]
+        segments.append(inside[0] if inside else "wording")
+        start = end
+    return segments
+
+
+def segment_losses(name: str, model_dir: Path, data: Path, count: int, split: str = "validation",
+                   batch_size: int = 8) -> dict:
+    """What a row has learned, read from its teacher-forced loss: the mean cross-entropy (nats per token) and the
+    argmax accuracy of each answer segment (colour word, box numbers, digit, larger digit, final answer, wording)
+    over the first `count` records of `split` (answered as row `name` answers them), with each image as it is and blurred (`fine_detail.blurred`). A
+    segment at the same loss with the image blurred is not read from the image."""
+    import torch
+
+    model = VGRForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = VGRProcessor.from_pretrained(model_dir)
+    records_file = data / (f"{split}.jsonl" if ROWS[name].grounded else f"{split}-direct.jsonl")
+    with tempfile.TemporaryDirectory() as scratch:
+        subset = Path(scratch) / records_file.name
+        subset.write_text("".join(records_file.read_text().splitlines(keepends=True)[:count]))
+        dataset = VGRSFTDataset(subset, data, processor, max_length=MAX_LENGTH,
+                                replay=ROWS[name].replay)
+        collator = VGRDataCollator(processor)
+        results = {}
+        for condition in ("image", "blurred"):
+            totals = {}
+            for first in range(0, len(dataset), batch_size):
+                items = [dataset[index] for index in range(first, min(first + batch_size, len(dataset)))]
+                if condition == "blurred":
+                    for item in items:
+                        path = Path(scratch) / item["image_path"].name
+                        blurred(PIL.Image.open(item["image_path"]).convert("RGB")).save(path)
+                        item["image_path"] = path
+                batch = collator(items)
+                batch.pop("box_targets")
+                labels = batch.pop("labels")
+                with torch.no_grad():
+                    logits = model(**batch).logits
+                # (batch, length - 1): the loss and argmax of each next token
+                losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                           ignore_index=-100, reduction="none")
+                hits = logits[:, :-1].argmax(-1) == labels[:, 1:]
+                for row in range(labels.shape[0]):
+                    positions = (labels[row, 1:] != -100).nonzero().flatten().tolist()
+                    tokens = processor.tokenizer.convert_ids_to_tokens(labels[row, 1:][positions].tolist())
+                    for position, segment in zip(positions, token_segments(tokens)):
+                        entry = totals.setdefault(segment, [0.0, 0, 0])
+                        entry[0] += losses[row, position].item()
+                        entry[1] += hits[row, position].item()
+                        entry[2] += 1
+            results[condition] = {segment: {"loss": loss / n, "accuracy": hit / n, "tokens": n}
+                                  for segment, (loss, hit, n) in sorted(totals.items())}
+    return {"row": name, "model": str(model_dir), "records": len(dataset), "split": split, **results}
+
+
+PROBE_FEATURES = ("snapshot", "prompt", "replay")
+RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def tag_features(model, processor, image: PIL.Image.Image, boxes: list) -> dict:
+    """For each box (a coloured tag), the visual features a probe reads its digit from: the snapshot token at the
+    tag's centre as the prompt pools it ("snapshot"), that token beside the prompt's crop token at the centre
+    ("prompt": everything the prompt has there), and the mean of the tokens a replay of the box would feed, cut from
+    S and `replay_pool`-pooled ("replay"). Each `(len(boxes), features)`, after the projector."""
+    import torch
+
+    config = model.config
+    inputs = processor.image_processor([image], return_tensors="pt")
+    with torch.no_grad():
+        outputs, (memory,) = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+        snapshot_grid = model.model.geometry.snapshot_grid()[0]
+        snapshot = outputs.pooler_output[0][: snapshot_grid**2].view(snapshot_grid, snapshot_grid, -1)
+        crops = pool_grid(memory.features, config.crop_pool)  # (rows * side', cols * side', hidden)
+        features = {name: [] for name in PROBE_FEATURES}
+        for box in boxes:
+            centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            # the snapshot is the whole image resized to one crop, so normalized places map straight onto its grid
+            at_snapshot = snapshot[min(int(centre_y * snapshot_grid), snapshot_grid - 1),
+                                   min(int(centre_x * snapshot_grid), snapshot_grid - 1)]
+            top, _, left, _ = memory.tile.box_to_cells((centre_x, centre_y, centre_x, centre_y))
+            at_crop = crops[top // config.crop_pool, left // config.crop_pool]
+            features["snapshot"].append(at_snapshot)
+            features["prompt"].append(torch.cat([at_snapshot, at_crop]))
+            features["replay"].append(model.model.replay_tokens(memory, box).mean(0))
+    return {name: torch.stack(values) for name, values in features.items()}
+
+
+def ridge_probe(train_x, train_y, test_x, test_y, classes: int = 10) -> float:
+    """Held-out accuracy of a least-squares (ridge) probe on standardized features, one-vs-rest on one-hot targets;
+    the penalty is chosen on the last fifth of the training set, then the probe is refit on all of it."""
+    import torch
+
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+
+    def fit(x, y, penalty):
+        x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+        targets = torch.nn.functional.one_hot(y, classes).double()
+        return torch.linalg.solve(x.T @ x + penalty * torch.eye(x.shape[1], dtype=x.dtype), x.T @ targets)
+
+    def accuracy(weights, x, y):
+        x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+        return ((x @ weights).argmax(1) == y).double().mean().item()
+
+    split = len(train_x) * 4 // 5
+    penalty = max(RIDGE_PENALTIES, key=lambda p: accuracy(fit(train_x[:split], train_y[:split], p),
+                                                            train_x[split:], train_y[split:]))
+    return accuracy(fit(train_x, train_y, penalty), test_x, test_y)
+
+
+def digit_probes(model_dir: Path, data: Path, train_count: int = 1500, test_count: int = 200) -> dict:
+    """Where a row's visual features carry the coloured tags' digits: a ridge probe's held-out accuracy (chance 10%)
+    on each of `tag_features`' features, fitted on the tags of the first `train_count` training images and tested
+    on those of the first `test_count` validation images."""
+    import torch
+
+    model = VGRForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = VGRProcessor.from_pretrained(model_dir)
+    sets = {}
+    for split, count in (("train", train_count), ("validation", test_count)):
+        features, digits = {name: [] for name in PROBE_FEATURES}, []
+        for record in read_records(data / f"{split}.jsonl")[:count]:
+            image = PIL.Image.open(data / record["image"]).convert("RGB")
+            for name, values in tag_features(model, processor, image, record["boxes"]).items():
+                features[name].append(values)
+            digits += [int(digit) for digit in record["digits"]]
+        sets[split] = ({name: torch.cat(values) for name, values in features.items()}, torch.tensor(digits))
+    (train_x, train_y), (test_x, test_y) = sets["train"], sets["validation"]
+    return {"model": str(model_dir), "train_tags": len(train_y), "test_tags": len(test_y),
+            **{name: ridge_probe(train_x[name], train_y, test_x[name], test_y) for name in PROBE_FEATURES}}
+
+
 COLUMNS = [  # (header, summary key, format)
     ("accuracy", "accuracy", "{:.1%}"),
     ("one region", "accuracy_one_region", "{:.1%}"),
@@ -277,6 +439,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (cosine, 3%% warmup)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
     train.add_argument("--max-records", type=int, help="train on the first N records only")
+    train.add_argument("--vision-tower", type=Path, default=VISION_TOWER,
+                       help="the pretrained tower every row starts from (`tower_pretraining`, made when missing); "
+                            "'none' for a random one")
     evaluate = commands.add_parser("evaluate", help="score one trained row through lmms-eval's CLI",
                                    formatter_class=HelpFormatter)
     evaluate.add_argument("--row", required=True, choices=sorted(ROWS), help="which row")
@@ -285,6 +450,18 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, help="lmms-eval's output (default: outputs/tables/eval/ROW)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     evaluate.add_argument("--records", type=int, help="the first N held-out records only (default: all 400)")
+    probe = commands.add_parser("probe", help="where a row's features carry the digit: ridge probes on the prompt's "
+                                "tokens and on the replayed ones", formatter_class=HelpFormatter)
+    probe.add_argument("--model", type=Path, required=True, help="a trained row (or any saved row)")
+    probe.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
+    probe.add_argument("--train-images", type=int, default=1500, help="training images the probes are fitted on")
+    probe.add_argument("--test-images", type=int, default=200, help="validation images they are tested on")
+    diagnose = commands.add_parser("diagnose", help="a row's teacher-forced loss per answer segment, image as it is "
+                                   "and blurred", formatter_class=HelpFormatter)
+    diagnose.add_argument("--row", required=True, choices=sorted(ROWS), help="which row (how answers are written)")
+    diagnose.add_argument("--model", type=Path, help="the trained row (default: outputs/tables/ROW)")
+    diagnose.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
+    diagnose.add_argument("--records", type=int, default=200, help="the first N validation records")
     summary = commands.add_parser("report", help="the table of every row run so far", formatter_class=HelpFormatter)
     summary.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "tables", help="where rows were run")
     summary.add_argument("--results", type=Path, default=ROOT / "results", help="where to write the table")
@@ -297,14 +474,22 @@ def main(argv=None) -> None:
         if not (args.data / "train.jsonl").exists():
             make_dataset(args.data)
         output = args.output or ROOT / "outputs" / "tables" / args.row
+        tower = None if str(args.vision_tower) == "none" else args.vision_tower
+        if tower is not None and not (tower / TOWER_WEIGHTS).exists():
+            tower_pretraining.main([str(tower), "--data", str(args.data), "--tokenizer", str(args.tokenizer)])
         log = train_row(args.row, args.data, output, args.tokenizer, args.max_steps, args.batch_size,
-                        args.learning_rate, args.seed, args.max_records)
+                        args.learning_rate, args.seed, args.max_records, tower)
         print(f"{args.row}: {log['steps']} steps in {log['train_runtime_seconds'] / 60:.1f} min, mean loss "
               f"{log['train_loss']:.3f}; saved to {output}")
     elif args.command == "evaluate":
         model = args.model or ROOT / "outputs" / "tables" / args.row
         output = args.output or ROOT / "outputs" / "tables" / "eval" / args.row
         print(json.dumps(evaluate_row(args.row, model, args.data, output, args.batch_size, args.records), indent=1))
+    elif args.command == "probe":
+        print(json.dumps(digit_probes(args.model, args.data, args.train_images, args.test_images), indent=1))
+    elif args.command == "diagnose":
+        model = args.model or ROOT / "outputs" / "tables" / args.row
+        print(json.dumps(segment_losses(args.row, model, args.data, args.records), indent=1))
     elif args.command == "report":
         print(report(args.outputs, args.results))
 
