@@ -309,15 +309,16 @@ def segment_losses(name: str, model_dir: Path, data: Path, count: int, split: st
     return {"row": name, "model": str(model_dir), "records": len(dataset), "split": split, **results}
 
 
-PROBE_FEATURES = ("snapshot", "prompt", "replay")
+PROBE_FEATURES = ("snapshot", "prompt", "replay", "replay_mean")
 RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def tag_features(model, processor, image: PIL.Image.Image, boxes: list) -> dict:
     """For each box (a coloured tag), the visual features a probe reads its digit from: the snapshot token at the
     tag's centre as the prompt pools it ("snapshot"), that token beside the prompt's crop token at the centre
-    ("prompt": everything the prompt has there), and the mean of the tokens a replay of the box would feed, cut from
-    S and `replay_pool`-pooled ("replay"). Each `(len(boxes), features)`, after the projector."""
+    ("prompt": everything the prompt has there), and of the tokens a replay of the box would feed (cut from S and
+    `replay_pool`-pooled, or encoded again with `replay_source="crop"`) the one at the box's centre ("replay") and
+    their mean ("replay_mean"). Each `(len(boxes), features)`, after the projector."""
     import torch
 
     config = model.config
@@ -337,7 +338,10 @@ def tag_features(model, processor, image: PIL.Image.Image, boxes: list) -> dict:
             at_crop = crops[top // config.crop_pool, left // config.crop_pool]
             features["snapshot"].append(at_snapshot)
             features["prompt"].append(torch.cat([at_snapshot, at_crop]))
-            features["replay"].append(model.model.replay_tokens(memory, box).mean(0))
+            replayed = model.model.replay_tokens(memory, box)  # (K, hidden), row-major over the replay's grid
+            rows, cols = model.model.geometry.replay_grid(memory.tile.image_size, box)
+            features["replay"].append(replayed[(rows // 2) * cols + cols // 2])
+            features["replay_mean"].append(replayed.mean(0))
     return {name: torch.stack(values) for name, values in features.items()}
 
 
