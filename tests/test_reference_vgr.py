@@ -78,7 +78,7 @@ def test_splits_are_reproducible(tmp_path):
 def test_held_out_answers_ground_and_replay(tmp_path):
     """20 held-out questions, answered by the checkpoint loaded as remote code in a process that cannot import
     transformers_vgr: answers of the VGR form, a valid box, one replay each, the box on the coloured box's cell
-    (chance: 1 in 16) and the right digit (chance: 1 in 10). On the whole test split: 98.0% (README, VGR-Tiny)."""
+    (chance: 1 in 16) and the right digit (chance: 1 in 10). On the whole test split: 98.0% (docs/vgr-tiny.md)."""
     make_split(tmp_path, "test", 20)
     code = f"""
         import sys
@@ -122,7 +122,8 @@ def test_held_out_answers_ground_and_replay(tmp_path):
 def test_the_digit_is_read_from_the_replay(tmp_path):
     """The same text (question, written box, wording) teacher-forced up to the digit: with the true box replayed the
     checkpoint names the coloured box's digit; with a grey box's region replayed in its place, it no longer does.
-    The digit is also in the prompt's snapshot token (README), so this is what shows the replay is what is read."""
+    The digit is also in the prompt's snapshot token (docs/vgr-tiny.md), so this is what shows the replay is what is
+    read."""
     from transformers import AutoModel, AutoProcessor
 
     from transformers_vgr.reference.evaluate import replay_swap

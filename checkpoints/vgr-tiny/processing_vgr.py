@@ -104,6 +104,19 @@ class VGRProcessor(ProcessorMixin):
     *replay* marker: it is expanded to the replay token count of the box written in that row's last
     `<sot>[x1, y1, x2, y2]<eot>`, on that row's last image, and the box is returned in `replay_boxes` (per row,
     in order). Upper-case `<SOT>` / `<EOT>` are read as `<sot>` / `<eot>`.
+
+    Decoding (`decode`, `batch_decode`, `post_process_generation`) gives the box text back exactly as it was written,
+    and the drawing functions of `drawing_vgr` are methods too (`draw_boxes`, `crop_regions`, `draw_panel`).
+
+    Args:
+        image_processor ([`VGRImageProcessor`]):
+            The image processor; its geometry sets the placeholder counts.
+        tokenizer (`PreTrainedTokenizerFast`):
+            A LLaMA tokenizer. `<image>` (special), `<sot>` and `<eot>` (added, not special, so decoded text keeps the
+            boxes) and a pad token (`<unk>`) are added when it lacks them.
+        chat_template (`str`, *optional*):
+            A Jinja chat template; by default Vicuna-v1 with its system prompt, as LLaVA writes it. Checkpoints ship
+            their own (`AutoProcessor.from_pretrained` loads it).
     """
 
     valid_processor_kwargs = VGRProcessorKwargs
@@ -135,8 +148,28 @@ class VGRProcessor(ProcessorMixin):
         **kwargs: Unpack[VGRProcessorKwargs],
     ) -> BatchFeature:
         """
-        Returns `input_ids`, `attention_mask`, and with images `pixel_values` `(num_images, max_patches, 3, crop,
-        crop)` and `image_sizes` `(num_images, 2)` as (height, width); with replay markers also `replay_boxes`.
+        Tokenize `text` with each `<image>` expanded, and process `images`.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                One image per prompt `<image>` marker (replay markers take none), in order across the batch. Any PIL
+                mode, EXIF orientation, HWC / CHW arrays of uint8, uint16 or float, and tensors are accepted.
+            text (`str` or `list[str]`):
+                The prompts, e.g. from `apply_chat_template`; an `<image>` right after `<eot>` is a replay of the box
+                before it.
+            **kwargs:
+                Tokenizer options (`padding`, `padding_side`, `truncation`, `max_length`, `return_tensors`, ...) and
+                image-processor options (`max_crops`, ...).
+
+        Returns:
+            `BatchFeature`: `input_ids` and `attention_mask`; with images `pixel_values`
+            `(num_images, max_patches, 3, crop, crop)` and `image_sizes` `(num_images, 2)` as (height, width); with
+            replay markers also `replay_boxes` (per row, the normalized box of each replay span, as a list).
+
+        Raises:
+            ValueError: When `text` is missing or not strings, when markers and images do not match, when a replay
+                marker has no box before it (or is followed directly by another `<image>`), or when an image cannot
+                be read (unreadable, empty, past Pillow's decompression-bomb limit).
         """
         if text is None:
             raise ValueError("VGRProcessor needs `text`; use the image processor alone for images only")

@@ -17,15 +17,35 @@ from .box_text_vgr import ParsedBox, parse_box, to_pixel_box
 
 @dataclass
 class ReplayRecord:
-    """One `<eot>` of a generated row and what it did."""
+    """One `<eot>` of a generated row and what it did; `generate` and the vLLM runner return one per `<eot>`.
 
-    step: int  # index of the <eot> among the row's generated tokens
-    box: tuple[float, float, float, float] | None  # normalized, clamped
-    pixel_box: tuple[float, float, float, float] | None  # in pixels of the row's image
-    num_tokens: int  # tokens replayed (0 if none)
-    valid: bool  # whether the region was replayed
-    reason: str | None = None  # why not
-    head_box: tuple[float, float, float, float] | None = None  # the detection head's box at this <eot>
+    Attributes:
+        step (`int`):
+            Index of the `<eot>` among the row's generated tokens.
+        box (`tuple[float, float, float, float]` or `None`):
+            The box read before it, normalized `(x1, y1, x2, y2)` of the row's image and clamped to it; `None` when no
+            box could be read.
+        pixel_box (`tuple[float, float, float, float]` or `None`):
+            The same box in pixels of the row's image.
+        num_tokens (`int`):
+            Tokens replayed (0 if none).
+        valid (`bool`):
+            Whether the region was replayed.
+        reason (`str`, *optional*):
+            Why not, when it was not: why the box could not be read (or is empty, or outside the image), no image to
+            replay from, `max_replays` or `max_replay_tokens` reached, a context overflow, or a row that another
+            stopping criterion ended on this `<eot>`.
+        head_box (`tuple[float, float, float, float]`, *optional*):
+            The detection head's box at this `<eot>`, normalized; `None` on vLLM, where the head does not run.
+    """
+
+    step: int
+    box: tuple[float, float, float, float] | None
+    pixel_box: tuple[float, float, float, float] | None
+    num_tokens: int
+    valid: bool
+    reason: str | None = None
+    head_box: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,19 @@ def normalize_tags(text: str) -> str:
 
 
 def format_box(box, decimals: int = 2) -> str:
-    """`[0.12, 0.34, 0.56, 0.78]`: the text the model writes between `<sot>` and `<eot>`."""
+    """`[0.12, 0.34, 0.56, 0.78]`: the text the model writes between `<sot>` and `<eot>`.
+
+    Args:
+        box (four numbers):
+            A normalized `(x1, y1, x2, y2)`.
+        decimals (`int`, *optional*, defaults to 2):
+            Digits after the point.
+    """
     return "[" + ", ".join(f"{float(value):.{decimals}f}" for value in box) + "]"
 
 
 def format_grounded_box(box, decimals: int = 2) -> str:
+    """`<sot>[0.12, 0.34, 0.56, 0.78]<eot>`: a box as the model writes it in its answer (see `format_box`)."""
     return f"{SOT_TOKEN}{format_box(box, decimals)}{EOT_TOKEN}"
 
 
@@ -77,7 +85,12 @@ def check_box(box, text: str = "") -> ParsedBox:
 
 
 def find_boxes(text: str) -> list[ParsedBox]:
-    """Every `<sot>...<eot>` of a text in order, valid or not."""
+    """Every `<sot>...<eot>` of a text in order, valid or not.
+
+    Returns:
+        `list[ParsedBox]`: each with its `text`, the normalized `box` (clamped to the image; `None` when invalid),
+        `valid` and, when invalid, the `reason` (not four numbers in brackets, not finite, empty, outside the image).
+    """
     return [parse_box(match.group(1)) for match in _GROUNDED_BOX.finditer(text)]
 
 
@@ -93,7 +106,18 @@ def to_pixel_box(box, image_size) -> tuple[float, float, float, float]:
 
 
 def parse_boxes(text: str, image_size=None) -> list[tuple[float, float, float, float]]:
-    """The valid boxes of a text, normalized, or in pixels when `image_size` `(height, width)` is given."""
+    """The valid boxes of a text, normalized, or in pixels when `image_size` `(height, width)` is given.
+
+    Args:
+        text (`str`):
+            Text with boxes written as `<sot>[x1, y1, x2, y2]<eot>` (upper-case tags are read too).
+        image_size (`tuple[int, int]`, *optional*):
+            The image's `(height, width)`: the boxes come back in its pixels, rounded to 2 decimals.
+
+    Returns:
+        `list[tuple[float, float, float, float]]`: `(x1, y1, x2, y2)` of each valid box, in order; invalid ones are
+        left out (`find_boxes` says why).
+    """
     boxes = [parsed.box for parsed in find_boxes(text) if parsed.valid]
     if image_size is None:
         return boxes

@@ -50,56 +50,84 @@ class VGRConfig(PreTrainedConfig):
     Configuration of a VGR model: a LLaVA-NeXT-style vision-language model with expanded AnyRes, pooled visual
     tokens, a feature memory and selective feature replay (arXiv 2506.11991).
 
-    vision_config (`dict` or `PreTrainedConfig`, *optional*):
-        The vision tower's config (default: CLIP-ViT-L/14 at 336 px).
-    text_config (`dict` or `PreTrainedConfig`, *optional*):
-        The language model's config (default: a LLaMA config).
-    image_token_id (`int`, *optional*, defaults to 32000):
-        Placeholder id of visual tokens: the prompt's image positions and the replay spans after `<eot>`.
-    sot_token_id (`int`, *optional*, defaults to 32001):
-        Id of `<sot>`, which opens a box.
-    eot_token_id (`int`, *optional*, defaults to 32002):
-        Id of `<eot>`, which closes a box; its hidden state feeds the detection head and triggers a replay.
-    max_crops (`int`, *optional*, defaults to 20):
-        AnyRes grid candidates: every `rows x cols` tiling with `rows * cols <= max_crops`.
-    image_grid_pinpoints (`list`, *optional*):
-        Explicit `(height, width)` resolutions that replace the `max_crops` tilings, as in LLaVA-NeXT.
-    snapshot_pool (`int`, *optional*, defaults to 2):
-        Average-pooling factor of the whole-image snapshot (24x24 -> 12x12 = 144 tokens).
-    crop_pool (`int`, *optional*, defaults to 4):
-        Average-pooling factor of each local crop in the prompt (24x24 -> 6x6 = 36 tokens).
-    replay_pool (`int`, *optional*, defaults to 2):
-        Average-pooling factor of a replayed region of the feature memory (ceil mode).
-    replay_source (`str`, *optional*, defaults to `"memory"`):
-        Where a replay's tokens come from. `"memory"` (the paper): the box's cells of the feature memory S, pooled by
-        `replay_pool`, without running the vision tower. `"crop"`: the box's pixels cut from the resized image,
-        resized to one crop and encoded again by the vision tower and projector, pooled by `replay_pool` (what
-        crop-and-re-encode systems do; the paper's Table 7 ablation). Not served by the vLLM plugin.
-    image_layout (`str`, *optional*, defaults to `"vgr"`):
-        `"vgr"`: the paper's layout, each crop flattened on its own. `"llava_next"`: crops stitched, padding removed and
-        an `image_newline` after each row, which with LLaVA-NeXT's pinpoints and no pooling is LLaVA-NeXT itself.
-    vision_feature_layer (`int`, *optional*, defaults to -2):
-        Hidden layer of the vision tower whose features are used.
-    vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
-        `"default"` drops the CLS token, `"full"` keeps it.
-    projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
-        Activation of the 2-layer MLP projector (LLaVA's `mlp2x_gelu`).
-    multimodal_projector_bias (`bool`, *optional*, defaults to `True`):
-        Whether the projector's linear layers have a bias.
-    box_l1_weight (`float`, *optional*, defaults to 1.0):
-        Weight of the L1 loss on the detection head's (cx, cy, w, h).
-    box_giou_weight (`float`, *optional*, defaults to 2.0):
-        Weight of the GIoU loss on the detection head's box (corner form).
-    max_replays (`int`, *optional*, defaults to 8):
-        Replays per generated row at most; past it `<eot>` is plain text.
-    max_replay_tokens (`int`, *optional*, defaults to 4096):
-        Replayed tokens per generated row at most.
-    box_token_ids (`list[int]`, *optional*):
-        Ids of the tokens a box can be written with (digits, ".", ",", brackets, spaces), with their texts in
-        `box_token_texts`: `generate` reads boxes with them, as it gets no tokenizer. Set from the tokenizer with
-        `config.update(processor.box_token_table())`.
-    box_token_texts (`list[str]`, *optional*):
-        The text of each of `box_token_ids`.
+    Instantiating a configuration with the defaults gives VGR-7B's vision tower and geometry (CLIP-ViT-L/14 at 336 px,
+    up to 20 crops) on a default LLaMA config; `VGRConfig.vgr_7b()` gives the paper's shapes whole (Vicuna-v1.5-7B).
+    The sub-configs are transformers' own (`CLIPVisionConfig`, `LlamaConfig`), so any field of theirs can be set.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            The vision tower's config (default: CLIP-ViT-L/14 at 336 px).
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            The language model's config (default: a LLaMA config).
+        image_token_id (`int`, *optional*, defaults to 32000):
+            Placeholder id of visual tokens: the prompt's image positions and the replay spans after `<eot>`.
+        sot_token_id (`int`, *optional*, defaults to 32001):
+            Id of `<sot>`, which opens a box.
+        eot_token_id (`int`, *optional*, defaults to 32002):
+            Id of `<eot>`, which closes a box; its hidden state feeds the detection head and triggers a replay.
+        max_crops (`int`, *optional*, defaults to 20):
+            AnyRes grid candidates: every `rows x cols` tiling with `rows * cols <= max_crops`.
+        image_grid_pinpoints (`list`, *optional*):
+            Explicit `(height, width)` resolutions that replace the `max_crops` tilings, as in LLaVA-NeXT.
+        snapshot_pool (`int`, *optional*, defaults to 2):
+            Average-pooling factor of the whole-image snapshot (24x24 -> 12x12 = 144 tokens).
+        crop_pool (`int`, *optional*, defaults to 4):
+            Average-pooling factor of each local crop in the prompt (24x24 -> 6x6 = 36 tokens).
+        replay_pool (`int`, *optional*, defaults to 2):
+            Average-pooling factor of a replayed region of the feature memory (ceil mode).
+        replay_source (`str`, *optional*, defaults to `"memory"`):
+            Where a replay's tokens come from. `"memory"` (the paper): the box's cells of the feature memory S, pooled
+            by `replay_pool`, without running the vision tower. `"crop"`: the box's pixels cut from the resized image,
+            resized to one crop and encoded again by the vision tower and projector, pooled by `replay_pool` (what
+            crop-and-re-encode systems do; the paper's Table 7 ablation). Not served by the vLLM plugin.
+        image_layout (`str`, *optional*, defaults to `"vgr"`):
+            `"vgr"`: the paper's layout, each crop flattened on its own. `"llava_next"`: crops stitched, padding removed
+            and an `image_newline` after each row, which with LLaVA-NeXT's pinpoints and no pooling is LLaVA-NeXT
+            itself.
+        vision_feature_layer (`int`, *optional*, defaults to -2):
+            Hidden layer of the vision tower whose features are used.
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            `"default"` drops the CLS token, `"full"` keeps it.
+        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the 2-layer MLP projector (LLaVA's `mlp2x_gelu`).
+        multimodal_projector_bias (`bool`, *optional*, defaults to `True`):
+            Whether the projector's linear layers have a bias.
+        box_l1_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the L1 loss on the detection head's (cx, cy, w, h).
+        box_giou_weight (`float`, *optional*, defaults to 2.0):
+            Weight of the GIoU loss on the detection head's box (corner form).
+        max_replays (`int`, *optional*, defaults to 8):
+            Replays per generated row at most; past it `<eot>` is plain text.
+        max_replay_tokens (`int`, *optional*, defaults to 4096):
+            Replayed tokens per generated row at most.
+        box_token_ids (`list[int]`, *optional*):
+            Ids of the tokens a box can be written with (digits, ".", ",", brackets, spaces), with their texts in
+            `box_token_texts`: `generate` reads boxes with them, as it gets no tokenizer. Set from the tokenizer with
+            `config.update(processor.box_token_table())`.
+        box_token_texts (`list[str]`, *optional*):
+            The text of each of `box_token_ids`.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether the LM head shares the input embeddings' weights (it does not, as in LLaVA-NeXT-vicuna).
+
+    Raises:
+        ValueError: When the crops, pools and pinpoints do not fit together (a pool that does not divide the crop's
+            feature grid, `max_crops` below 1), a token id is outside the language model's vocabulary or two of them
+            are equal, `max_replays` or `max_replay_tokens` is negative, `box_token_ids` and `box_token_texts` are
+            not given together with one text per id, or `vision_feature_layer` is not a layer of the vision tower.
+            The message names the field.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers_vgr import VGRConfig, VGRForConditionalGeneration
+
+    >>> config = VGRConfig()  # CLIP-ViT-L/14-336, up to 20 crops, a default LLaMA config
+    >>> config.geometry().prompt_tokens((1344, 2016)).total  # prompt visual tokens of a 2016 x 1344 image
+    864
+    >>> with torch.device("meta"):  # VGR-7B's modules and shapes, without allocating its weights
+    ...     model = VGRForConditionalGeneration(VGRConfig.vgr_7b())
+    ```
     """
 
     model_type = "vgr"

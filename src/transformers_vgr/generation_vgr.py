@@ -55,10 +55,19 @@ FINISH_TIME = "time"  # max_time
 
 @dataclass
 class VGRGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate` output with, per row, a `ReplayRecord` for each `<eot>` and why the row stopped: `"stop"` (eos, a
-    stop string or another stopping criterion), `"length"` (`max_new_tokens` / `max_length`, or a full context),
-    `"time"` (`max_time`) or `"context_overflow"` (a replay would not fit in the context). `cache` carries a
-    `CachedConversation`, so that it can continue the conversation (see `VGRGenerationMixin.generate`)."""
+    """What [`VGRForConditionalGeneration.generate`] returns with `return_dict_in_generate=True`: transformers'
+    `GenerateDecoderOnlyOutput` (`sequences`, and `scores`, `logits`, `attentions`, `hidden_states` when asked for)
+    with the replays and why each row stopped. `cache` carries a `CachedConversation`, so that a later `generate`
+    can continue the conversation from it.
+
+    Attributes:
+        replays (`list[list[ReplayRecord]]`):
+            Per row, one [`ReplayRecord`] for each `<eot>` it wrote, in order, whether its region was replayed or not.
+        finish_reasons (`list[str]`):
+            Per row: `"stop"` (eos, a stop string or another stopping criterion), `"length"` (`max_new_tokens` /
+            `max_length`, or a full context), `"time"` (`max_time`) or `"context_overflow"` (a replay would not fit in
+            the context).
+    """
 
     replays: list[list[ReplayRecord]] | None = None
     finish_reasons: list[str | None] | None = None
@@ -282,11 +291,42 @@ class VGRGenerationMixin(GenerationMixin):
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None, **kwargs):
         """transformers' `generate`, with a replay after each `<eot>` (see the module docstring).
 
+        The prompt runs once (the vision tower once per image) and the feature memory S is kept. When a row writes
+        `<eot>`, the box written since its `<sot>` is read; a valid one has its region of S pooled and fed right after
+        the `<eot>` through the KV cache, an invalid one replays nothing and generation goes on. At most
+        `config.max_replays` replays and `config.max_replay_tokens` replayed tokens per row.
+
         To continue a conversation, pass the `cache` of an earlier call's output (`return_dict_in_generate=True`) and
         `input_ids` that start with that output's `sequences`, followed by the new turn's tokens (`attention_mask`, if
         given, only matters for the new tokens). The cache holds the earlier turns, their replays and the images'
         feature memory: the vision tower does not run and the earlier turns are not fed again (`pixel_values` and
         `image_sizes` may be passed and are not used); the new turn cannot add images.
+
+        Args:
+            inputs (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                The prompt's token ids, as `input_ids` (left-padded in a batch), from [`VGRProcessor`].
+            generation_config (`GenerationConfig`, *optional*):
+                As in transformers; the model's own generation config otherwise.
+            logits_processor (`LogitsProcessorList`, *optional*):
+                Extra logits processors; `<image>` is always suppressed (the replay loop writes placeholders).
+            stopping_criteria (`StoppingCriteriaList`, *optional*):
+                Extra stopping criteria; a row one of them ends on its `<eot>` is not replayed.
+            **kwargs:
+                The processor's outputs (`input_ids`, `attention_mask`, `pixel_values`, `image_sizes`), `cache` to
+                continue a conversation, and any generation option (`max_new_tokens`, which counts text tokens
+                only, `do_sample`, `num_return_sequences` with sampling, `stop_strings` with `tokenizer`, `streamer`,
+                `return_dict_in_generate`, `cache_implementation="static"`, `compile_config`, ...).
+
+        Returns:
+            `torch.LongTensor` of shape `(batch_size, sequence_length)`, or [`VGRGenerateOutput`] with
+            `return_dict_in_generate=True`: the sequences (prompt and text; replayed positions are not tokens), per
+            row a `ReplayRecord` for each `<eot>` (`replays`), why each row stopped (`finish_reasons`) and the cache.
+
+        Raises:
+            ValueError: For what the replay loop cannot do: beam search, `use_cache=False`, assisted decoding,
+                `prefill_chunk_size`, `custom_generate`, `inputs_embeds`, image placeholders without `pixel_values`,
+                a model config without `box_token_ids` and no `tokenizer`, or a continuation whose `input_ids` do not
+                start with the cached conversation (or with `num_return_sequences > 1`).
         """
         effective, _ = self._prepare_generation_config(copy.deepcopy(generation_config), **copy.copy(kwargs))
         self._check_generation_mode(effective, kwargs)

@@ -60,19 +60,23 @@ class FeatureMemory:
 @dataclass
 class VGRModelOutputWithPast(ModelOutput):
     r"""
-    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-        Hidden states of the language model's last layer.
-    cache (`Cache`, *optional*):
-        The language model's key/value cache.
-    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-        Hidden states of every layer of the language model, when asked for.
-    attentions (`tuple(torch.FloatTensor)`, *optional*):
-        Attention weights of the language model, when asked for.
-    feature_memory (`FeatureMemory`, *optional*):
-        S of every image of `pixel_values` (or the memory that was passed in), and which image each row replays from.
-    image_outputs (`BaseModelOutputWithPooling`, *optional*):
-        The vision tower's output for `pixel_values`, with each image's prompt tokens as `pooler_output` (see
-        `VGRModel.get_image_features`); `None` without images.
+    What `VGRModel.forward` returns.
+
+    Attributes:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Hidden states of the language model's last layer.
+        cache (`Cache`, *optional*):
+            The language model's key/value cache.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Hidden states of every layer of the language model, when asked for.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Attention weights of the language model, when asked for.
+        feature_memory (`FeatureMemory`, *optional*):
+            S of every image of `pixel_values` (or the memory that was passed in), and which image each row replays
+            from.
+        image_outputs (`BaseModelOutputWithPooling`, *optional*):
+            The vision tower's output for `pixel_values`, with each image's prompt tokens as `pooler_output` (see
+            `VGRModel.get_image_features`); `None` without images.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -86,21 +90,24 @@ class VGRModelOutputWithPast(ModelOutput):
 @dataclass
 class VGRCausalLMOutputWithPast(ModelOutput):
     r"""
-    loss (`torch.FloatTensor`, *optional*):
-        `lm_loss + box_l1_weight * box_l1_loss + box_giou_weight * box_giou_loss`, of the pieces that were computed.
-    lm_loss (`torch.FloatTensor`, *optional*):
-        Next-token cross-entropy; image and replay positions never count.
-    box_l1_loss (`torch.FloatTensor`, *optional*):
-        L1 distance of the detection head's (cx, cy, w, h) to the target, summed over the 4 values, mean over boxes.
-    box_giou_loss (`torch.FloatTensor`, *optional*):
-        `1 - GIoU` of the detection head's box and the target (corner form), mean over boxes.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        Language-modeling logits.
-    eot_boxes (`torch.FloatTensor` of shape `(num_eot, 4)`, *optional*):
-        The detection head's box at each `<eot>` of `input_ids` (rows in order, then positions), normalized
-        `(x1, y1, x2, y2)`.
-    cache, hidden_states, attentions, feature_memory, image_outputs:
-        As in [`VGRModelOutputWithPast`].
+    What `VGRForConditionalGeneration.forward` returns.
+
+    Attributes:
+        loss (`torch.FloatTensor`, *optional*):
+            `lm_loss + box_l1_weight * box_l1_loss + box_giou_weight * box_giou_loss`, of the pieces that were computed.
+        lm_loss (`torch.FloatTensor`, *optional*):
+            Next-token cross-entropy; image and replay positions never count.
+        box_l1_loss (`torch.FloatTensor`, *optional*):
+            L1 distance of the detection head's (cx, cy, w, h) to the target, summed over the 4 values, mean over boxes.
+        box_giou_loss (`torch.FloatTensor`, *optional*):
+            `1 - GIoU` of the detection head's box and the target (corner form), mean over boxes.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Language-modeling logits.
+        eot_boxes (`torch.FloatTensor` of shape `(num_eot, 4)`, *optional*):
+            The detection head's box at each `<eot>` of `input_ids` (rows in order, then positions), normalized
+            `(x1, y1, x2, y2)`.
+        cache, hidden_states, attentions, feature_memory, image_outputs:
+            As in [`VGRModelOutputWithPast`].
     """
 
     loss: torch.FloatTensor | None = None
@@ -201,6 +208,10 @@ class VGRDetectionHead(nn.Module):
 
 
 class VGRPreTrainedModel(PreTrainedModel):
+    """The base of VGR's models: `VGRConfig`, weight initialization (the sub-models' own, CLIP's and LLaMA's, also when
+    loaded as remote code), safetensors loading by default, and the attention backends and device maps LLaVA-NeXT
+    supports (decoder and encoder layers are never split)."""
+
     config: VGRConfig
     config_class = VGRConfig
     base_model_prefix = "model"
@@ -601,17 +612,57 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
         **kwargs,
     ) -> VGRCausalLMOutputWithPast:
         r"""
-        replay_boxes (`list[list[tuple[float, float, float, float]]]` or `torch.FloatTensor`, *optional*):
-            Per row, the normalized `(x1, y1, x2, y2)` box of each replay span (a run of image placeholders right
-            after `<eot>`), in order. A `(batch, max_boxes, 4)` tensor padded with NaN rows is accepted too.
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Next-token targets (-100 to ignore). Image and replay positions are always ignored.
-        box_targets (`list[list[tuple]]` or `torch.FloatTensor`, *optional*):
-            Per row, the normalized `(x1, y1, x2, y2)` target of each `<eot>` of the row, in order (`None` for an
-            `<eot>` without a target). Enables the detection loss.
-        feature_memory (`FeatureMemory`, *optional*):
-            The memory of an earlier forward over the same rows: replay spans are cut from it and the vision tower is
-            not run (generation passes it on every step).
+        The language model over text, prompt visual tokens and replay spans, with the losses when targets are given.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Token ids as [`VGRProcessor`] makes them: each image's placeholders expanded, and a replay span (a run
+                of `<image>` placeholders) right after each `<eot>` whose region is replayed.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, max_patches, 3, crop, crop)`, *optional*):
+                Each image's snapshot and crops, as the image processor pads them (or all patches concatenated,
+                `(total_patches, 3, crop, crop)`). Images are matched to the placeholders in order, across the batch.
+            image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+                Each image's original `(height, width)`; required with `pixel_values`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for positions to attend to, 0 for padding.
+            position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Positions in the language model; by default counted from the attention mask.
+            cache (`Cache`, *optional*):
+                The language model's key/value cache from an earlier step (transformers 5.24's name for
+                `past_key_values`).
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Embeddings in place of `input_ids` (exactly one of the two); image, replay and `<eot>` positions are
+                found by their embeddings, as LLaVA-NeXT finds its image positions.
+            replay_boxes (`list[list[tuple[float, float, float, float]]]` or `torch.FloatTensor`, *optional*):
+                Per row, the normalized `(x1, y1, x2, y2)` box of each replay span (a run of image placeholders right
+                after `<eot>`), in order. A `(batch, max_boxes, 4)` tensor padded with NaN rows is accepted too.
+            feature_memory (`FeatureMemory`, *optional*):
+                The memory of an earlier forward over the same rows: replay spans are cut from it and the vision tower
+                is not run (generation passes it on every step).
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Next-token targets (-100 to ignore), not shifted. Image and replay positions are always ignored.
+                Pre-shifted targets may be given as `shift_labels` instead (sequence parallelism).
+            box_targets (`list[list[tuple]]` or `torch.FloatTensor`, *optional*):
+                Per row, the normalized `(x1, y1, x2, y2)` target of each `<eot>` of the row, in order (`None` for an
+                `<eot>` without a target). Enables the detection loss.
+            use_cache (`bool`, *optional*):
+                Whether to return the key/value cache.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute the logits of the last `logits_to_keep` positions only (0: all), or of the given indices.
+            **kwargs:
+                `output_hidden_states`, `output_attentions`, `return_dict`, `num_items_in_batch` (the Trainer's count
+                of label tokens, for gradient accumulation) and `shift_labels`.
+
+        Returns:
+            [`VGRCausalLMOutputWithPast`]: the logits, the loss and its pieces (when `labels` / `box_targets` are
+            given), the detection head's box at each `<eot>` (`eot_boxes`), the cache, the feature memory S of the
+            images and the vision tower's output; a tuple with `return_dict=False`.
+
+        Raises:
+            ValueError: When the input does not fit together: both or neither of `input_ids` and `inputs_embeds`,
+                `pixel_values` without `image_sizes` (or not `(num_images, 2)`), more or fewer images than
+                placeholders, a replay span with no box, before any image or of the wrong length, a box that is not
+                four finite numbers, or `labels` / `box_targets` that do not match the batch. The message says which.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # label tokens of the whole batch (Trainer)
         shift_labels = kwargs.pop("shift_labels", None)  # pre-shifted targets (sequence / context parallelism)

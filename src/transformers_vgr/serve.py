@@ -158,8 +158,8 @@ def main(argv=None) -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     parser = FlexibleArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="the port to listen on")
     parser = AsyncEngineArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
     frontend = VGRFrontend(args.model)

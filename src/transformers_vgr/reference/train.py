@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[3]
 REPO_ID = "transformers-vgr/vgr-tiny"
 TEXT_WIDTH = 128
 # No system prompt: Vicuna's is the same in every example, and tokens that never change dilute the attention through
-# which the answer must find one visual token (README, VGR-Tiny).
+# which the answer must find one visual token (docs/vgr-tiny.md).
 CHAT_TEMPLATE = vicuna_v1_chat_template(system="")
 
 
@@ -48,7 +48,7 @@ TEXT_CONFIG = dict(model_type="llama", hidden_size=TEXT_WIDTH, intermediate_size
                    tie_word_embeddings=True,
                    # LLaMA's std 0.02 gives each matrix a gain of about 1.3 at width 4096, 0.23 at 128, where
                    # attention starts flat. At 1/sqrt(width) (unit gain) a one-cell colour question was learned
-                   # in 200 steps; at 0.02 it was not learned in 300 (README, VGR-Tiny).
+                   # in 200 steps; at 0.02 it was not learned in 300 (docs/vgr-tiny.md).
                    initializer_range=TEXT_WIDTH**-0.5)
 
 
@@ -146,7 +146,8 @@ def training_arguments(output_dir, max_steps: int, batch_size: int, learning_rat
         warmup_steps=0.03,
         weight_decay=0.0,
         # LLaMA's 0.95, not 0.999: the answer's wording is learned first, with large gradients; at 0.999 Adam's
-        # second moment remembers them for about 1,000 steps and damps the smaller box and digit ones (README).
+        # second moment remembers them for about 1,000 steps and damps the smaller box and digit ones
+        # (docs/vgr-tiny.md).
         adam_beta2=0.95,
         logging_steps=logging_steps,
         save_strategy="no",
@@ -181,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=4000, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
     # With the vision tower at the full rate the box was found from step 3,300 at 2e-3, 1,700 at 1e-3, 2,250 at 5e-4,
-    # and only at 5e-4 did the digit start (README); kept with the tower at 0.1x.
+    # and only at 5e-4 did the digit start (docs/vgr-tiny.md); kept with the tower at 0.1x.
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (cosine, 3%% warmup)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model's initialization and data order")
     return parser
@@ -212,7 +213,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         training_args = training_arguments(scratch, args.max_steps, args.batch_size, args.learning_rate, args.seed)
         # The paper's 0.1x for the vision tower, although it starts random: its random features already carry the
-        # digit, and at the full rate its first updates (for colour and place) wash the digit out (README, VGR-Tiny).
+        # digit, and at the full rate its first updates (for colour and place) wash the digit out (docs/vgr-tiny.md).
         trainer = VGRTrainer(model=model, args=training_args, train_dataset=dataset,
                              data_collator=VGRDataCollator(processor), vision_tower_lr_ratio=0.1)
         result = trainer.train()

@@ -18,7 +18,23 @@ class VGRSFTDataset(Dataset):
     Records are encoded when the dataset is built, and each image is read once with the collator's checks (its pixels
     are not kept), so that records that are dropped are known and counted up front (`dataset.report`) and no image
     fails mid-training. With `replay=False` (a model trained to write boxes and replay nothing, `max_replays=0`)
-    the answers' replay markers are stripped."""
+    the answers' replay markers are stripped.
+
+    Args:
+        data_files (`str`, `Path` or a list of them):
+            Parquet, JSON or JSONL files of VGR-SFT records (LLaVA `conversations`, an `image` path per record).
+        image_root (`str` or `Path`, *optional*):
+            The folder the records' image paths are relative to; `None` reads them as they are.
+        processor ([`VGRProcessor`]):
+            Renders each conversation with its chat template and expands the visual and replay placeholders.
+        max_length (`int`, *optional*):
+            Tokens per example at most: a longer record is cut where no image or replay span and no `<eot>` of a
+            replay is cut, or dropped.
+        replay (`bool`, *optional*, defaults to `True`):
+            Whether the answers keep their replay markers.
+
+    Each item is `{"features": Features, "image_path": Path or None}`, for [`VGRDataCollator`].
+    """
 
     def __init__(self, data_files, image_root, processor, max_length: int | None = None, replay: bool = True):
         self.image_root = Path(image_root) if image_root is not None else None
@@ -63,7 +79,16 @@ class VGRSFTDataset(Dataset):
 @dataclass
 class VGRDataCollator:
     """Batches of `VGRSFTDataset` items for `VGRForConditionalGeneration`: right padding (labels -100), the images
-    through the image processor, `replay_boxes` and `box_targets` per row."""
+    through the image processor, `replay_boxes` and `box_targets` per row.
+
+    Args:
+        processor ([`VGRProcessor`]):
+            Its tokenizer's pad id pads `input_ids`; its image processor reads the images.
+
+    Calling it on a list of items returns `input_ids`, `attention_mask`, `labels` (`(batch, max_length)`),
+    `replay_boxes` and `box_targets` (per row, lists), and with images `pixel_values` and `image_sizes`; it raises
+    `ValueError` when an image's size changed since the dataset was built.
+    """
 
     processor: object
 

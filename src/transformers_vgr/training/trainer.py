@@ -92,7 +92,17 @@ class VGRTrainer(Trainer):
     tower at `vision_tower_lr_ratio` times the learning rate (the paper: 0.1).
 
     It freezes the vision layers that the image features never use (`unused_vision_parameters`), so that every
-    trainable parameter gets a gradient, as DDP with gradient checkpointing requires."""
+    trainable parameter gets a gradient, as DDP with gradient checkpointing requires. Box losses are normalized so
+    that gradient accumulation and DDP give the loss of one large batch.
+
+    Args:
+        model ([`VGRForConditionalGeneration`] or a PEFT model wrapping it, *optional*):
+            The model to train (see `configure_stage` and `add_lora` for what is trainable).
+        *args, **kwargs:
+            `Trainer`'s own arguments (`args`, `train_dataset`, `data_collator`: a [`VGRDataCollator`], ...).
+        vision_tower_lr_ratio (`float`, *optional*, defaults to 0.1):
+            The vision tower's learning rate as a fraction of `args.learning_rate`.
+    """
 
     def __init__(self, model=None, *args, vision_tower_lr_ratio: float = 0.1, **kwargs):
         if model is not None:

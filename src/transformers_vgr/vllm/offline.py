@@ -31,8 +31,33 @@ def apply_vgr_defaults(args: AsyncEngineArgs, frontend: VGRFrontend) -> AsyncEng
 
 
 class VGRLLM:
-    """VGR on vLLM, offline. `model` is an exported VGR folder (or repo id); other keyword arguments go to vLLM's
-    engine as for `vllm.LLM` (`tensor_parallel_size`, `dtype`, `max_model_len`, `gpu_memory_utilization`, ...)."""
+    """VGR on vLLM, offline: every request of a `generate` call goes to one vLLM engine at once (continuous batching),
+    each with its own replay loop. Use it as a context manager, or call `close`.
+
+    Args:
+        model (`str`):
+            An exported VGR folder (what `export` writes) or a repo id.
+        **kwargs:
+            vLLM engine arguments, as for `vllm.LLM` (`tensor_parallel_size`, `dtype`, `max_model_len`,
+            `gpu_memory_utilization`, `additional_config={"vgr_feature_memory_gib": 4}`, ...). Unless given, the
+            prefix cache is on and each prompt may hold one image and `config.max_replays` regions (see
+            [Server flags](server.md)).
+
+    Example:
+
+    ```python
+    from vllm import SamplingParams
+    from transformers_vgr.vllm import VGRLLM
+
+    if __name__ == "__main__":  # vLLM starts worker processes
+        with VGRLLM("checkpoints/vgr-tiny", dtype="float32") as llm:
+            question = "Which digit is written in the red box?"
+            messages = [{"role": "user", "content": [{"type": "image", "image": "photo.png"},
+                                                     {"type": "text", "text": question}]}]
+            (output,) = llm.generate([messages], SamplingParams(temperature=0.0, max_tokens=64))
+            print(output.text, output.replays, output.final_answer)
+    ```
+    """
 
     def __init__(self, model: str, **kwargs):
         self.frontend = VGRFrontend(model)
@@ -50,9 +75,23 @@ class VGRLLM:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def generate(self, requests, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[VGROutput]:
-        """`requests`: a list of chat conversations (each a list of messages; an image as a content part
-        `{"type": "image", "image": PIL image or path}`), or one conversation. Returns one `VGROutput` per request.
-        A bad request raises `ValueError` before anything runs."""
+        """Answer every request, each with its replay loop.
+
+        Args:
+            requests (`list`):
+                A list of chat conversations (each a list of messages; an image as a content part
+                `{"type": "image", "image": PIL image or path}`), or one conversation.
+            sampling_params (`vllm.SamplingParams` or a list of them, *optional*):
+                One for all requests or one per request; greedy with 256 new tokens by default. `n` must be 1.
+
+        Returns:
+            `list[VGROutput]`: one per request, in order.
+
+        Raises:
+            ValueError: When a request is bad (not a list of chat messages, a content part that is not text or an
+                image, an image part without its image or an unreadable one, `n` other than 1) or the number of
+                sampling parameters does not match the requests; before anything runs.
+        """
         if requests and isinstance(requests[0], dict):
             requests = [requests]
         if sampling_params is None:

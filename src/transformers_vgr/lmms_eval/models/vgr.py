@@ -52,6 +52,35 @@ DEFAULT_MAX_NEW_TOKENS = 1024  # when neither the task nor the model args set on
 
 
 class VGR(lmms):
+    """The `vgr` model of lmms-eval: `--model vgr --model_args pretrained=PATH,...` builds it from the model args.
+
+    Args:
+        pretrained (`str`):
+            A VGR checkpoint (loaded with `trust_remote_code=True`).
+        backend (`str`, *optional*, defaults to `"transformers"`):
+            `"transformers"` (`model.generate`) or `"vllm"` (`VGRLLM`; where vLLM is installed).
+        reasoning_prompt (`bool`, *optional*, defaults to `False`):
+            Wrap each question in the authors' inference prompt (`REASONING_PROMPT`); the task's stop strings are
+            then not used.
+        max_new_tokens (`int`, *optional*):
+            Overrides the task's (1024 when neither sets one).
+        batch_size (`int` or `str`, *optional*, defaults to 1):
+            Requests answered together.
+        device (`str`, *optional*):
+            The transformers backend's device (default "cpu").
+        dtype (`str`, *optional*, defaults to `"float32"`):
+            The weights' dtype.
+        log_dir (`str`, *optional*):
+            Where to write `vgr_samples_{task}.jsonl` and `vgr_costs.json`.
+        **engine_args:
+            With `backend="vllm"`, vLLM engine arguments (`tensor_parallel_size`, `max_model_len`, ...).
+
+    Raises:
+        ValueError: For an unknown `backend`, engine arguments with the transformers backend, a `batch_size` that is
+            not a positive integer (lmms-eval's "auto" included), a `max_new_tokens` that is not a positive integer or
+            a `reasoning_prompt` that is not true or false.
+    """
+
     is_simple = False
 
     def __init__(self, pretrained: str, backend: str = "transformers", reasoning_prompt: bool = False,
