@@ -293,13 +293,20 @@ class VGRGeometry:
     def replay_cells(self, image_size, box) -> tuple[int, int, int, int]:
         return self.tile(image_size).box_to_cells(box)
 
-    def replay_tokens(self, image_size, box) -> int:
-        """Tokens a replay of `box` feeds to the LLM: the box's cells of S, `replay_pool` x `replay_pool` pooled; with
-        `replay_source="crop"`, one crop's features (the box's pixels resized to a crop and encoded), pooled alike."""
+    def replay_grid(self, image_size, box) -> tuple[int, int]:
+        """`(rows, cols)` of the tokens a replay of `box` feeds to the LLM, which come row-major: the box's cells of S,
+        `replay_pool` x `replay_pool` pooled; with `replay_source="crop"`, one crop's features (the box's pixels
+        resized to a crop and encoded), pooled alike."""
         if self.replay_source == "crop":
-            return pooled_length(self.crop_side, self.replay_pool) ** 2
+            side = pooled_length(self.crop_side, self.replay_pool)
+            return side, side
         top, bottom, left, right = self.replay_cells(image_size, box)
-        return pooled_length(bottom - top, self.replay_pool) * pooled_length(right - left, self.replay_pool)
+        return pooled_length(bottom - top, self.replay_pool), pooled_length(right - left, self.replay_pool)
+
+    def replay_tokens(self, image_size, box) -> int:
+        """Tokens a replay of `box` feeds to the LLM (`replay_grid`'s rows times columns)."""
+        rows, cols = self.replay_grid(image_size, box)
+        return rows * cols
 
 
 def llava_next_prompt_tokens(
