@@ -7,6 +7,7 @@ import random
 from collections import Counter
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,7 +299,27 @@ class TestDiagnostics:
         assert all(0.0 <= probes[name] <= 1.0 for name in tables.PROBE_FEATURES)
         losses = tables.segment_losses("vgr", tmp_path / "vgr", data, count=2)
         regions = sum(len(record["boxes"]) for record in read_records(data / "validation.jsonl")[:2])
-        for condition in ("image", "blurred"):
+        assert sorted(tables.CONDITIONS) == sorted(key for key in losses if key in tables.CONDITIONS)
+        for condition in tables.CONDITIONS:
             assert losses[condition]["box"]["tokens"] == 8 * regions  # two decimals of four coordinates a box
             assert losses[condition]["digit"]["tokens"] == regions and losses[condition]["final"]["tokens"] == 2
             assert all(np.isfinite(entry["loss"]) for entry in losses[condition].values())
+        # the prompt and the replays read the images the condition names: as they are, the forward is the model's own
+        assert losses["image"]["digit"]["loss"] != losses["replay_blurred"]["digit"]["loss"]
+        assert losses["image"]["colour"]["loss"] != losses["prompt_blurred"]["colour"]["loss"]
+
+    def test_a_forward_takes_its_prompt_and_its_replays_from_the_images_named(self, data):
+        model, processor = tables.build_row("vgr", TOKENIZER_FILE, 0)
+        image = fine_detail.blurred(PIL.Image.open(data / read_records(data / "validation.jsonl")[0]["image"]))
+        sharp = processor.image_processor([PIL.Image.open(data / read_records(data / "validation.jsonl")[0]["image"])
+                                          .convert("RGB")], return_tensors="pt")
+        soft = processor.image_processor([image.convert("RGB")], return_tensors="pt")
+        with torch.no_grad():
+            own = model.model.encode_images(sharp["pixel_values"], sharp["image_sizes"])
+            with tables.image_sources(model, soft["pixel_values"], sharp["pixel_values"]):
+                mixed = model.model.encode_images(sharp["pixel_values"], sharp["image_sizes"])
+            after = model.model.encode_images(sharp["pixel_values"], sharp["image_sizes"])
+            blurred_prompt = model.model.encode_images(soft["pixel_values"], soft["image_sizes"])[0].pooler_output[0]
+        assert torch.equal(mixed[0].pooler_output[0], blurred_prompt)  # the prompt from the blurred image
+        assert torch.equal(mixed[1][0].features, own[1][0].features)  # S from the sharp one
+        assert torch.equal(after[0].pooler_output[0], own[0].pooler_output[0])  # and the model's own method back

@@ -16,6 +16,7 @@ loss, and where a replay's tokens come from.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -260,38 +261,65 @@ def token_segments(tokens: list[str]) -> list[str]:
     return segments
 
 
+# Where the prompt's tokens and the replays' S come from in `segment_losses`: the image as it is, or blurred.
+CONDITIONS = {
+    "image": ("image", "image"),
+    "blurred": ("blurred", "blurred"),
+    "prompt_blurred": ("blurred", "image"),  # the replays still see the detail, the prompt does not
+    "replay_blurred": ("image", "blurred"),  # the prompt still sees the detail, the replays do not
+}
+
+
+@contextlib.contextmanager
+def image_sources(model, prompt_pixels, replay_pixels):
+    """While active, the model's forward takes its prompt tokens from `prompt_pixels` and its feature memory S (what
+    replays cut from) from `replay_pixels`, whatever pixels it is given: two versions of the same images."""
+    encode_images = model.model.encode_images
+
+    def mixed(pixel_values, image_sizes, **kwargs):
+        outputs, _ = encode_images(prompt_pixels, image_sizes, **kwargs)
+        _, memories = encode_images(replay_pixels, image_sizes, **kwargs)
+        return outputs, memories
+
+    model.model.encode_images = mixed
+    try:
+        yield
+    finally:
+        del model.model.encode_images  # back to the class's method
+
+
 def segment_losses(name: str, model_dir: Path, data: Path, count: int, split: str = "validation",
                    batch_size: int = 8) -> dict:
-    """What a row has learned, read from its teacher-forced loss: the mean cross-entropy (nats per token) and the
-    argmax accuracy of each answer segment (colour word, box numbers, digit, larger digit, final answer, wording)
-    over the first `count` records of `split` (answered as row `name` answers them), with each image as it is and blurred (`fine_detail.blurred`). A
-    segment at the same loss with the image blurred is not read from the image."""
+    """What a row has learned and where it reads it from, by its teacher-forced loss: the mean cross-entropy (nats
+    per token) and argmax accuracy of each answer segment (colour word, box decimals, digit, larger digit, final
+    answer, wording) over the first `count` records of `split`, answered as row `name` answers them, under each of
+    `CONDITIONS`: the prompt and the replays from the image as it is or blurred (`fine_detail.blurred`, which erases
+    the digits and keeps the tags' colours and places). A digit that stays right with the prompt blurred and goes to
+    chance with the replays blurred is read from the replays."""
     import torch
 
     model = VGRForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = VGRProcessor.from_pretrained(model_dir)
     records_file = data / (f"{split}.jsonl" if ROWS[name].grounded else f"{split}-direct.jsonl")
+    totals = {condition: {} for condition in CONDITIONS}
     with tempfile.TemporaryDirectory() as scratch:
         subset = Path(scratch) / records_file.name
         subset.write_text("".join(records_file.read_text().splitlines(keepends=True)[:count]))
-        dataset = VGRSFTDataset(subset, data, processor, max_length=MAX_LENGTH,
-                                replay=ROWS[name].replay)
+        dataset = VGRSFTDataset(subset, data, processor, max_length=MAX_LENGTH, replay=ROWS[name].replay)
         collator = VGRDataCollator(processor)
-        results = {}
-        for condition in ("image", "blurred"):
-            totals = {}
-            for first in range(0, len(dataset), batch_size):
-                items = [dataset[index] for index in range(first, min(first + batch_size, len(dataset)))]
-                if condition == "blurred":
-                    for item in items:
-                        path = Path(scratch) / item["image_path"].name
-                        blurred(PIL.Image.open(item["image_path"]).convert("RGB")).save(path)
-                        item["image_path"] = path
-                batch = collator(items)
-                batch.pop("box_targets")
-                labels = batch.pop("labels")
-                with torch.no_grad():
-                    logits = model(**batch).logits
+        for first in range(0, len(dataset), batch_size):
+            items = [dataset[index] for index in range(first, min(first + batch_size, len(dataset)))]
+            batch = collator(items)
+            for item in items:
+                path = Path(scratch) / item["image_path"].name
+                blurred(PIL.Image.open(item["image_path"]).convert("RGB")).save(path)
+                item["image_path"] = path
+            pixels = {"image": batch.pop("pixel_values"), "blurred": collator(items)["pixel_values"]}
+            batch.pop("box_targets")
+            labels = batch.pop("labels")
+            for condition, (prompt_source, replay_source) in CONDITIONS.items():
+                with torch.no_grad(), image_sources(model, pixels[prompt_source], pixels[replay_source]):
+                    logits = model(**batch, pixel_values=pixels["image"]).logits
                 # (batch, length - 1): the loss and argmax of each next token
                 losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
                                                            ignore_index=-100, reduction="none")
@@ -300,12 +328,13 @@ def segment_losses(name: str, model_dir: Path, data: Path, count: int, split: st
                     positions = (labels[row, 1:] != -100).nonzero().flatten().tolist()
                     tokens = processor.tokenizer.convert_ids_to_tokens(labels[row, 1:][positions].tolist())
                     for position, segment in zip(positions, token_segments(tokens)):
-                        entry = totals.setdefault(segment, [0.0, 0, 0])
+                        entry = totals[condition].setdefault(segment, [0.0, 0, 0])
                         entry[0] += losses[row, position].item()
                         entry[1] += hits[row, position].item()
                         entry[2] += 1
-            results[condition] = {segment: {"loss": loss / n, "accuracy": hit / n, "tokens": n}
-                                  for segment, (loss, hit, n) in sorted(totals.items())}
+    results = {condition: {segment: {"loss": loss / n, "accuracy": hit / n, "tokens": n}
+                           for segment, (loss, hit, n) in sorted(segments.items())}
+               for condition, segments in totals.items()}
     return {"row": name, "model": str(model_dir), "records": len(dataset), "split": split, **results}
 
 
