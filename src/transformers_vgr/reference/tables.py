@@ -467,7 +467,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=Path, help="folder for the trained row (default: outputs/tables/ROW)")
     train.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
                        help="the LLaMA-2 tokenizer.json that `make assets` fetches")
-    train.add_argument("--max-steps", type=int, default=4000, help="optimizer steps")
+    train.add_argument("--max-steps", type=int, default=3000, help="optimizer steps")
     train.add_argument("--batch-size", type=int, default=8, help="examples per step")
     train.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (cosine, 3%% warmup)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")

@@ -134,11 +134,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
     parser.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
                         help="the LLaMA-2 tokenizer.json that `make assets` fetches (for the row's processor)")
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     parser.add_argument("--windows-per-step", type=int, default=32, help="tag windows per step")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (one cycle)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and the image order")
-    parser.add_argument("--train-images", type=int, default=4000, help="training images to read tags from")
+    parser.add_argument("--train-images", type=int, default=6000, help="training images to read tags from")
     parser.add_argument("--test-images", type=int, default=200, help="validation images for the held-out accuracy")
     return parser
 
