@@ -22,13 +22,8 @@ from transformers_vgr import VGRConfig
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 API_PAGES = sorted((DOCS / "api").glob("*.md"))
-# Pages whose blocks are run elsewhere or not yet marked: the page's owner adds the marker, then it leaves this list.
-# docs/paper-tables.md (issue 22) trains the paper's rows for an hour and has no fragment marker yet.
-UNMARKED_PAGES = {"paper-tables.md"}
-
-
 def all_blocks() -> list:
-    return [block for page in PAGES if page.name not in UNMARKED_PAGES for block in blocks(page)]
+    return [block for page in PAGES for block in blocks(page)]
 
 
 @pytest.mark.parametrize("fragment, language, code", all_blocks())
