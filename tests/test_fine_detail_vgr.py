@@ -268,6 +268,8 @@ class TestDiagnostics:
             assert place == int((145.6 - top) // 14) * 8 + int((168 - left) // 14)
         edge = (0.0, 0.0, 0.3, 0.4)  # against the image's corner: the window starts there
         assert tower_pretraining.tag_window(edge, size, 112, 14, rng)[:2] == (0, 0)
+        with pytest.raises(ValueError, match="does not fit in a 112-px window"):
+            tower_pretraining.tag_window((0.0, 0.0, 0.5, 0.4), size, 112, 14, rng)  # 168 px wide
 
     def test_every_row_starts_from_the_pretrained_tower(self, data, tmp_path):
         log = tower_pretraining.pretrain_tower(tmp_path / "tower", data, TOKENIZER_FILE, steps=2, windows_per_step=4,

@@ -38,6 +38,8 @@ def tag_window(box, image_size: tuple[int, int], crop: int, patch: int, rng: ran
     `(left, top, patch index of the box's centre in the window, row-major)`."""
     width, height = image_size
     x1, y1, x2, y2 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+    if x2 - x1 > crop or y2 - y1 > crop or crop > min(width, height):
+        raise ValueError(f"box {tuple(box)} of a {width} x {height} image does not fit in a {crop}-px window")
     left = rng.randint(max(0, math.ceil(x2) - crop), min(math.floor(x1), width - crop))
     top = rng.randint(max(0, math.ceil(y2) - crop), min(math.floor(y1), height - crop))
     side = crop // patch
