@@ -130,32 +130,38 @@ def make_image(rng: random.Random, kind: str, digits: list[int] | None = None):
     """One image with its tags: `(image, tags)`, each tag a dict of colour name (None for grey), digit, pixel
     rectangle and box; the coloured tags first, left to right. `digits` fixes the coloured tags' digits. A layout
     with no room for a coloured tag is drawn again (grey tags without room are left out)."""
-    while True:
-        image_size = rng.choice(SIZES)
-        width, height = image_size
-        noise = np.random.default_rng(rng.randrange(2**32)).integers(175, 235, (height, width, 3), dtype=np.uint8)
-        image = PIL.Image.fromarray(noise)
-        _clutter(rng, image)
-        pixels = np.array(image)
-        coloured = 1 if kind == "one" else 2
-        colours = rng.sample(sorted(COLOURS), coloured) + [None] * rng.randint(*DISTRACTORS)
-        chosen = digits if digits is not None else rng.sample(range(10), coloured)  # two coloured tags differ
-        tags, taken = [], []
-        for index, colour in enumerate(colours):
-            tag_width, tag_height = rng.randint(*TAG_SIDE), rng.randint(*TAG_SIDE)
-            spot = _place(rng, image_size, taken, tag_width, tag_height)
-            if spot is None:
-                if colour is not None:
-                    break
-                continue
-            taken.append((*spot, tag_width, tag_height))
-            digit = chosen[index] if colour is not None else rng.randint(0, 9)
-            draw_tag(pixels, *spot, tag_width, tag_height, COLOURS.get(colour, DISTRACTOR), digit)
-            tags.append({"colour": colour, "digit": digit, "rect": [*spot, tag_width, tag_height],
-                         "box": list(tag_box(*spot, tag_width, tag_height, image_size))})
-        else:
-            targets = sorted((tag for tag in tags if tag["colour"] is not None), key=lambda tag: tag["rect"][0])
-            return PIL.Image.fromarray(pixels), targets + [tag for tag in tags if tag["colour"] is None]
+    while (layout := _layout(rng, kind, digits)) is None:
+        pass
+    return layout
+
+
+def _layout(rng: random.Random, kind: str, digits: list[int] | None):
+    """`make_image`'s image and tags, or None when a coloured tag finds no room."""
+    image_size = rng.choice(SIZES)
+    width, height = image_size
+    noise = np.random.default_rng(rng.randrange(2**32)).integers(175, 235, (height, width, 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(noise)
+    _clutter(rng, image)
+    pixels = np.array(image)
+    coloured = 1 if kind == "one" else 2
+    colours = rng.sample(sorted(COLOURS), coloured) + [None] * rng.randint(*DISTRACTORS)
+    if digits is None:
+        digits = rng.sample(range(10), coloured)  # two coloured tags never carry the same digit
+    tags, taken = [], []
+    for index, colour in enumerate(colours):
+        tag_width, tag_height = rng.randint(*TAG_SIDE), rng.randint(*TAG_SIDE)
+        spot = _place(rng, image_size, taken, tag_width, tag_height)
+        if spot is None:
+            if colour is not None:
+                return None
+            continue
+        taken.append((*spot, tag_width, tag_height))
+        digit = digits[index] if colour is not None else rng.randint(0, 9)
+        draw_tag(pixels, *spot, tag_width, tag_height, COLOURS.get(colour, DISTRACTOR), digit)
+        tags.append({"colour": colour, "digit": digit, "rect": [*spot, tag_width, tag_height],
+                     "box": list(tag_box(*spot, tag_width, tag_height, image_size))})
+    targets = sorted((tag for tag in tags if tag["colour"] is not None), key=lambda tag: tag["rect"][0])
+    return PIL.Image.fromarray(pixels), targets + [tag for tag in tags if tag["colour"] is None]
 
 
 def answers(kind: str, targets: list[dict]) -> tuple[str, str, str]:

@@ -489,8 +489,8 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
     probe.add_argument("--train-images", type=int, default=1500, help="training images the probes are fitted on")
     probe.add_argument("--test-images", type=int, default=200, help="validation images they are tested on")
-    diagnose = commands.add_parser("diagnose", help="a row's teacher-forced loss per answer segment, image as it is "
-                                   "and blurred", formatter_class=HelpFormatter)
+    diagnose = commands.add_parser("diagnose", help="a row's teacher-forced loss per answer segment, with the prompt and "
+                                   "the replays each from the image as it is or blurred", formatter_class=HelpFormatter)
     diagnose.add_argument("--row", required=True, choices=sorted(ROWS), help="which row (how answers are written)")
     diagnose.add_argument("--model", type=Path, help="the trained row (default: outputs/tables/ROW)")
     diagnose.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
