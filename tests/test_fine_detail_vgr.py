@@ -46,7 +46,9 @@ class TestTask:
             regions = 1 if record["kind"] == "one" else 2
             assert len(features.replay_boxes) == len(record["boxes"]) == regions
             assert [list(box) for box in features.replay_boxes] == record["boxes"]
-            assert record["answer"] == max(record["digits"]) and len(set(record["digits"])) == regions
+            assert record["answer"] == str(max(map(int, record["numbers"]))) and len(set(record["numbers"])) == regions
+            assert all(len(number) == 2 for number in record["numbers"])
+            assert [tag["box"] for tag in record["tags"][:regions]] == record["boxes"]
         direct = VGRSFTDataset(data / "train-direct.jsonl", data, row_processor)
         assert direct.report.kept == 16 and all(not f.replay_boxes for f, _ in direct.examples)
 
@@ -68,10 +70,12 @@ class TestTask:
 
     @pytest.mark.parametrize("seed", range(4))
     @pytest.mark.parametrize("kind", ["one", "two"])
-    def test_the_digit_is_absent_from_the_snapshot_pixels(self, seed, kind, row_processor):
-        """The same image with other digits on its coloured tags: at full resolution (the crops) the tags differ by
-        the checkerboard's contrast; in the snapshot the image processor makes, by a few levels at most."""
-        rng_images = [fine_detail.make_image(random.Random(seed), kind, digits)[0] for digits in ([1, 8], [7, 0])]
+    def test_the_number_is_absent_from_the_snapshot_pixels(self, seed, kind, row_processor):
+        """The same image with other numbers on its coloured tags (the same digits swapped, and others): at full
+        resolution (the crops) the tags differ by the checkerboard's contrast; in the snapshot the image processor
+        makes, by a few levels at most."""
+        rng_images = [fine_detail.make_image(random.Random(seed), kind, numbers)[0]
+                      for numbers in ([18, 70], [81, 67])]
         pixels = [row_processor.image_processor(image, return_tensors="pt")["pixel_values"][0] for image in rng_images]
         std = torch.tensor(row_processor.image_processor.image_std).view(3, 1, 1)
         levels = [(pixel * std * 255) for pixel in pixels]  # back to 0..255 steps (the mean cancels in differences)
@@ -79,13 +83,33 @@ class TestTask:
         snapshot = (levels[0][0] - levels[1][0]).abs().amax()
         assert crops >= fine_detail.INK_CONTRAST - 1  # ink against none: one checkerboard shade
         assert snapshot < 8  # the background noise alone spans 60 levels
-        # and blurred, as the image-ablation column asks, the digits are gone at full resolution too
+        # and blurred, as the image-ablation column asks, the numbers are gone at full resolution too
         blurred = [np.asarray(fine_detail.blurred(image), np.int16) for image in rng_images]
         assert np.abs(blurred[0] - blurred[1]).max() < 12
 
     def test_pixel_check_of_the_module(self):
         full, down = fine_detail.snapshot_difference(0, "two", scale=2)
         assert full == fine_detail.INK_CONTRAST and down < 8
+
+    def test_each_digit_is_drawn_inside_its_glyph_box(self):
+        """The digits' ink boxes (what the tower's reading patches are labelled from) hold the number's ink, left
+        digit left of the right one, inside the tag."""
+        rng = random.Random(3)
+        for index in range(10):
+            image, tags = fine_detail.make_image(rng, ("one", "two")[index % 2])
+            pixels = np.asarray(image, np.int16)
+            for tag in tags:
+                left, top, width, height = tag["rect"]
+                colour = np.asarray(fine_detail.COLOURS.get(tag["colour"], fine_detail.DISTRACTOR))
+                ink = np.abs(pixels[top : top + height, left : left + width] - colour).max(-1) > 0  # (height, width)
+                rows, cols = np.nonzero(ink)
+                boxes = fine_detail.glyph_boxes(tag["rect"], tag["number"])
+                assert len(boxes) == 2 and boxes[0][2] <= boxes[1][0] + 1
+                inside = np.zeros_like(ink)
+                for x1, y1, x2, y2 in boxes:
+                    assert left <= x1 and x2 <= left + width and top <= y1 and y2 <= top + height
+                    inside[max(0, int(y1) - top - 2) : int(y2) - top + 2, max(0, int(x1) - left - 2) : int(x2) - left + 2] = True
+                assert inside[rows, cols].all()  # all ink (in its 2 x 2 blocks) is in a digit's box
 
     def test_bad_records_are_dropped_and_counted(self, data, tmp_path, row_processor):
         records = read_records(data / "train.jsonl")
@@ -246,35 +270,53 @@ class TestScoring:
 
 
 class TestDiagnostics:
-    """The run's diagnostics: the shared pretrained vision tower, the digit probes and the per-segment losses."""
+    """The run's diagnostics: the shared pretrained vision tower, the number probes and the per-segment losses."""
 
     def test_an_answer_splits_into_its_segments(self, row_processor):
-        answer = "The red tag is here <sot>[0.12, 0.34, 0.56, 0.78]<eot> and its digit is 7. Final answer: 7"
+        answer = "The red tag is here <sot>[0.12, 0.34, 0.56, 0.78]<eot> and its number is 47. Final answer: 47"
         tokens = row_processor.tokenizer.tokenize(answer)
         segments = tables.token_segments(tokens)
         picked = {name: "".join(t for t, s in zip(tokens, segments) if s == name).replace("▁", "")
                   for name in tables.SEGMENTS}
-        assert picked == {"colour": "red", "box": "12345678", "digit": "7", "larger": "", "final": "7"}
+        assert picked == {"colour": "red", "box": "12345678", "number": "47", "larger": "", "final": "47"}
 
     def test_the_tower_reads_each_tag_in_a_window_that_holds_it(self):
         rng = random.Random(0)
         size = (336, 224)  # (width, height)
         box = (0.4, 0.5, 0.6, 0.8)  # pixels x 134.4..201.6, y 112..179.2
         for _ in range(50):
-            left, top, place = tower_pretraining.tag_window(box, size, 112, 14, rng)
+            left, top = tower_pretraining.tag_window(box, size, 112, rng)
             assert left <= 134.4 and 201.6 <= left + 112 and top <= 112 and 179.2 <= top + 112
             assert 0 <= left <= 336 - 112 and 0 <= top <= 224 - 112
-            # the centre, pixel (168, 145.6), falls in the window's patch (row, col)
-            assert place == int((145.6 - top) // 14) * 8 + int((168 - left) // 14)
         edge = (0.0, 0.0, 0.3, 0.4)  # against the image's corner: the window starts there
-        assert tower_pretraining.tag_window(edge, size, 112, 14, rng)[:2] == (0, 0)
+        assert tower_pretraining.tag_window(edge, size, 112, rng) == (0, 0)
         with pytest.raises(ValueError, match="does not fit in a 112-px window"):
-            tower_pretraining.tag_window((0.0, 0.0, 0.5, 0.4), size, 112, 14, rng)  # 168 px wide
+            tower_pretraining.tag_window((0.0, 0.0, 0.5, 0.4), size, 112, rng)  # 168 px wide
+
+    def test_patch_labels(self):
+        # a window at (100, 50) of 112 px, 14-px patches: a 4 at pixels x 114..142, y 64..106, a 7 right of it
+        glyphs = [((114, 64, 142, 106), 4), ((142, 64, 170, 106), 7)]
+        labels = tower_pretraining.patch_digits(glyphs, 100, 50, 112, 14).view(8, 8)
+        # patch centres x 107 + 14 c, y 57 + 14 r: the 4 holds columns 1 and 2 (121, 135), the 7 columns 3, 4
+        assert labels[1:4, 1:3].eq(4).all() and labels[1:4, 3:5].eq(7).all()
+        assert (labels != tower_pretraining.NO_DIGIT).sum() == 12
+        tags = [{"colour": "red", "rect": [0, 0, 112, 56], "box": [0.0, 0.0, 0.55, 0.3]},
+                {"colour": None, "rect": [112, 112, 112, 112], "box": [0.45, 0.45, 1.0, 1.0]}]
+        classes, boxes = tower_pretraining.patch_places(tags, (224, 224), 8)  # patches of 28 image pixels
+        classes = classes.view(8, 8)
+        assert classes[:2, :4].eq(tower_pretraining.PLACE_CLASSES.index("red")).all()
+        assert classes[4:, 4:].eq(tower_pretraining.PLACE_CLASSES.index("grey")).all()
+        assert (classes > 0).sum() == 8 + 16
+        assert boxes.view(8, 8, 4)[0, 0].tolist() == pytest.approx([0.0, 0.0, 0.55, 0.3])
+        assert boxes.view(8, 8, 4)[3, 0].eq(0).all()
 
     def test_every_row_starts_from_the_pretrained_tower(self, data, tmp_path):
         log = tower_pretraining.pretrain_tower(tmp_path / "tower", data, TOKENIZER_FILE, steps=2, windows_per_step=4,
-                                               learning_rate=1e-3, seed=0, train_images=8, test_images=2)
-        assert 0.0 <= log["held_out_accuracy"] <= 1.0 and len(log["losses"]) == 2
+                                               snapshots_per_step=2, learning_rate=1e-3, seed=0, train_images=8,
+                                               test_images=2)
+        assert all(0.0 <= log["held_out"][name] <= 1.0 for name in ("digit_accuracy_on_ink",
+                                                                    "tag_class_accuracy_on_tags"))
+        assert len(log["losses"]) == 2 and set(log["losses"][0]) == {"step", "digit", "place", "box"}
         saved = load_file(tmp_path / "tower" / tower_pretraining.WEIGHTS_NAME)
         random_tower = tables.build_row("llava_next", TOKENIZER_FILE, 0)[0].model.vision_tower.state_dict()
         assert any(not torch.equal(saved[name], random_tower[name]) for name in saved)  # it was trained
@@ -288,26 +330,30 @@ class TestDiagnostics:
         code = torch.randn(10, 32, generator=generator)
         features = code[digits] + 0.5 * torch.randn(600, 32, generator=generator)
         noise = torch.randn(600, 32, generator=generator)
-        assert tables.ridge_probe(features[:500], digits[:500], features[500:], digits[500:]) > 0.9
-        assert tables.ridge_probe(noise[:500], digits[:500], noise[500:], digits[500:]) < 0.3
+        read = tables.ridge_probe(features[:500], digits[:500], features[500:], digits[500:])
+        guessed = tables.ridge_probe(noise[:500], digits[:500], noise[500:], digits[500:])
+        assert (read == digits[500:]).double().mean() > 0.9 and (guessed == digits[500:]).double().mean() < 0.3
 
     def test_probes_and_segment_losses_of_a_saved_row(self, data, tmp_path):
         model, processor = tables.build_row("vgr", TOKENIZER_FILE, 0)
         model.save_pretrained(tmp_path / "vgr")
         processor.save_pretrained(tmp_path / "vgr")
-        probes = tables.digit_probes(tmp_path / "vgr", data, train_count=8, test_count=2)
+        probes = tables.number_probes(tmp_path / "vgr", data, train_count=8, test_count=2)
         records = read_records(data / "train.jsonl")[:8]
         assert probes["train_tags"] == sum(len(record["boxes"]) for record in records)
-        assert all(0.0 <= probes[name] <= 1.0 for name in tables.PROBE_FEATURES)
+        for name in tables.PROBE_FEATURES:
+            assert set(probes[name]) == {"tens", "units", "number"}
+            assert probes[name]["number"] <= min(probes[name]["tens"], probes[name]["units"]) <= 1.0
         losses = tables.segment_losses("vgr", tmp_path / "vgr", data, count=2)
         regions = sum(len(record["boxes"]) for record in read_records(data / "validation.jsonl")[:2])
         assert sorted(tables.CONDITIONS) == sorted(key for key in losses if key in tables.CONDITIONS)
         for condition in tables.CONDITIONS:
             assert losses[condition]["box"]["tokens"] == 8 * regions  # two decimals of four coordinates a box
-            assert losses[condition]["digit"]["tokens"] == regions and losses[condition]["final"]["tokens"] == 2
+            # a number is two digit tokens, as is the final answer
+            assert losses[condition]["number"]["tokens"] == 2 * regions and losses[condition]["final"]["tokens"] == 4
             assert all(np.isfinite(entry["loss"]) for entry in losses[condition].values())
         # the prompt and the replays read the images the condition names: as they are, the forward is the model's own
-        assert losses["image"]["digit"]["loss"] != losses["replay_blurred"]["digit"]["loss"]
+        assert losses["image"]["number"]["loss"] != losses["replay_blurred"]["number"]["loss"]
         assert losses["image"]["colour"]["loss"] != losses["prompt_blurred"]["colour"]["loss"]
 
     def test_a_forward_takes_its_prompt_and_its_replays_from_the_images_named(self, data):

@@ -4,22 +4,26 @@
 
 Each image (224 to 448 px a side, eight sizes with aspect ratios 1:2 to 2:1, each an exact grid of 112-px crops so
 that the local crops are the image at full resolution) is a noisy background with clutter (grey shapes and lines)
-and 3 to 6 tags at continuous positions and sizes: one or two in colour, the others grey. Each tag carries a digit
-drawn as a **1-pixel checkerboard** in two shades whose mean is the tag's colour. At full resolution the digit is
-plain; in any image downscaled by 2 or more (the snapshot is the whole image resized to one 112-px crop, so by 2 to
-4) each output pixel averages both shades and the digit is gone: the tag is a flat patch of its colour. That is the
-detail "invisible at the prompt's resolution" by construction, checked on pixels by `snapshot_difference`.
+and 3 to 6 tags at continuous positions and sizes: one or two in colour, the others grey. Each tag carries a
+**two-digit number** drawn as a **1-pixel checkerboard** in two shades whose mean is the tag's colour. At full
+resolution the number is plain; in any image downscaled by 2 or more (the snapshot is the whole image resized to
+one 112-px crop, so by 2 to 4) each output pixel averages both shades and the number is gone: the tag is a flat patch
+of its colour. That is the detail "invisible at the prompt's resolution" by construction, checked on pixels by
+`snapshot_difference`. The number is two digits side by side in about one 4 x 4-pooled crop token (56 px): a mean
+over the token can keep which digits are there but not their order, which a replay's 2 x 2-pooled tokens (28 px,
+about a digit each) keep. How much of it each kind of token carries is measured, not assumed (`tables probe`).
 
 Two kinds of question, half each:
 
-- one region: "What digit is on the coloured tag?" ->
-  "The red tag is here <sot>[x1, y1, x2, y2]<eot><image> and its digit is 7. Final answer: 7"
-- two regions: "Which digit is larger, on one coloured tag or the other?" -> both tags grounded left to right, each
-  with its replay, then "The larger is 8. Final answer: 8" (the two digits differ).
+- one region: "What number is on the coloured tag?" ->
+  "The red tag is here <sot>[x1, y1, x2, y2]<eot><image> and its number is 47. Final answer: 47"
+- two regions: "Which number is larger, on one coloured tag or the other?" -> both tags grounded left to right, each
+  with its replay, then "The larger is 74. Final answer: 74" (the two numbers differ).
 
 Boxes are the tag enlarged by `BOX_MARGIN` of its size on each side (the paper enlarges its boxes slightly), written
-with two decimals. Each record also holds `direct` (the same question answered "Final answer: 7", for the
-direct-answer rows), `kind` ("one" / "two"), `boxes` and `digits` of the regions, and the distractors.
+with two decimals. Each record also holds `direct` (the same question answered "Final answer: 47", for the
+direct-answer rows), `kind` ("one" / "two"), `boxes`, `numbers` and `colours` of the regions, and `tags`: every tag
+of the image (the regions first, then the grey ones) with its colour, number, pixel rectangle and box.
 
     python -m transformers_vgr.reference.fine_detail data/fine-detail      # train / validation / test, fixed seeds
 """
@@ -48,15 +52,17 @@ COLOURS = {
     "orange": (195, 130, 60),
     "purple": (150, 80, 180),
 }
-DISTRACTOR = (128, 128, 128)  # grey tags, with digits of their own
-INK_CONTRAST = 60  # the two shades of a digit's checkerboard: colour + 60 and colour - 60, per channel
+DISTRACTOR = (128, 128, 128)  # grey tags, with numbers of their own
+INK_CONTRAST = 60  # the two shades of a number's checkerboard: colour + 60 and colour - 60, per channel
 SIZES = [(224, 224), (336, 224), (224, 336), (336, 336), (448, 224), (224, 448), (448, 336), (336, 448)]  # (w, h)
 CROP_SIZE = 112  # the crops of the rows' geometry: every size above is an exact grid of them (at most 4 x 3)
 # Pixels, uniform: a tag's width and height, about one snapshot token (VGR-Tiny's lesson: a from-scratch model finds a
 # target that fills a token). Measured on the question "What colour is the coloured tag?", 300 steps at lr 2e-3: at
 # 60 to 84 px the colour was learned by step 200 (CE 0.06); at 30 to 46 px it was still at chance at step 300.
 TAG_SIDE = (60, 84)
-DIGIT_HEIGHT = 0.7  # of the tag's height: the font size of its digit
+NUMBERS = (10, 99)  # a tag's number: two digits
+DIGIT_HEIGHT = 0.7  # of the tag's height: the largest font size of its number
+NUMBER_WIDTH = 0.9  # of the tag's width: the most its number may span (the font shrinks to fit)
 BOX_MARGIN = 0.1  # of the tag's width / height, on each side: the written box encloses the tag with room
 TAG_GAP = 6  # pixels at least between two tags
 DISTRACTORS = (2, 4)  # grey tags per image
@@ -64,8 +70,8 @@ CLUTTER = (4, 9)  # grey shapes and lines per image
 SPLIT_SEEDS = {"train": 5000, "validation": 6000, "test": 7000}
 SPLIT_SIZES = {"train": 8000, "validation": 200, "test": 400}
 QUESTIONS = {
-    "one": "What digit is on the coloured tag?",
-    "two": "Which digit is larger, on one coloured tag or the other?",
+    "one": "What number is on the coloured tag?",
+    "two": "Which number is larger, on one coloured tag or the other?",
 }
 
 
@@ -79,13 +85,42 @@ def tag_box(x: float, y: float, width: float, height: float, image_size: tuple[i
     return tuple(round(min(max(value, 0.0), 1.0), 2) for value in corners)
 
 
-def draw_tag(pixels: np.ndarray, left: int, top: int, width: int, height: int, colour: tuple, digit: int) -> None:
-    """A tag of `colour` with `digit` drawn in a 1-pixel checkerboard of colour +- INK_CONTRAST, in place."""
-    font = PIL.ImageFont.load_default(size=max(8, round(DIGIT_HEIGHT * height)))
+def number_glyphs(width: int, height: int, number: int) -> tuple:
+    """Where a `width x height` tag's `number` is drawn: `(font, [(digit, x, y)], [glyph box])`, the digits' text
+    origins and their ink boxes `(left, top, right, bottom)`, in the tag's pixels; the number centred, its font
+    `DIGIT_HEIGHT` of the tag's height or smaller, so that it spans at most `NUMBER_WIDTH` of the tag's width."""
+    text = str(number)
+    size = max(8, round(DIGIT_HEIGHT * height))
+    while True:
+        font = PIL.ImageFont.load_default(size=size)
+        x0, y0, x1, y1 = font.getbbox(text)
+        if x1 - x0 <= NUMBER_WIDTH * width or size <= 8:
+            break
+        size -= 1
+    origin_x, origin_y = (width - (x1 - x0)) / 2 - x0, (height - (y1 - y0)) / 2 - y0
+    placed, boxes = [], []
+    for index, digit in enumerate(text):
+        x = origin_x + font.getlength(text[:index])
+        left, top, right, bottom = font.getbbox(digit)
+        placed.append((digit, x, origin_y))
+        boxes.append((x + left, origin_y + top, x + right, origin_y + bottom))
+    return font, placed, boxes
+
+
+def glyph_boxes(rect, number: int) -> list[tuple]:
+    """The ink boxes `(left, top, right, bottom)` of the digits of a tag at pixel `rect` `(left, top, width,
+    height)` of its image, in the image's pixels, left to right: what each digit covers (`tower_pretraining`)."""
+    left, top, width, height = rect
+    return [(left + x0, top + y0, left + x1, top + y1) for x0, y0, x1, y1 in number_glyphs(width, height, number)[2]]
+
+
+def draw_tag(pixels: np.ndarray, left: int, top: int, width: int, height: int, colour: tuple, number: int) -> None:
+    """A tag of `colour` with `number` drawn in a 1-pixel checkerboard of colour +- INK_CONTRAST, in place."""
+    font, placed, _ = number_glyphs(width, height, number)
     mask = PIL.Image.new("L", (width, height), 0)
     draw = PIL.ImageDraw.Draw(mask)
-    x0, y0, x1, y1 = draw.textbbox((0, 0), str(digit), font=font)
-    draw.text(((width - (x1 - x0)) / 2 - x0, (height - (y1 - y0)) / 2 - y0), str(digit), fill=255, font=font)
+    for digit, x, y in placed:
+        draw.text((x, y), digit, fill=255, font=font)
     rows, cols = np.mgrid[top : top + height, left : left + width]
     # Whole 2 x 2 blocks of the image (even rows and columns) are inked or not, so that each block's four shades sum
     # to the colour: no half-inked block at the glyph's edges leaks its shape into a downscaled image.
@@ -126,16 +161,16 @@ def _clutter(rng: random.Random, image: PIL.Image.Image) -> None:
             getattr(draw, shape)([x, y, x + size, y + size * rng.uniform(0.5, 1.5)], fill=(shade,) * 3)
 
 
-def make_image(rng: random.Random, kind: str, digits: list[int] | None = None):
-    """One image with its tags: `(image, tags)`, each tag a dict of colour name (None for grey), digit, pixel
-    rectangle and box; the coloured tags first, left to right. `digits` fixes the coloured tags' digits. A layout
+def make_image(rng: random.Random, kind: str, numbers: list[int] | None = None):
+    """One image with its tags: `(image, tags)`, each tag a dict of colour name (None for grey), number, pixel
+    rectangle and box; the coloured tags first, left to right. `numbers` fixes the coloured tags' numbers. A layout
     with no room for a coloured tag is drawn again (grey tags without room are left out)."""
-    while (layout := _layout(rng, kind, digits)) is None:
+    while (layout := _layout(rng, kind, numbers)) is None:
         pass
     return layout
 
 
-def _layout(rng: random.Random, kind: str, digits: list[int] | None):
+def _layout(rng: random.Random, kind: str, numbers: list[int] | None):
     """`make_image`'s image and tags, or None when a coloured tag finds no room."""
     image_size = rng.choice(SIZES)
     width, height = image_size
@@ -145,8 +180,8 @@ def _layout(rng: random.Random, kind: str, digits: list[int] | None):
     pixels = np.array(image)
     coloured = 1 if kind == "one" else 2
     colours = rng.sample(sorted(COLOURS), coloured) + [None] * rng.randint(*DISTRACTORS)
-    if digits is None:
-        digits = rng.sample(range(10), coloured)  # two coloured tags never carry the same digit
+    if numbers is None:
+        numbers = rng.sample(range(NUMBERS[0], NUMBERS[1] + 1), coloured)  # two coloured tags never share one
     tags, taken = [], []
     for index, colour in enumerate(colours):
         tag_width, tag_height = rng.randint(*TAG_SIDE), rng.randint(*TAG_SIDE)
@@ -156,9 +191,9 @@ def _layout(rng: random.Random, kind: str, digits: list[int] | None):
                 return None
             continue
         taken.append((*spot, tag_width, tag_height))
-        digit = digits[index] if colour is not None else rng.randint(0, 9)
-        draw_tag(pixels, *spot, tag_width, tag_height, COLOURS.get(colour, DISTRACTOR), digit)
-        tags.append({"colour": colour, "digit": digit, "rect": [*spot, tag_width, tag_height],
+        number = numbers[index] if colour is not None else rng.randint(*NUMBERS)
+        draw_tag(pixels, *spot, tag_width, tag_height, COLOURS.get(colour, DISTRACTOR), number)
+        tags.append({"colour": colour, "number": number, "rect": [*spot, tag_width, tag_height],
                      "box": list(tag_box(*spot, tag_width, tag_height, image_size))})
     targets = sorted((tag for tag in tags if tag["colour"] is not None), key=lambda tag: tag["rect"][0])
     return PIL.Image.fromarray(pixels), targets + [tag for tag in tags if tag["colour"] is None]
@@ -166,9 +201,9 @@ def _layout(rng: random.Random, kind: str, digits: list[int] | None):
 
 def answers(kind: str, targets: list[dict]) -> tuple[str, str, str]:
     """`(grounded answer, direct answer, final answer)` for the coloured tags `targets`, left to right."""
-    steps = [f"The {tag['colour']} tag is here <sot>{format_box(tag['box'])}<eot><image> and its digit is "
-             f"{tag['digit']}." for tag in targets]
-    final = str(max(tag["digit"] for tag in targets))
+    steps = [f"The {tag['colour']} tag is here <sot>{format_box(tag['box'])}<eot><image> and its number is "
+             f"{tag['number']}." for tag in targets]
+    final = str(max(tag["number"] for tag in targets))
     if kind == "two":
         steps.append(f"The larger is {final}.")
     return " ".join(steps) + f" Final answer: {final}", f"Final answer: {final}", final
@@ -176,8 +211,7 @@ def answers(kind: str, targets: list[dict]) -> tuple[str, str, str]:
 
 def make_example(rng: random.Random, kind: str) -> tuple[PIL.Image.Image, dict]:
     image, tags = make_image(rng, kind)
-    coloured = 1 if kind == "one" else 2
-    targets, distractors = tags[:coloured], tags[coloured:]
+    targets = tags[: 1 if kind == "one" else 2]
     grounded, direct, final = answers(kind, targets)
     question = "<image>\n" + QUESTIONS[kind]
     record = {
@@ -186,22 +220,20 @@ def make_example(rng: random.Random, kind: str) -> tuple[PIL.Image.Image, dict]:
         "kind": kind,
         "answer": final,
         "boxes": [tag["box"] for tag in targets],
-        "digits": [str(tag["digit"]) for tag in targets],
+        "numbers": [str(tag["number"]) for tag in targets],
         "colours": [tag["colour"] for tag in targets],
-        "distractors": [{"box": tag["box"], "digit": str(tag["digit"])} for tag in distractors],
+        "tags": tags,
     }
     return image, record
 
 
 def snapshot_difference(rng_seed: int, kind: str = "one", scale: int = 2) -> tuple[float, float]:
-    """The pixel-level check that the digit is invisible at the prompt's resolution: the same image drawn twice with
-    different digits on its coloured tags, compared at full resolution and downscaled by `scale` (as the snapshot
+    """The pixel-level check that the number is invisible at the prompt's resolution: the same image drawn twice
+    with other numbers on its coloured tags, compared at full resolution and downscaled by `scale` (as the snapshot
     is, by 2 to 4). Returns the largest absolute difference of a channel, `(full resolution, downscaled)`."""
-    first_digits = [1, 8]
-    second_digits = [7, 0]
     images = []
-    for digits in (first_digits, second_digits):
-        image, _ = make_image(random.Random(rng_seed), kind, digits[: 1 if kind == "one" else 2])
+    for numbers in ([18, 70], [81, 67]):
+        image, _ = make_image(random.Random(rng_seed), kind, numbers[: 1 if kind == "one" else 2])
         images.append(image)
     full = np.abs(np.asarray(images[0], np.int16) - np.asarray(images[1], np.int16)).max()
     small = [image.resize((image.width // scale, image.height // scale), PIL.Image.BICUBIC) for image in images]

@@ -240,9 +240,9 @@ def evaluate_row(name: str, checkpoint: Path, data: Path, output: Path, batch_si
 SEGMENTS = {
     "colour": re.compile(r"The (\w+) tag"),
     "box": re.compile(r"[\[ ]\d\.(\d\d)"),  # the decimals of each coordinate: what a box says
-    "digit": re.compile(r"digit is (\d)"),
-    "larger": re.compile(r"larger is (\d)"),
-    "final": re.compile(r"Final answer: (\d)"),
+    "number": re.compile(r"number is (\d+)"),
+    "larger": re.compile(r"larger is (\d+)"),
+    "final": re.compile(r"Final answer: (\d+)"),
 }
 
 
@@ -291,10 +291,10 @@ def image_sources(model, prompt_pixels, replay_pixels):
 def segment_losses(name: str, model_dir: Path, data: Path, count: int, split: str = "validation",
                    batch_size: int = 8) -> dict:
     """What a row has learned and where it reads it from, by its teacher-forced loss: the mean cross-entropy (nats
-    per token) and argmax accuracy of each answer segment (colour word, box decimals, digit, larger digit, final
+    per token) and argmax accuracy of each answer segment (colour word, box decimals, number, larger number, final
     answer, wording) over the first `count` records of `split`, answered as row `name` answers them, under each of
     `CONDITIONS`: the prompt and the replays from the image as it is or blurred (`fine_detail.blurred`, which erases
-    the digits and keeps the tags' colours and places). A digit that stays right with the prompt blurred and goes to
+    the numbers and keeps the tags' colours and places). A number that stays right with the prompt blurred and goes to
     chance with the replays blurred is read from the replays."""
     import torch
 
@@ -339,15 +339,17 @@ def segment_losses(name: str, model_dir: Path, data: Path, count: int, split: st
 
 
 PROBE_FEATURES = ("snapshot", "prompt", "replay", "replay_mean")
+PROBE_TARGETS = ("tens", "units")  # the number's two digits, each probed apart (chance 10%); "number" is both right
 RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def tag_features(model, processor, image: PIL.Image.Image, boxes: list) -> dict:
-    """For each box (a coloured tag), the visual features a probe reads its digit from: the snapshot token at the
-    tag's centre as the prompt pools it ("snapshot"), that token beside the prompt's crop token at the centre
-    ("prompt": everything the prompt has there), and of the tokens a replay of the box would feed (cut from S and
-    `replay_pool`-pooled, or encoded again with `replay_source="crop"`) the one at the box's centre ("replay") and
-    their mean ("replay_mean"). Each `(len(boxes), features)`, after the projector."""
+    """For each box (a coloured tag), the visual features a probe reads its number from, each taken where the
+    number's two digits are (the box's middle row, at a quarter and three quarters of its width) and concatenated:
+    the snapshot tokens there as the prompt pools them ("snapshot"), those beside the prompt's crop tokens there
+    ("prompt": everything the prompt has at the digits), the tokens a replay of the box would feed there (cut from S
+    and `replay_pool`-pooled, or encoded again with `replay_source="crop"`) ("replay"), and the mean of the replay's
+    tokens ("replay_mean": a replay pooled to one token). Each `(len(boxes), features)`, after the projector."""
     import torch
 
     config = model.config
@@ -359,24 +361,29 @@ def tag_features(model, processor, image: PIL.Image.Image, boxes: list) -> dict:
         crops = pool_grid(memory.features, config.crop_pool)  # (rows * side', cols * side', hidden)
         features = {name: [] for name in PROBE_FEATURES}
         for box in boxes:
-            centre_x, centre_y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-            # the snapshot is the whole image resized to one crop, so normalized places map straight onto its grid
-            at_snapshot = snapshot[min(int(centre_y * snapshot_grid), snapshot_grid - 1),
-                                   min(int(centre_x * snapshot_grid), snapshot_grid - 1)]
-            top, _, left, _ = memory.tile.box_to_cells((centre_x, centre_y, centre_x, centre_y))
-            at_crop = crops[top // config.crop_pool, left // config.crop_pool]
-            features["snapshot"].append(at_snapshot)
-            features["prompt"].append(torch.cat([at_snapshot, at_crop]))
+            middle_y = (box[1] + box[3]) / 2
+            at_snapshot, at_crops = [], []
+            for fraction in (0.25, 0.75):
+                x = box[0] + fraction * (box[2] - box[0])
+                # the snapshot is the whole image resized to one crop, so normalized places map straight onto its grid
+                at_snapshot.append(snapshot[min(int(middle_y * snapshot_grid), snapshot_grid - 1),
+                                            min(int(x * snapshot_grid), snapshot_grid - 1)])
+                top, _, left, _ = memory.tile.box_to_cells((x, middle_y, x, middle_y))
+                at_crops.append(crops[top // config.crop_pool, left // config.crop_pool])
+            features["snapshot"].append(torch.cat(at_snapshot))
+            features["prompt"].append(torch.cat(at_snapshot + at_crops))
             replayed = model.model.replay_tokens(memory, box)  # (K, hidden), row-major over the replay's grid
             rows, cols = model.model.geometry.replay_grid(memory.tile.image_size, box)
-            features["replay"].append(replayed[(rows // 2) * cols + cols // 2])
+            middle = (rows // 2) * cols
+            features["replay"].append(torch.cat([replayed[middle + min(int(fraction * cols), cols - 1)]
+                                                 for fraction in (0.25, 0.75)]))
             features["replay_mean"].append(replayed.mean(0))
     return {name: torch.stack(values) for name, values in features.items()}
 
 
-def ridge_probe(train_x, train_y, test_x, test_y, classes: int = 10) -> float:
-    """Held-out accuracy of a least-squares (ridge) probe on standardized features, one-vs-rest on one-hot targets;
-    the penalty is chosen on the last fifth of the training set, then the probe is refit on all of it."""
+def ridge_probe(train_x, train_y, test_x, test_y, classes: int = 10) -> "torch.Tensor":
+    """A least-squares (ridge) probe on standardized features, one-vs-rest on one-hot targets; the penalty is chosen
+    on the last fifth of the training set, then the probe is refit on all of it. Returns its held-out predictions."""
     import torch
 
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
@@ -387,20 +394,20 @@ def ridge_probe(train_x, train_y, test_x, test_y, classes: int = 10) -> float:
         targets = torch.nn.functional.one_hot(y, classes).double()
         return torch.linalg.solve(x.T @ x + penalty * torch.eye(x.shape[1], dtype=x.dtype), x.T @ targets)
 
-    def accuracy(weights, x, y):
-        x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-        return ((x @ weights).argmax(1) == y).double().mean().item()
+    def predict(weights, x):
+        return (torch.cat([x, torch.ones(len(x), 1)], 1).double() @ weights).argmax(1)
 
     split = len(train_x) * 4 // 5
-    penalty = max(RIDGE_PENALTIES, key=lambda p: accuracy(fit(train_x[:split], train_y[:split], p),
-                                                            train_x[split:], train_y[split:]))
-    return accuracy(fit(train_x, train_y, penalty), test_x, test_y)
+    penalty = max(RIDGE_PENALTIES, key=lambda p: (predict(fit(train_x[:split], train_y[:split], p), train_x[split:])
+                                                   == train_y[split:]).double().mean().item())
+    return predict(fit(train_x, train_y, penalty), test_x)
 
 
-def digit_probes(model_dir: Path, data: Path, train_count: int = 1500, test_count: int = 200) -> dict:
-    """Where a row's visual features carry the coloured tags' digits: a ridge probe's held-out accuracy (chance 10%)
-    on each of `tag_features`' features, fitted on the tags of the first `train_count` training images and tested
-    on those of the first `test_count` validation images."""
+def number_probes(model_dir: Path, data: Path, train_count: int = 1500, test_count: int = 200) -> dict:
+    """Where a row's visual features carry the coloured tags' numbers: for each of `tag_features`' features, the
+    held-out accuracy of a ridge probe of each digit (tens, units; chance 10%) and of both at once ("number"), fitted
+    on the tags of the first `train_count` training images and tested on those of the first `test_count` validation
+    images."""
     import torch
 
     model = VGRForConditionalGeneration.from_pretrained(model_dir).eval()
@@ -412,11 +419,16 @@ def digit_probes(model_dir: Path, data: Path, train_count: int = 1500, test_coun
             image = PIL.Image.open(data / record["image"]).convert("RGB")
             for name, values in tag_features(model, processor, image, record["boxes"]).items():
                 features[name].append(values)
-            digits += [int(digit) for digit in record["digits"]]
+            digits += [[int(number) // 10, int(number) % 10] for number in record["numbers"]]
         sets[split] = ({name: torch.cat(values) for name, values in features.items()}, torch.tensor(digits))
     (train_x, train_y), (test_x, test_y) = sets["train"], sets["validation"]
-    return {"model": str(model_dir), "train_tags": len(train_y), "test_tags": len(test_y),
-            **{name: ridge_probe(train_x[name], train_y, test_x[name], test_y) for name in PROBE_FEATURES}}
+    probes = {}
+    for name in PROBE_FEATURES:
+        right = torch.stack([ridge_probe(train_x[name], train_y[:, place], test_x[name], test_y[:, place])
+                             == test_y[:, place] for place in range(len(PROBE_TARGETS))], 1)  # (tags, 2)
+        probes[name] = {**{target: right[:, place].double().mean().item() for place, target in enumerate(PROBE_TARGETS)},
+                        "number": right.all(1).double().mean().item()}
+    return {"model": str(model_dir), "train_tags": len(train_y), "test_tags": len(test_y), **probes}
 
 
 COLUMNS = [  # (header, summary key, format)
@@ -483,8 +495,8 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, help="lmms-eval's output (default: outputs/tables/eval/ROW)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     evaluate.add_argument("--records", type=int, help="the first N held-out records only (default: all 400)")
-    probe = commands.add_parser("probe", help="where a row's features carry the digit: ridge probes on the prompt's "
-                                "tokens and on the replayed ones", formatter_class=HelpFormatter)
+    probe = commands.add_parser("probe", help="where a row's features carry the number: ridge probes on the "
+                                "prompt's tokens and on the replayed ones", formatter_class=HelpFormatter)
     probe.add_argument("--model", type=Path, required=True, help="a trained row (or any saved row)")
     probe.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
     probe.add_argument("--train-images", type=int, default=1500, help="training images the probes are fitted on")
@@ -519,7 +531,7 @@ def main(argv=None) -> None:
         output = args.output or ROOT / "outputs" / "tables" / "eval" / args.row
         print(json.dumps(evaluate_row(args.row, model, args.data, output, args.batch_size, args.records), indent=1))
     elif args.command == "probe":
-        print(json.dumps(digit_probes(args.model, args.data, args.train_images, args.test_images), indent=1))
+        print(json.dumps(number_probes(args.model, args.data, args.train_images, args.test_images), indent=1))
     elif args.command == "diagnose":
         model = args.model or ROOT / "outputs" / "tables" / args.row
         print(json.dumps(segment_losses(args.row, model, args.data, args.records), indent=1))

@@ -5,10 +5,10 @@
 - `fine_detail_one` / `fine_detail_two`: the one-region and two-region questions, asked as the rows were trained
   (the question alone, no reasoning prompt), scored by exact match of the answer after "Final answer:";
 - `fine_detail_one_blurred` / `fine_detail_two_blurred`: the same questions about the same images blurred
-  (`fine_detail.blurred`: the digits are gone, the tags' colours and places stay), which measures how much a row
+  (`fine_detail.blurred`: the numbers are gone, the tags' colours and places stay), which measures how much a row
   answers from the picture rather than from language priors.
 
-Each row of the data keeps the record's `id`, `kind`, `boxes` and `digits`, so that the written boxes in the
+Each row of the data keeps the record's `id`, `kind`, `boxes` and `numbers`, so that the written boxes in the
 backend's sample log can be scored against the true ones (`reference.tables`)."""
 
 import tempfile
@@ -43,7 +43,7 @@ def write_fine_detail_tasks(folder: Path, data: Path | None = None, count: int |
             for kind in KINDS:
                 chosen = [record for record in records if record["kind"] == kind]
                 rows = [{"id": record["id"], "kind": kind, "question": question_of(record),
-                         "answer": record["answer"], "boxes": record["boxes"], "digits": record["digits"]}
+                         "answer": record["answer"], "boxes": record["boxes"], "numbers": record["numbers"]}
                         for record in chosen]
                 images = [to_rgb_image(Path(data) / record["image"]) for record in chosen]
                 name = f"fine_detail_{kind}" + ("_blurred" if blur else "")
