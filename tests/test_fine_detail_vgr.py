@@ -297,9 +297,11 @@ class TestDiagnostics:
         # a window at (100, 50) of 112 px, 14-px patches: a 4 at pixels x 114..142, y 64..106, a 7 right of it
         glyphs = [((114, 64, 142, 106), 4), ((142, 64, 170, 106), 7)]
         labels = tower_pretraining.patch_digits(glyphs, 100, 50, 112, 14).view(8, 8)
-        # patch centres x 107 + 14 c, y 57 + 14 r: the 4 holds columns 1 and 2 (121, 135), the 7 columns 3, 4
-        assert labels[1:4, 1:3].eq(4).all() and labels[1:4, 3:5].eq(7).all()
-        assert (labels != tower_pretraining.NO_DIGIT).sum() == 12
+        # the digits' centres, pixels (128, 85) and (156, 85), fall in the window's patches (2, 2) and (2, 4)
+        assert labels[2, 2] == 4 and labels[2, 4] == 7
+        assert (labels != tower_pretraining.NO_DIGIT).sum() == 2
+        outside = [((200, 64, 228, 106), 5)]  # a digit whose centre is right of the window is not named
+        assert tower_pretraining.patch_digits(outside, 100, 50, 112, 14).eq(tower_pretraining.NO_DIGIT).all()
         tags = [{"colour": "red", "rect": [0, 0, 112, 56], "box": [0.0, 0.0, 0.55, 0.3]},
                 {"colour": None, "rect": [112, 112, 112, 112], "box": [0.45, 0.45, 1.0, 1.0]}]
         classes, boxes = tower_pretraining.patch_places(tags, (224, 224), 8)  # patches of 28 image pixels
@@ -314,7 +316,7 @@ class TestDiagnostics:
         log = tower_pretraining.pretrain_tower(tmp_path / "tower", data, TOKENIZER_FILE, steps=2, windows_per_step=4,
                                                snapshots_per_step=2, learning_rate=1e-3, seed=0, train_images=8,
                                                test_images=2)
-        assert all(0.0 <= log["held_out"][name] <= 1.0 for name in ("digit_accuracy_on_ink",
+        assert all(0.0 <= log["held_out"][name] <= 1.0 for name in ("digit_accuracy_at_centres",
                                                                     "tag_class_accuracy_on_tags"))
         assert len(log["losses"]) == 2 and set(log["losses"][0]) == {"step", "digit", "place", "box"}
         saved = load_file(tmp_path / "tower" / tower_pretraining.WEIGHTS_NAME)

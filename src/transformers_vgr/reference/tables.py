@@ -497,7 +497,14 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--records", type=int, help="the first N held-out records only (default: all 400)")
     probe = commands.add_parser("probe", help="where a row's features carry the number: ridge probes on the "
                                 "prompt's tokens and on the replayed ones", formatter_class=HelpFormatter)
-    probe.add_argument("--model", type=Path, required=True, help="a trained row (or any saved row)")
+    probed = probe.add_mutually_exclusive_group(required=True)
+    probed.add_argument("--model", type=Path, help="a trained row (or any saved row)")
+    probed.add_argument("--untrained", choices=sorted(ROWS), help="a row as it starts, before training: its random "
+                        "language model and the pretrained --vision-tower")
+    probe.add_argument("--vision-tower", type=Path, default=VISION_TOWER,
+                       help="with --untrained: the tower it starts from ('none' for a random one)")
+    probe.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
+                       help="with --untrained: the LLaMA-2 tokenizer.json")
     probe.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
     probe.add_argument("--train-images", type=int, default=1500, help="training images the probes are fitted on")
     probe.add_argument("--test-images", type=int, default=200, help="validation images they are tested on")
@@ -531,7 +538,17 @@ def main(argv=None) -> None:
         output = args.output or ROOT / "outputs" / "tables" / "eval" / args.row
         print(json.dumps(evaluate_row(args.row, model, args.data, output, args.batch_size, args.records), indent=1))
     elif args.command == "probe":
-        print(json.dumps(number_probes(args.model, args.data, args.train_images, args.test_images), indent=1))
+        with tempfile.TemporaryDirectory() as scratch:
+            model = args.model
+            if args.untrained:
+                tower = None if str(args.vision_tower) == "none" else args.vision_tower
+                model, processor = build_row(args.untrained, args.tokenizer, seed=0, vision_tower=tower)
+                model.save_pretrained(scratch)
+                processor.save_pretrained(scratch)
+                model = Path(scratch)
+            probes = number_probes(model, args.data, args.train_images, args.test_images)
+        probes["model"] = f"{args.untrained}, untrained" if args.untrained else str(args.model)
+        print(json.dumps(probes, indent=1))
     elif args.command == "diagnose":
         model = args.model or ROOT / "outputs" / "tables" / args.row
         print(json.dumps(segment_losses(args.row, model, args.data, args.records), indent=1))
