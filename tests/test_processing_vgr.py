@@ -188,6 +188,17 @@ class TestExpansion:
         assert inputs["pixel_values"].shape[:2] == (1, 1 + geometry.tile((427, 640)).num_crops)
         assert inputs["image_sizes"].tolist() == [[427, 640]]
 
+    def test_num_multimodal_tokens_are_what_the_processor_writes(self, processor, images):
+        # transformers' convention for serving engines (vLLM's generic backend reads it)
+        chosen = [images["rocket_640x427"], images["chelsea_451x300"], PIL.Image.new("RGB", (2016, 1344))]
+        counts = processor._get_num_multimodal_tokens(image_sizes=[(image.height, image.width) for image in chosen])
+        for image, tokens, patches in zip(chosen, counts.num_image_tokens, counts.num_image_patches):
+            inputs = processor(images=image, text="<image>\nWhat is it?", return_tensors="pt")
+            assert inputs["input_ids"][0].tolist().count(processor.image_token_id) == tokens
+            assert inputs["pixel_values"].shape[1] == patches
+        assert len(set(counts.num_image_tokens)) == 3
+        assert "num_image_tokens" not in processor._get_num_multimodal_tokens()
+
     def test_upper_case_tags_and_space_before_marker(self, processor, images):
         lower = processor(images=images["chelsea_451x300"], text="<image>\nQ <sot>[0.1, 0.1, 0.5, 0.5]<eot><image> A")
         upper = processor(images=images["chelsea_451x300"], text="<image>\nQ <SOT>[0.1, 0.1, 0.5, 0.5]<EOT> <image> A")

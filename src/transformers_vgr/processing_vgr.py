@@ -7,7 +7,7 @@ import re
 from tokenizers import AddedToken
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import ImageInput
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import TextInput
 
 from .box_text_vgr import (
@@ -195,6 +195,15 @@ class VGRProcessor(ProcessorMixin):
         if any(replay_boxes):
             data["replay_boxes"] = replay_boxes
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """The prompt placeholders of each image of `image_sizes` (`(height, width)` each) and its patches (snapshot
+        + crops), as transformers' processors report them to serving engines. Replays add tokens as they happen."""
+        if image_sizes is None:
+            return MultiModalData()
+        geometry = self.image_processor.geometry()
+        return MultiModalData(num_image_tokens=[geometry.prompt_tokens(tuple(size)).total for size in image_sizes],
+                              num_image_patches=[geometry.num_patches(tuple(size)) for size in image_sizes])
 
     def expand_visual_tokens(self, texts: list[str], image_sizes: list[tuple[int, int]]):
         """Expand prompt and replay markers of each text. Returns the expanded texts and, per text, the boxes of its
