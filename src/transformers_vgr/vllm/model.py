@@ -235,11 +235,17 @@ class VGRMultiModalProjector(nn.Module):
 
 
 class FeatureMemoryCache:
-    """S of recently encoded images, by `image_key`, least recently used first out past a byte budget."""
+    """S of recently encoded images, by `image_key`, least recently used first out past a byte budget. Beside each S,
+    how many times its image went through the vision tower since it entered: the record lives and goes with its S,
+    so that a long-running server's bookkeeping stays within the same budget."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.memories: OrderedDict[int, ImageMemory] = OrderedDict()
+        self.encoder_runs: dict[int, int] = {}  # per image held
+        self.encoder_runs_total = 0
+        self.evictions = 0
+        self._bytes = 0
 
     def get(self, key: int) -> ImageMemory | None:
         memory = self.memories.get(key)
@@ -248,13 +254,31 @@ class FeatureMemoryCache:
         return memory
 
     def put(self, key: int, memory: ImageMemory) -> None:
+        """Keep `memory`, the S of a vision-tower run just made, and count the run."""
+        if key in self.memories:
+            self._bytes -= _num_bytes(self.memories[key])
         self.memories[key] = memory
         self.memories.move_to_end(key)
-        while len(self.memories) > 1 and self.num_bytes() > self.max_bytes:
-            self.memories.popitem(last=False)
+        self._bytes += _num_bytes(memory)
+        self.encoder_runs[key] = self.encoder_runs.get(key, 0) + 1
+        self.encoder_runs_total += 1
+        while len(self.memories) > 1 and self._bytes > self.max_bytes:
+            evicted, old = self.memories.popitem(last=False)
+            self._bytes -= _num_bytes(old)
+            del self.encoder_runs[evicted]
+            self.evictions += 1
 
     def num_bytes(self) -> int:
-        return sum(memory.features.nelement() * memory.features.element_size() for memory in self.memories.values())
+        return self._bytes
+
+    def clear(self) -> None:
+        self.memories.clear()
+        self.encoder_runs.clear()
+        self._bytes = 0
+
+
+def _num_bytes(memory: ImageMemory) -> int:
+    return memory.features.nelement() * memory.features.element_size()
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -324,9 +348,7 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
         extra = vllm_config.additional_config or {}
         gib = float(extra.get("vgr_feature_memory_gib", DEFAULT_FEATURE_MEMORY_GIB))
         self.feature_memory = FeatureMemoryCache(int(gib * 2**30))
-        # What the tests and benchmarks read (through VGRWorkerExtension): vision-tower runs per image key.
-        self.encoder_runs: dict[int, int] = {}
-        self.feature_memory_misses = 0
+        self.feature_memory_misses = 0  # replays whose S was gone (read through VGRWorkerExtension)
 
     # -- vision
 
@@ -346,7 +368,6 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
                 image_features, self.geometry.tile(size), self.config, self.image_newline
             )
             self.feature_memory.put(key, memory)
-            self.encoder_runs[key] = self.encoder_runs.get(key, 0) + 1
             prompt_tokens.append(tokens)
         return prompt_tokens
 
@@ -418,16 +439,22 @@ class VGRWorkerExtension:
     """`worker_extension_cls` for measurements: `engine.collective_rpc("vgr_stats")`."""
 
     def vgr_stats(self) -> dict:
+        """Vision-tower runs per image whose S is held (by image key) and in all, and the feature memory's state."""
         model = self.model_runner.get_model()
+        memory = model.feature_memory
         return {
-            "encoder_runs": dict(model.encoder_runs),
+            "encoder_runs": dict(memory.encoder_runs),
+            "encoder_runs_total": memory.encoder_runs_total,
             "feature_memory_misses": model.feature_memory_misses,
-            "feature_memory_images": len(model.feature_memory.memories),
+            "feature_memory_images": len(memory.memories),
+            "feature_memory_bytes": memory.num_bytes(),
+            "feature_memory_max_bytes": memory.max_bytes,
+            "feature_memory_evictions": memory.evictions,
         }
 
     def vgr_clear_feature_memory(self) -> None:
-        """Forget every S (to exercise the re-encoding path)."""
-        self.model_runner.get_model().feature_memory.memories.clear()
+        """Forget every S and its run record (to exercise the re-encoding path)."""
+        self.model_runner.get_model().feature_memory.clear()
 
 
 def _as_flat(pixel_values) -> torch.Tensor:

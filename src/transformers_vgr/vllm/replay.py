@@ -15,10 +15,12 @@ Requests are independent: a replay is one request's new segment and pads no othe
 
 import base64
 import binascii
+import io
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import PIL.Image
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
@@ -50,6 +52,38 @@ class VGROutput:
     segments: int = 0  # vLLM requests this request ran as
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request may send (the server's flags); `None` is no limit beyond Pillow's decompression-bomb check."""
+
+    max_images: int | None = None
+    max_image_bytes: int | None = None  # an encoded image, as sent
+    max_image_pixels: int | None = None  # width x height, read from the header before the image is decoded
+
+    def check(self, image, count: int) -> None:
+        """Raise `ValueError` naming the limit when `image` (bytes, a path or a PIL image), the request's `count`-th,
+        is over one."""
+        if self.max_images is not None and count > self.max_images:
+            raise ValueError(f"at most {self.max_images} image(s) per request, got more")
+        if isinstance(image, bytes) and self.max_image_bytes is not None and len(image) > self.max_image_bytes:
+            raise ValueError(f"an image of {len(image)} bytes is over the limit of {self.max_image_bytes} bytes")
+        if self.max_image_pixels is None:
+            return
+        if isinstance(image, bytes):
+            try:
+                with PIL.Image.open(io.BytesIO(image)) as header:  # lazy: reads the size, decodes nothing
+                    width, height = header.size
+            except (PIL.UnidentifiedImageError, OSError) as error:
+                raise ValueError(f"cannot read the image: {error}") from None
+        elif isinstance(image, PIL.Image.Image):
+            width, height = image.size
+        else:
+            return  # a local path: read and checked by `to_rgb_image`
+        if width * height > self.max_image_pixels:
+            raise ValueError(f"an image of {width} x {height} pixels is over the limit of {self.max_image_pixels} "
+                             "pixels")
+
+
 @dataclass
 class PreparedRequest:
     """A chat request tokenized as `generate` would see it: prompt ids with one `<image>` per picture (vLLM expands
@@ -75,10 +109,12 @@ class VGRFrontend:
 
     # -- requests
 
-    def prepare(self, messages: list[dict], local_files: bool = True) -> PreparedRequest:
+    def prepare(self, messages: list[dict], local_files: bool = True,
+                limits: ImageLimits | None = None) -> PreparedRequest:
         """Chat messages (OpenAI or transformers style; images as PIL images, paths, bytes or base64 data URLs) as
         token ids and pictures. Raises `ValueError` with the processor's message on bad input. With
-        `local_files=False` (the server's requests) images must be data URLs: a path would read the server's files."""
+        `local_files=False` (the server's requests) images must be data URLs: a path would read the server's files.
+        `limits` (the server's) are checked on each image before it is decoded."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("a request is a non-empty list of chat messages")
         images, normalized = [], []
@@ -91,6 +127,8 @@ class VGRFrontend:
                 for part in content:
                     image = _image_of(part, local_files)
                     if image is not None:
+                        if limits is not None:
+                            limits.check(image, len(images) + 1)
                         images.append(to_rgb_image(image))
                         parts.append({"type": "image"})
                     elif isinstance(part, dict) and part.get("type") == "text":
