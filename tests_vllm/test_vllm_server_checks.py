@@ -43,7 +43,8 @@ def test_every_bad_parameter_is_named(body, message):
 def test_good_parameters_pass_through():
     params = sampling_params({"max_tokens": 7, "temperature": 0.7, "top_p": 0.5, "seed": 3, "stop": "Final"},
                              LIMITS)
-    assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.stop) == (7, 0.7, 0.5, 3, ["Final"])
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.stop) == (
+        7, 0.7, 0.5, 3, ["Final"])
     assert sampling_params({}, RequestLimits(max_tokens=100)).max_tokens == 100  # the default, capped
 
 

@@ -10,8 +10,8 @@ URLs in `image_url` parts), `/v1/models`, `/health`, `/metrics` (Prometheus text
 stopped. A bad request gets a 4xx with a message that names the problem (400 bad parameters or content, 401 without
 the API key, 404 an unknown model, 413 a body over the limit, 415 a body that is not JSON); a client that disconnects
 cancels its request. Every vLLM engine flag (`--tensor-parallel-size`, `--dtype`, `--max-model-len`, ...) is
-accepted. On vLLM's CPU backend with no KV-cache setting, the cache is sized from the memory free at start (`cpu_kv_cache_gib`)
-and the size is logged.
+accepted. On vLLM's CPU backend with no KV-cache setting, the cache is sized from the memory free at start
+(`cpu_kv_cache_gib`) and the size is logged.
 """
 
 import argparse
@@ -113,7 +113,7 @@ WORKER_GAUGES = [  # (metric, VGRWorkerExtension.vgr_stats key, help)
     ("vgr_feature_memory_evictions", "feature_memory_evictions", "S evicted to stay within the budget"),
     ("vgr_feature_memory_misses", "feature_memory_misses", "replays whose S was gone (encoded again)"),
     ("vgr_encoder_runs", "encoder_runs_total", "vision-tower runs over an image"),
-    ("vgr_encoder_run_records", "encoder_runs", "images with a run record (bounded with S)"),
+    ("vgr_encoder_run_records", "encoder_run_records", "images with a run record (bounded with S)"),
 ]
 
 
@@ -155,13 +155,9 @@ class Metrics:
         for name, key, help_text in WORKER_GAUGES:
             if workers:
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
-                          f"{name} {sum(_count(worker[key]) for worker in workers)}"]
+                          f"{name} {sum(worker[key] for worker in workers)}"]
         worker_text = ("\n".join(lines) + "\n").encode() if lines else b""
         return generate_latest(self.registry) + worker_text + generate_latest(REGISTRY)
-
-
-def _count(value) -> int:
-    return len(value) if isinstance(value, dict) else value
 
 
 async def read_json_body(request, limits: RequestLimits) -> dict:
@@ -205,11 +201,6 @@ def build_app(engine, frontend: VGRFrontend, model_names: list[str], limits: Req
         if scope["type"] != "http":
             return await app(scope, receive, send)
         path = scope["path"]
-        if api_key is not None and path != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
-                metrics.requests.labels(status="401").inc()
-                return await error("a valid API key is needed: Authorization: Bearer KEY", 401)(scope, receive, send)
         status = {"code": 500}
 
         async def send_and_note_status(message):
@@ -218,7 +209,14 @@ def build_app(engine, frontend: VGRFrontend, model_names: list[str], limits: Req
             await send(message)
 
         try:
-            await app(scope, receive, send_and_note_status)
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            expected = f"Bearer {api_key}".encode()
+            authorized = api_key is None or path == "/health" or hmac.compare_digest(given, expected)
+            if not authorized:
+                refusal = error("a valid API key is needed: Authorization: Bearer KEY", 401)
+                await refusal(scope, receive, send_and_note_status)
+            else:
+                await app(scope, receive, send_and_note_status)
         finally:
             if path == "/v1/chat/completions":
                 metrics.requests.labels(status=str(status["code"])).inc()

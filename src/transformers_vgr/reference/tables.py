@@ -426,7 +426,8 @@ def number_probes(model_dir: Path, data: Path, train_count: int = 1500, test_cou
     for name in PROBE_FEATURES:
         right = torch.stack([ridge_probe(train_x[name], train_y[:, place], test_x[name], test_y[:, place])
                              == test_y[:, place] for place in range(len(PROBE_TARGETS))], 1)  # (tags, 2)
-        probes[name] = {**{target: right[:, place].double().mean().item() for place, target in enumerate(PROBE_TARGETS)},
+        probes[name] = {**{target: right[:, place].double().mean().item()
+                           for place, target in enumerate(PROBE_TARGETS)},
                         "number": right.all(1).double().mean().item()}
     return {"model": str(model_dir), "train_tags": len(train_y), "test_tags": len(test_y), **probes}
 

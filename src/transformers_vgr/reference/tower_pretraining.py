@@ -153,7 +153,8 @@ def losses(tower, heads, feature_layer: int, reading: list, placing: list) -> di
 
 
 def held_out(tower, heads, feature_layer: int, reading: list, placing: list, batch: int = 64) -> dict:
-    """Held-out: digit accuracy at the digits' centre patches, tag-class accuracy on the patches on a tag, box L1 there."""
+    """Held-out: digit accuracy at the digits' centre patches, tag-class accuracy on the patches on a tag, box L1
+    there."""
     hits = centred = placed_hits = on_tags = 0
     box_error = 0.0
     with torch.no_grad():
@@ -166,12 +167,14 @@ def held_out(tower, heads, feature_layer: int, reading: list, placing: list, bat
         for first in range(0, len(placing), batch):
             chunk = placing[first : first + batch]
             features = patch_features(tower, feature_layer, [example[0] for example in chunk])
-            classes, boxes = torch.stack([example[1] for example in chunk]), torch.stack([example[2] for example in chunk])
+            classes = torch.stack([example[1] for example in chunk])
+            boxes = torch.stack([example[2] for example in chunk])
             on_tag = classes > 0
             placed_hits += (heads.place(features).argmax(-1) == classes)[on_tag].sum().item()
             box_error += (heads.box(features)[on_tag] - boxes[on_tag]).abs().sum().item()
             on_tags += on_tag.sum().item()
-    return {"digit_accuracy_at_centres": hits / max(centred, 1), "tag_class_accuracy_on_tags": placed_hits / max(on_tags, 1),
+    return {"digit_accuracy_at_centres": hits / max(centred, 1),
+            "tag_class_accuracy_on_tags": placed_hits / max(on_tags, 1),
             "box_l1_on_tags": box_error / max(4 * on_tags, 1)}
 
 

@@ -445,6 +445,7 @@ class VGRWorkerExtension:
         return {
             "encoder_runs": dict(memory.encoder_runs),
             "encoder_runs_total": memory.encoder_runs_total,
+            "encoder_run_records": len(memory.encoder_runs),
             "feature_memory_misses": model.feature_memory_misses,
             "feature_memory_images": len(memory.memories),
             "feature_memory_bytes": memory.num_bytes(),
