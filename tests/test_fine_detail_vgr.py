@@ -27,7 +27,7 @@ from test_generation_vgr import BOX_A, BOX_B, generate, make_inputs, teacher_for
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("fine-detail")
-    fine_detail.make_dataset(root, train=16, validation=2, test=8)
+    fine_detail.make_dataset(root, train=16, validation=2, test=8, grounding=4)
     return root
 
 
@@ -51,6 +51,21 @@ class TestTask:
             assert [tag["box"] for tag in record["tags"][:regions]] == record["boxes"]
         direct = VGRSFTDataset(data / "train-direct.jsonl", data, row_processor)
         assert direct.report.kept == 16 and all(not f.replay_boxes for f, _ in direct.examples)
+
+    def test_grounding_records_write_every_coloured_tag_left_to_right(self, data, row_processor):
+        records = read_records(data / "grounding.jsonl")
+        assert len(records) == 4 and not (data / "grounding-direct.jsonl").exists()
+        dataset = VGRSFTDataset(data / "grounding.jsonl", data, row_processor, replay=False)
+        assert dataset.report.kept == 4 and not +dataset.report.dropped
+        for record, (features, _) in zip(records, dataset.examples):
+            coloured = [tag for tag in record["tags"] if tag["colour"] is not None]
+            assert fine_detail.GROUNDING_TAGS[0] <= len(coloured) <= fine_detail.GROUNDING_TAGS[1]
+            assert len({tag["colour"] for tag in coloured}) == len(coloured)
+            assert [tag["rect"][0] for tag in coloured] == sorted(tag["rect"][0] for tag in coloured)
+            answer = record["conversations"][1]["value"]
+            assert [list(parsed.box) for parsed in find_boxes(answer)] == record["boxes"] == [tag["box"] for tag in coloured]
+            assert [tag["colour"] for tag in coloured] == record["colours"]
+            assert not features.replay_boxes and len(features.box_targets) == len(coloured)
 
     def test_boxes_enclose_their_tag_at_continuous_places(self):
         rng = random.Random(0)
@@ -208,6 +223,23 @@ def test_every_row_trains_one_step(row, data, tmp_path):
     config = json.loads((tmp_path / row / "config.json").read_text())
     for name, value in tables.ROWS[row].config.items():
         assert config[name] == value
+
+
+def test_the_grounding_stage_trains_before_the_task(data, tmp_path):
+    log = tables.train_row("llava_next_pooled", data, tmp_path / "row", TOKENIZER_FILE, max_steps=1, batch_size=2,
+                           learning_rate=1e-4, seed=0, max_records=4, grounding_steps=2)
+    assert log["grounding"]["steps"] == 2 and log["grounding"]["records"] == 4
+    assert log["grounding"]["data"].endswith("grounding.jsonl") and log["data"].endswith("train-direct.jsonl")
+    assert np.isfinite(log["grounding"]["train_loss"]) and np.isfinite(log["train_loss"])
+    stage = tmp_path / "row" / tables.GROUNDING_STAGE
+    # another row of the same geometry and detection loss starts from the saved stage: its weights exactly
+    config = tables.row_config("llava_next_pooled")
+    model, stage_log = tables.from_grounding_stage(config, stage)
+    saved = load_file(stage / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())
+    assert stage_log["steps"] == 2 and stage_log["from"] == str(stage)
+    with pytest.raises(ValueError, match="image_layout"):  # VGR's geometry is another stage
+        tables.from_grounding_stage(tables.row_config("vgr"), stage)
 
 
 def test_rows_differ_only_where_the_paper_does():

@@ -69,11 +69,13 @@ BOX_MARGIN = 0.1  # of the tag's width / height, on each side: the written box e
 TAG_GAP = 6  # pixels at least between two tags
 DISTRACTORS = (2, 4)  # grey tags per image
 CLUTTER = (4, 9)  # grey shapes and lines per image
-SPLIT_SEEDS = {"train": 5000, "validation": 6000, "test": 7000}
-SPLIT_SIZES = {"train": 8000, "validation": 200, "test": 400}
+SPLIT_SEEDS = {"train": 5000, "validation": 6000, "test": 7000, "grounding": 8000}
+SPLIT_SIZES = {"train": 8000, "validation": 200, "test": 400, "grounding": 6000}
+GROUNDING_TAGS = (3, 5)  # coloured tags of a grounding image, each of another colour
 QUESTIONS = {
     "one": "What number is on the coloured tag?",
     "two": "Which number is larger, on one coloured tag or the other?",
+    "grounding": "Where are the coloured tags?",
 }
 
 
@@ -180,7 +182,7 @@ def _layout(rng: random.Random, kind: str, numbers: list[int] | None):
     image = PIL.Image.fromarray(noise)
     _clutter(rng, image)
     pixels = np.array(image)
-    coloured = 1 if kind == "one" else 2
+    coloured = rng.randint(*GROUNDING_TAGS) if kind == "grounding" else {"one": 1, "two": 2}[kind]
     colours = rng.sample(sorted(COLOURS), coloured) + [None] * rng.randint(*DISTRACTORS)
     if numbers is None:
         numbers = rng.sample(range(NUMBERS[0], NUMBERS[1] + 1), coloured)  # two coloured tags never share one
@@ -209,6 +211,26 @@ def answers(kind: str, targets: list[dict]) -> tuple[str, str, str]:
     if kind == "two":
         steps.append(f"The larger is {final}.")
     return " ".join(steps) + f" Final answer: {final}", f"Final answer: {final}", final
+
+
+def grounding_answer(targets: list[dict]) -> str:
+    """The grounding stage's answer: every coloured tag, left to right, with its box and replay, and no number."""
+    return " ".join(f"The {tag['colour']} tag is here <sot>{format_box(tag['box'])}<eot><image>." for tag in targets)
+
+
+def make_grounding_example(rng: random.Random) -> tuple[PIL.Image.Image, dict]:
+    """An image with `GROUNDING_TAGS` coloured tags (and grey ones), asked where the coloured tags are."""
+    image, tags = make_image(rng, "grounding")
+    targets = [tag for tag in tags if tag["colour"] is not None]
+    record = {
+        "conversations": [{"from": "human", "value": "<image>\n" + QUESTIONS["grounding"]},
+                          {"from": "gpt", "value": grounding_answer(targets)}],
+        "kind": "grounding",
+        "boxes": [tag["box"] for tag in targets],
+        "colours": [tag["colour"] for tag in targets],
+        "tags": tags,
+    }
+    return image, record
 
 
 def make_example(rng: random.Random, kind: str) -> tuple[PIL.Image.Image, dict]:
@@ -251,31 +273,38 @@ def blurred(image: PIL.Image.Image, radius: float = 2.0) -> PIL.Image.Image:
 
 def make_split(output: Path, split: str, count: int) -> Path:
     """Images under `output/images/{split}/`, records in `output/{split}.jsonl` and the same records answered directly
-    in `output/{split}-direct.jsonl` (for the direct-answer rows); kinds alternate."""
+    in `output/{split}-direct.jsonl` (for the direct-answer rows); kinds alternate. The `grounding` split is the
+    grounding stage's (`make_grounding_example`), which every row trains on first, as a base model: no direct file."""
     rng = random.Random(SPLIT_SEEDS[split])
     folder = output / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
     grounded, direct = [], []
     for index in tqdm(range(count), desc=f"{split} images", unit="image"):
-        image, record = make_example(rng, ("one", "two")[index % 2])
+        if split == "grounding":
+            image, record = make_grounding_example(rng)
+        else:
+            image, record = make_example(rng, ("one", "two")[index % 2])
         name = f"{split}-{index:05d}.png"
         image.save(folder / name)
         record = {"id": name[:-4], "image": f"images/{split}/{name}", **record}
         grounded.append(json.dumps(record))
-        # answered without boxes, so without the regions a grounded answer must have (`boxes`)
-        direct.append(json.dumps({**{k: v for k, v in record.items() if k != "boxes"},
-                                  "conversations": record["direct"]}))
-    (output / f"{split}-direct.jsonl").write_text("\n".join(direct) + "\n")
+        if split != "grounding":  # answered without boxes, so without the regions a grounded answer must have
+            direct.append(json.dumps({**{k: v for k, v in record.items() if k != "boxes"},
+                                      "conversations": record["direct"]}))
+    if direct:
+        (output / f"{split}-direct.jsonl").write_text("\n".join(direct) + "\n")
     path = output / f"{split}.jsonl"
     path.write_text("\n".join(grounded) + "\n")
     return path
 
 
 def make_dataset(output: Path, train: int = SPLIT_SIZES["train"], validation: int = SPLIT_SIZES["validation"],
-                 test: int = SPLIT_SIZES["test"]) -> dict[str, Path]:
+                 test: int = SPLIT_SIZES["test"], grounding: int = SPLIT_SIZES["grounding"],
+                 splits: tuple = tuple(SPLIT_SIZES)) -> dict[str, Path]:
+    """The `splits` named (all by default), each of its count of images, under `output`."""
     output = Path(output)
-    return {split: make_split(output, split, count)
-            for split, count in (("train", train), ("validation", validation), ("test", test))}
+    counts = {"train": train, "validation": validation, "test": test, "grounding": grounding}
+    return {split: make_split(output, split, counts[split]) for split in splits}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -284,12 +313,17 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", type=int, default=SPLIT_SIZES["train"], help="training images")
     parser.add_argument("--validation", type=int, default=SPLIT_SIZES["validation"], help="validation images")
     parser.add_argument("--test", type=int, default=SPLIT_SIZES["test"], help="held-out test images")
+    parser.add_argument("--grounding", type=int, default=SPLIT_SIZES["grounding"],
+                        help="images of the grounding stage (every coloured tag's box)")
+    parser.add_argument("--splits", nargs="+", choices=tuple(SPLIT_SIZES), default=tuple(SPLIT_SIZES),
+                        help="which splits to make (each is drawn from its own seed, so one can be added later)")
     return parser
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    for split, path in make_dataset(args.output, args.train, args.validation, args.test).items():
+    for split, path in make_dataset(args.output, args.train, args.validation, args.test, args.grounding,
+                                    tuple(args.splits)).items():
         print(split, path)
 
 

@@ -122,39 +122,82 @@ def build_row(name: str, tokenizer_file: Path, seed: int, vision_tower: Path | N
     return model, processor
 
 
+GROUNDING_STAGE = "grounding-stage"  # the subfolder of a row's output where its model after the grounding stage is
+# The config fields that shape the grounding stage (answers written, nothing replayed): rows equal on these have the
+# same model after it, so one row's stage can be the start of another's (`grounding_from`).
+GROUNDING_STAGE_FIELDS = ("image_layout", "snapshot_pool", "crop_pool", "box_l1_weight", "box_giou_weight")
+
+
 def train_row(name: str, data: Path, output: Path, tokenizer_file: Path, max_steps: int, batch_size: int,
               learning_rate: float, seed: int, max_records: int | None = None,
-              vision_tower: Path | None = None) -> dict:
+              vision_tower: Path | None = None, grounding_steps: int = 0, grounding_from: Path | None = None) -> dict:
     """Train one row with the project's training path and save it (model, processor, training_log.json) to
-    `output`, its vision tower from `vision_tower` (`tower_pretraining`) when given. Returns the training log."""
+    `output`, its vision tower from `vision_tower` (`tower_pretraining`) when given.
+
+    With `grounding_steps`, a grounding stage comes first (`data/grounding.jsonl`: every coloured tag's box, written
+    and not replayed, the same for every row, as the paper's rows all start from a base model that has seen grounding
+    data), saved to `output/grounding-stage`; then the row's own `max_steps` on the task, each stage with its own
+    schedule. `grounding_from` starts from another row's saved grounding stage instead (it must match this row in
+    `GROUNDING_STAGE_FIELDS`, else a ValueError): the same model the stage would make, without running it again.
+    Returns the training log."""
     model, processor = build_row(name, tokenizer_file, seed, vision_tower)
-    data_file = train_data(data, name)
+    log = {"row": name, "title": ROWS[name].title, "steps": max_steps, "batch_size": batch_size,
+           "learning_rate": learning_rate, "seed": seed, "data": str(train_data(data, name)),
+           "max_records": max_records, "vision_tower": str(vision_tower) if vision_tower is not None else None}
+    if grounding_from is not None:
+        model, log["grounding"] = from_grounding_stage(model.config, Path(grounding_from))
+        log["grounding_steps"] = log["grounding"]["steps"]
+    elif grounding_steps:
+        log["grounding_steps"] = grounding_steps
+        log["grounding"] = train_stage(model, processor, data / "grounding.jsonl", data, False, grounding_steps,
+                                       batch_size, learning_rate, seed, max_records, f"{name}, grounding")
+        model.save_pretrained(output / GROUNDING_STAGE)
+        (output / GROUNDING_STAGE / "stage_log.json").write_text(json.dumps(log["grounding"], indent=1))
+    log.update(train_stage(model, processor, train_data(data, name), data, ROWS[name].replay, max_steps, batch_size,
+                           learning_rate, seed, max_records, name))
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    (output / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def from_grounding_stage(config: VGRConfig, folder: Path) -> tuple:
+    """`(model, stage log)`: a row's model (its `config`) with the weights of the grounding stage saved in `folder`."""
+    saved = VGRConfig.from_pretrained(folder)
+    differ = [field for field in GROUNDING_STAGE_FIELDS if getattr(saved, field) != getattr(config, field)]
+    if differ:
+        raise ValueError(f"the grounding stage in {folder} was trained with other {', '.join(differ)} than this row's")
+    stage = json.loads((folder / "stage_log.json").read_text())
+    return VGRForConditionalGeneration.from_pretrained(folder, config=config), {**stage, "from": str(folder)}
+
+
+def train_stage(model, processor, data_file: Path, data: Path, replay: bool, steps: int, batch_size: int,
+                learning_rate: float, seed: int, max_records: int | None, title: str) -> dict:
+    """One stage of a row's training (in place), with its own schedule; returns its log."""
+    dataset = stage_dataset(data_file, data, processor, replay, max_records)
+    print(f"{title}: data {dataset.report}")
     with tempfile.TemporaryDirectory() as scratch:
-        records = data_file
-        if max_records is not None:  # a prefix of the split (tests, quick checks)
-            records = Path(scratch) / data_file.name
-            records.write_text("".join(data_file.read_text().splitlines(keepends=True)[:max_records]))
-        dataset = VGRSFTDataset(records, data, processor, max_length=MAX_LENGTH, replay=ROWS[name].replay)
-    print(f"{name}: data {dataset.report}")
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = VGRTrainer(model=model, args=training_arguments(scratch, max_steps, batch_size, learning_rate, seed),
+        trainer = VGRTrainer(model=model, args=training_arguments(scratch, steps, batch_size, learning_rate, seed),
                              train_dataset=dataset, data_collator=VGRDataCollator(processor),
                              vision_tower_lr_ratio=0.1)
         started = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - started
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    processor.save_pretrained(output)
-    log = {"row": name, "title": ROWS[name].title, "steps": max_steps, "batch_size": batch_size,
-           "learning_rate": learning_rate, "seed": seed, "data": str(data_file), "max_records": max_records,
-           "vision_tower": str(vision_tower) if vision_tower is not None else None,
-           "records": dataset.report.kept,
-           "cleaning": str(dataset.report), "train_runtime_seconds": seconds,
-           "train_loss": result.metrics.get("train_loss"),
-           "logs": [entry for entry in trainer.state.log_history if "loss" in entry]}
-    (output / "training_log.json").write_text(json.dumps(log, indent=1))
-    return log
+    return {"data": str(data_file), "steps": steps, "records": dataset.report.kept, "cleaning": str(dataset.report),
+            "train_runtime_seconds": seconds, "train_loss": result.metrics.get("train_loss"),
+            "logs": [entry for entry in trainer.state.log_history if "loss" in entry]}
+
+
+def stage_dataset(data_file: Path, data: Path, processor: VGRProcessor, replay: bool,
+                  max_records: int | None) -> VGRSFTDataset:
+    """A stage's `VGRSFTDataset`, of the first `max_records` records only when given (tests, quick checks)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        records = data_file
+        if max_records is not None:
+            records = Path(scratch) / data_file.name
+            records.write_text("".join(data_file.read_text().splitlines(keepends=True)[:max_records]))
+        return VGRSFTDataset(records, data, processor, max_length=MAX_LENGTH, replay=replay)
 
 
 def run_lmms_eval(checkpoint: Path, task_folder: Path, output: Path, batch_size: int) -> Path:
@@ -460,8 +503,11 @@ def report(outputs: Path, results: Path) -> str:
             continue
         summary, log = json.loads(summary_file.read_text()), json.loads(log_file.read_text())
         (results / "tables-logs" / f"{name}.json").write_text(json.dumps(log, indent=1))
+        grounding = log.get("grounding", {})
         table[name] = {**summary, "title": row.title, "paper": row.paper, "steps": log["steps"],
-                       "train_minutes": log["train_runtime_seconds"] / 60, "final_logged_loss": log["logs"][-1]}
+                       "grounding_steps": log.get("grounding_steps", 0),
+                       "train_minutes": (log["train_runtime_seconds"] + grounding.get("train_runtime_seconds", 0)) / 60,
+                       "final_logged_loss": log["logs"][-1]}
         cells = [fmt.format(summary[key]) if (row.grounded or "box" not in key) else "-" for _, key, fmt in COLUMNS]
         lines.append(f"| {row.title} | {row.paper} | " + " | ".join(cells) + f" | {table[name]['train_minutes']:.0f} |")
     (results / "tables.json").write_text(json.dumps(table, indent=1))
@@ -480,7 +526,13 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=Path, help="folder for the trained row (default: outputs/tables/ROW)")
     train.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
                        help="the LLaMA-2 tokenizer.json that `make assets` fetches")
-    train.add_argument("--max-steps", type=int, default=3000, help="optimizer steps")
+    train.add_argument("--max-steps", type=int, default=3000, help="optimizer steps on the task")
+    train.add_argument("--grounding-steps", type=int, default=0,
+                       help="optimizer steps of a grounding stage before the task (data/grounding.jsonl, made by "
+                       "`fine_detail --splits grounding`): every coloured tag's box, the same for every row")
+    train.add_argument("--grounding-from", type=Path,
+                       help="start from the grounding stage another row saved (ROW_OUTPUT/grounding-stage) instead of "
+                       "running it: rows of the same geometry and detection loss have the same one")
     train.add_argument("--batch-size", type=int, default=8, help="examples per step")
     train.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (cosine, 3%% warmup)")
     train.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
@@ -526,12 +578,15 @@ def main(argv=None) -> None:
     if args.command == "train":
         if not (args.data / "train.jsonl").exists():
             make_dataset(args.data)
+        if args.grounding_steps and not (args.data / "grounding.jsonl").exists():
+            make_dataset(args.data, splits=("grounding",))
         output = args.output or ROOT / "outputs" / "tables" / args.row
         tower = None if str(args.vision_tower) == "none" else args.vision_tower
         if tower is not None and not (tower / TOWER_WEIGHTS).exists():
             tower_pretraining.main([str(tower), "--data", str(args.data), "--tokenizer", str(args.tokenizer)])
         log = train_row(args.row, args.data, output, args.tokenizer, args.max_steps, args.batch_size,
-                        args.learning_rate, args.seed, args.max_records, tower)
+                        args.learning_rate, args.seed, args.max_records, tower, args.grounding_steps,
+                        args.grounding_from)
         print(f"{args.row}: {log['steps']} steps in {log['train_runtime_seconds'] / 60:.1f} min, mean loss "
               f"{log['train_loss']:.3f}; saved to {output}")
     elif args.command == "evaluate":
