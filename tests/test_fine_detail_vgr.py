@@ -368,6 +368,15 @@ class TestDiagnostics:
         guessed = tables.ridge_probe(noise[:500], digits[:500], noise[500:], digits[500:])
         assert (read == digits[500:]).double().mean() > 0.9 and (guessed == digits[500:]).double().mean() < 0.3
 
+    def test_the_box_regression_reads_a_linear_code_and_not_noise(self):
+        generator = torch.Generator().manual_seed(0)
+        boxes = torch.rand(600, 4, generator=generator)
+        features = boxes @ torch.randn(4, 32, generator=generator) + 0.05 * torch.randn(600, 32, generator=generator)
+        noise = torch.randn(600, 32, generator=generator)
+        read = tables.ridge_regression(features[:500], boxes[:500], features[500:])
+        guessed = tables.ridge_regression(noise[:500], boxes[:500], noise[500:])
+        assert (read - boxes[500:]).abs().mean() < 0.05 and (guessed - boxes[500:]).abs().mean() > 0.2
+
     def test_probes_and_segment_losses_of_a_saved_row(self, data, tmp_path):
         model, processor = tables.build_row("vgr", TOKENIZER_FILE, 0)
         model.save_pretrained(tmp_path / "vgr")
@@ -378,6 +387,10 @@ class TestDiagnostics:
         for name in tables.PROBE_FEATURES:
             assert set(probes[name]) == {"tens", "units", "number"}
             assert probes[name]["number"] <= min(probes[name]["tens"], probes[name]["units"]) <= 1.0
+        boxes = tables.box_probes(tmp_path / "vgr", data, train_count=8, test_count=2)
+        assert boxes["train_tags"] == probes["train_tags"] and set(boxes) >= {"snapshot", "prompt", "cell"}
+        assert all(0.0 <= boxes[name]["mean_iou"] <= 1.0 for name in ("snapshot", "prompt", "cell"))
+        assert boxes["cell"]["centre_l1"] <= 2 * 0.5 / tables.row_config("vgr").geometry().snapshot_grid()[0]
         losses = tables.segment_losses("vgr", tmp_path / "vgr", data, count=2)
         regions = sum(len(record["boxes"]) for record in read_records(data / "validation.jsonl")[:2])
         assert sorted(tables.CONDITIONS) == sorted(key for key in losses if key in tables.CONDITIONS)
@@ -389,6 +402,21 @@ class TestDiagnostics:
         # the prompt and the replays read the images the condition names: as they are, the forward is the model's own
         assert losses["image"]["number"]["loss"] != losses["replay_blurred"]["number"]["loss"]
         assert losses["image"]["colour"]["loss"] != losses["prompt_blurred"]["colour"]["loss"]
+
+    def test_grounding_is_scored_against_the_true_boxes(self, data, tmp_path):
+        truths = [[[0.1, 0.1, 0.3, 0.3]], [[0.5, 0.5, 0.7, 0.7], [0.1, 0.1, 0.2, 0.2]]]
+        texts = ["The red tag is here <sot>[0.10, 0.10, 0.30, 0.30]<eot>.",  # exact
+                 "The red tag is here <sot>[0.60, 0.50, 0.80, 0.70]<eot>."]  # half over the first, the second missed
+        scores = tables.score_grounding(texts, truths)
+        assert scores["tags"] == 3 and scores["found_at_iou_0.5"] == pytest.approx(1 / 3)
+        assert scores["mean_iou"] == pytest.approx((1.0 + (1 / 3) / 2) / 2)
+        assert scores["centre_l1"] == pytest.approx((0.0 + 0.1 + 1.0) / 3)  # the missed one: to the only box
+        model, processor = tables.build_row("vgr", TOKENIZER_FILE, 0)
+        stage = tmp_path / tables.GROUNDING_STAGE
+        model.save_pretrained(stage)  # as a grounding stage is saved: no processor
+        quality = tables.grounding_quality(stage, data, count=2, tokenizer_file=TOKENIZER_FILE)
+        assert quality["records"] == 2 and 0.0 <= quality["mean_iou"] <= 1.0 and len(quality["samples"]) == 2
+        assert all("<image>" not in text for text in quality["samples"])
 
     def test_a_forward_takes_its_prompt_and_its_replays_from_the_images_named(self, data):
         model, processor = tables.build_row("vgr", TOKENIZER_FILE, 0)

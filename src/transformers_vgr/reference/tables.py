@@ -12,7 +12,9 @@ Every row has the same vision tower and language model (VGR-Tiny's: CLIP-style 4
 patches, LLaMA-style 4 x 128), the same crops (up to 12, so that every image of the task is an exact grid and the
 crops see it at full resolution), the same data, steps, batch, learning rate and seed. They differ only in what the
 paper's rows differ in (`ROWS`): the prompt's pooling and layout, whether answers ground and replay, the detection
-loss, and where a replay's tokens come from.
+loss, and where a replay's tokens come from. With `--grounding-steps N`, every row first trains N steps on the
+grounding split (every coloured tag's box, nothing replayed), as the paper's rows all start from a base model that has
+seen grounding data; `tables grounding` scores how well a saved row (or its grounding stage) places the tags.
 """
 
 import argparse
@@ -41,8 +43,8 @@ from ..replay_vgr import pool_grid
 from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer
 from ..lmms_eval.tasks.fine_detail import KINDS, TASKS, write_fine_detail_tasks
 from ..training.data import read_records
-from .evaluate import box_iou
-from .fine_detail import CROP_SIZE, blurred, make_dataset
+from .evaluate import answer_all, box_iou
+from .fine_detail import CROP_SIZE, GROUNDING_TAGS, QUESTIONS, blurred, make_dataset
 from . import tower_pretraining
 from .tower_pretraining import WEIGHTS_NAME as TOWER_WEIGHTS, load_tower
 from .train import CHAT_TEMPLATE, TEXT_CONFIG, VISION_CONFIG, init_vision_positions, llama2_tokenizer, \
@@ -52,6 +54,9 @@ from .train import CHAT_TEMPLATE, TEXT_CONFIG, VISION_CONFIG, init_vision_positi
 ROOT = Path(__file__).resolve().parents[3]
 MAX_CROPS = 12  # the task's largest image, 448 x 336, is a 3 x 4 grid of 112-px crops
 VISION_TOWER = ROOT / "outputs" / "tables" / "vision-tower"  # every row's pretrained tower (`tower_pretraining`)
+GROUNDING_QUESTION = QUESTIONS["grounding"]
+MAX_GROUNDED_TAGS = GROUNDING_TAGS[1]
+TOKENIZER_FILE = ROOT / "assets" / "llama2-tokenizer.json"  # the LLaMA-2 tokenizer.json that `make assets` fetches
 MAX_LENGTH = 1024  # tokens: the full-token rows' longest sequence (864 visual tokens and the answer) fits
 
 
@@ -279,6 +284,54 @@ def evaluate_row(name: str, checkpoint: Path, data: Path, output: Path, batch_si
     return summary
 
 
+def load_row(model_dir: Path, tokenizer_file: Path = TOKENIZER_FILE) -> tuple:
+    """`(model, processor)` of a saved row, in eval mode; a grounding stage is saved without a processor, so one is
+    built for its config."""
+    model = VGRForConditionalGeneration.from_pretrained(model_dir).eval()
+    if (Path(model_dir) / "processor_config.json").exists():
+        return model, VGRProcessor.from_pretrained(model_dir)
+    return model, row_processor(model.config, tokenizer_file)
+
+
+def grounding_quality(model_dir: Path, data: Path, count: int, tokenizer_file: Path = TOKENIZER_FILE,
+                      batch_size: int = 8) -> dict:
+    """How well a saved row grounds, generated: asked the grounding question ("Where are the coloured tags?") on the
+    first `count` validation records (1 or 2 coloured tags each, images the grounding stage never saw), the mean IoU of
+    its written boxes with the tags' boxes under the best pairing, the share of tags found at IoU 0.5, and the mean
+    absolute error of the boxes' centres. A row's model right after its grounding stage (`grounding-stage`) as much
+    as after the task; a grounding stage, trained without replays, is asked without them."""
+    model, processor = load_row(model_dir, tokenizer_file)
+    if Path(model_dir).name == GROUNDING_STAGE:
+        model.config.max_replays = 0
+    records = [{**record, "conversations": [{"from": "human", "value": "<image>\n" + GROUNDING_QUESTION}]}
+               for record in read_records(data / "validation.jsonl")[:count]]
+    results = answer_all(model, processor, records, data, batch_size, max_new_tokens=40 * MAX_GROUNDED_TAGS,
+                         description="grounding")
+    return {"model": str(model_dir), **score_grounding([result["text"] for result in results],
+                                                       [result["record"]["boxes"] for result in results]),
+            "samples": [result["text"] for result in results[:5]]}
+
+
+def score_grounding(texts: list[str], truths: list[list]) -> dict:
+    """`grounding_quality`'s figures from the answers `texts` and each one's true boxes: the mean IoU under the best
+    pairing (`best_mean_iou`), the share of true boxes some written box overlaps at IoU 0.5 or more, and the mean
+    L1 distance (x plus y) from each true box's centre to that of the written box that overlaps it most (the first
+    one when none does)."""
+    ious, found, centre_errors = [], 0, []
+    for text, boxes in zip(texts, truths):
+        written = [parsed.box for parsed in find_boxes(text) if parsed.valid]
+        ious.append(best_mean_iou(written, boxes))
+        for truth in boxes:
+            best = max(written, key=lambda box: box_iou(box, truth), default=None)
+            found += best is not None and box_iou(best, truth) >= 0.5
+            if best is not None:
+                centre_errors.append(abs((best[0] + best[2] - truth[0] - truth[2]) / 2)
+                                     + abs((best[1] + best[3] - truth[1] - truth[3]) / 2))
+    tags = sum(len(boxes) for boxes in truths)
+    return {"records": len(texts), "tags": tags, "mean_iou": sum(ious) / len(ious), "found_at_iou_0.5": found / tags,
+            "centre_l1": sum(centre_errors) / max(len(centre_errors), 1)}
+
+
 # The parts of an answer whose teacher-forced loss `segment_losses` reports apart; the rest is wording.
 SEGMENTS = {
     "colour": re.compile(r"The (\w+) tag"),
@@ -453,8 +506,7 @@ def number_probes(model_dir: Path, data: Path, train_count: int = 1500, test_cou
     images."""
     import torch
 
-    model = VGRForConditionalGeneration.from_pretrained(model_dir).eval()
-    processor = VGRProcessor.from_pretrained(model_dir)
+    model, processor = load_row(model_dir)
     sets = {}
     for split, count in (("train", train_count), ("validation", test_count)):
         features, digits = {name: [] for name in PROBE_FEATURES}, []
@@ -473,6 +525,75 @@ def number_probes(model_dir: Path, data: Path, train_count: int = 1500, test_cou
                            for place, target in enumerate(PROBE_TARGETS)},
                         "number": right.all(1).double().mean().item()}
     return {"model": str(model_dir), "train_tags": len(train_y), "test_tags": len(test_y), **probes}
+
+
+def box_probes(model_dir: Path, data: Path, train_count: int = 1000, test_count: int = 200) -> dict:
+    """Whether a row's prompt tokens say where a coloured tag is, finer than which token it is in: a ridge regression
+    of the tag's box `(x1, y1, x2, y2)` from the snapshot token at the box's centre ("snapshot") and from it beside
+    the crop token there ("prompt"), fitted on the tags of the first `train_count` training images and tested on those
+    of the first `test_count` validation images, against "cell": the training tags' mean box moved to the centre of
+    the snapshot cell the tag's centre is in (what knowing the token alone gives). Each: mean IoU with the true box
+    and the centres' mean L1 distance (x plus y)."""
+    import torch
+
+    model, processor = load_row(model_dir)
+    config, grid = model.config, model.model.geometry.snapshot_grid()[0]
+    sets = {}
+    for split, count in (("train", train_count), ("validation", test_count)):
+        features, boxes = {"snapshot": [], "prompt": []}, []
+        for record in read_records(data / f"{split}.jsonl")[:count]:
+            inputs = processor.image_processor([PIL.Image.open(data / record["image"]).convert("RGB")],
+                                               return_tensors="pt")
+            with torch.no_grad():
+                outputs, (memory,) = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+            snapshot = outputs.pooler_output[0][: grid**2].view(grid, grid, -1)
+            crops = pool_grid(memory.features, config.crop_pool)  # (rows * side', cols * side', hidden)
+            for box in record["boxes"]:
+                x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+                at_snapshot = snapshot[min(int(y * grid), grid - 1), min(int(x * grid), grid - 1)]
+                top, _, left, _ = memory.tile.box_to_cells((x, y, x, y))
+                features["snapshot"].append(at_snapshot)
+                features["prompt"].append(torch.cat([at_snapshot, crops[top // config.crop_pool,
+                                                                         left // config.crop_pool]]))
+                boxes.append(box)
+        sets[split] = ({name: torch.stack(values) for name, values in features.items()}, torch.tensor(boxes))
+    (train_x, train_y), (test_x, test_y) = sets["train"], sets["validation"]
+
+    def scored(predicted) -> dict:
+        predicted = predicted.tolist()
+        truths = test_y.tolist()
+        centre = [abs(p[0] + p[2] - t[0] - t[2]) / 2 + abs(p[1] + p[3] - t[1] - t[3]) / 2
+                  for p, t in zip(predicted, truths)]
+        return {"mean_iou": sum(box_iou(p, t) for p, t in zip(predicted, truths)) / len(truths),
+                "centre_l1": sum(centre) / len(centre)}
+
+    probes = {name: scored(ridge_regression(train_x[name], train_y, test_x[name])) for name in features}
+    size = (train_y[:, 2:] - train_y[:, :2]).mean(0)  # (w, h)
+    cells = ((torch.stack([(test_y[:, 0] + test_y[:, 2]) / 2, (test_y[:, 1] + test_y[:, 3]) / 2], 1) * grid)
+             .floor().clamp(max=grid - 1) + 0.5) / grid  # (tags, 2) the cell centre
+    probes["cell"] = scored(torch.cat([cells - size / 2, cells + size / 2], 1))
+    return {"model": str(model_dir), "train_tags": len(train_y), "test_tags": len(test_y), **probes}
+
+
+def ridge_regression(train_x, train_y, test_x) -> "torch.Tensor":
+    """Ridge regression on standardized features, its penalty chosen on the last fifth of the training set by mean
+    squared error, then refit on all of it. Returns its held-out predictions."""
+    import torch
+
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+
+    def fit(x, y, penalty):
+        x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+        return torch.linalg.solve(x.T @ x + penalty * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y.double())
+
+    def predict(weights, x):
+        return torch.cat([x, torch.ones(len(x), 1)], 1).double() @ weights
+
+    split = len(train_x) * 4 // 5
+    penalty = min(RIDGE_PENALTIES, key=lambda p: (predict(fit(train_x[:split], train_y[:split], p), train_x[split:])
+                                                  - train_y[split:]).pow(2).mean().item())
+    return predict(fit(train_x, train_y, penalty), test_x)
 
 
 COLUMNS = [  # (header, summary key, format)
@@ -548,10 +669,11 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, help="lmms-eval's output (default: outputs/tables/eval/ROW)")
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions per generate call")
     evaluate.add_argument("--records", type=int, help="the first N held-out records only (default: all 400)")
-    probe = commands.add_parser("probe", help="where a row's features carry the number: ridge probes on the "
-                                "prompt's tokens and on the replayed ones", formatter_class=HelpFormatter)
+    probe = commands.add_parser("probe", help="where a row's features carry the number (ridge probes on the "
+                                "prompt's tokens and on the replayed ones) and how finely the prompt says where a "
+                                "tag is (a ridge regression of its box)", formatter_class=HelpFormatter)
     probed = probe.add_mutually_exclusive_group(required=True)
-    probed.add_argument("--model", type=Path, help="a trained row (or any saved row)")
+    probed.add_argument("--model", type=Path, help="a trained row (or any saved row, a grounding stage too)")
     probed.add_argument("--untrained", choices=sorted(ROWS), help="a row as it starts, before training: its random "
                         "language model and the pretrained --vision-tower")
     probe.add_argument("--vision-tower", type=Path, default=VISION_TOWER,
@@ -567,6 +689,14 @@ def parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--model", type=Path, help="the trained row (default: outputs/tables/ROW)")
     diagnose.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
     diagnose.add_argument("--records", type=int, default=200, help="the first N validation records")
+    grounding = commands.add_parser("grounding", help="how well a saved row grounds: its written boxes when asked "
+                                    "where the coloured tags are", formatter_class=HelpFormatter)
+    grounding.add_argument("--model", type=Path, required=True,
+                           help="a saved row, or its grounding stage (ROW_OUTPUT/grounding-stage)")
+    grounding.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
+    grounding.add_argument("--records", type=int, default=100, help="the first N validation records")
+    grounding.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
+                           help="the LLaMA-2 tokenizer.json that `make assets` fetches")
     summary = commands.add_parser("report", help="the table of every row run so far", formatter_class=HelpFormatter)
     summary.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "tables", help="where rows were run")
     summary.add_argument("--results", type=Path, default=ROOT / "results", help="where to write the table")
@@ -603,11 +733,14 @@ def main(argv=None) -> None:
                 processor.save_pretrained(scratch)
                 model = Path(scratch)
             probes = number_probes(model, args.data, args.train_images, args.test_images)
+            probes["box"] = box_probes(model, args.data, args.train_images, args.test_images)
         probes["model"] = f"{args.untrained}, untrained" if args.untrained else str(args.model)
         print(json.dumps(probes, indent=1))
     elif args.command == "diagnose":
         model = args.model or ROOT / "outputs" / "tables" / args.row
         print(json.dumps(segment_losses(args.row, model, args.data, args.records), indent=1))
+    elif args.command == "grounding":
+        print(json.dumps(grounding_quality(args.model, args.data, args.records, args.tokenizer), indent=1))
     elif args.command == "report":
         print(report(args.outputs, args.results))
 
