@@ -61,8 +61,7 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from ..image_processing_vgr import VGRImageProcessor, to_rgb_image
-from ..modeling_vgr import ImageMemory, image_tokens_and_memory
-from ..replay_vgr import replay_features
+from ..replay_vgr import ImageMemory, image_tokens_and_memory, replay_features
 
 
 ARCHITECTURE = "VGRForConditionalGeneration"
