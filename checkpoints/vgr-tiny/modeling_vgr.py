@@ -18,43 +18,10 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 
-try:  # transformers >= 5.20
-    from transformers.modeling_utils import slice_logits_to_keep
-except ImportError:  # transformers < 5.20 (vLLM 0.32's pin) imports this module but never runs it: vLLM has its own model
-    slice_logits_to_keep = None
-
 from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
 from .generation_vgr import VGRGenerationMixin
-from .geometry_vgr import TileGeometry, unpadded_span
-from .replay_vgr import pool_grid, replay_features, stitch_crops
-
-
-@dataclass
-class ImageMemory:
-    """The feature memory S of one image: unpooled post-projector features of all its local crops, stitched.
-
-    `features` is `(rows * crop_side, cols * crop_side, hidden_size)`; `tile` says where the image lies in it (the
-    rest is padding). With `replay_source="crop"`, `pixels` holds the crops' pixels stitched into the canvas
-    `(3, rows * crop, cols * crop)`, which a replay crops and encodes again."""
-
-    features: torch.Tensor
-    tile: TileGeometry
-    pixels: torch.Tensor | None = None
-
-
-@dataclass
-class FeatureMemory:
-    """The feature memory of a batch: S of every image, and for each row the image its replays cut from (the row's
-    last image; `None` for a row without one). Kept for a whole generation, so that a replay never reruns the vision
-    tower."""
-
-    images: list[ImageMemory]
-    row_images: list[int | None]
-
-    def for_row(self, row: int) -> ImageMemory | None:
-        index = self.row_images[row]
-        return None if index is None else self.images[index]
+from .replay_vgr import FeatureMemory, ImageMemory, image_tokens_and_memory, pool_grid, replay_features
 
 
 @dataclass
@@ -121,34 +88,6 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
     image_outputs: BaseModelOutputWithPooling | None = None
-
-
-def image_tokens_and_memory(image_features: torch.Tensor, tile: TileGeometry, config, image_newline=None,
-                            pixel_values: torch.Tensor | None = None):
-    """One image's prompt tokens `(snapshot + crop tokens, hidden)` and its feature memory S, from the projected
-    features of its snapshot and crops `(1 + rows * cols, side, side, hidden)`. With `replay_source="crop"` the
-    memory also keeps the crops' pixels, from the image's `pixel_values` `(1 + rows * cols, 3, crop, crop)`. The
-    vLLM plugin calls it too."""
-    snapshot = pool_grid(image_features[0], config.snapshot_pool).flatten(0, 1)  # (144, hidden)
-    crops = image_features[1:]  # (rows * cols, side, side, hidden)
-    canvas = None
-    if config.replay_source == "crop":
-        canvas = stitch_crops(pixel_values[1:].permute(0, 2, 3, 1), tile.grid).permute(2, 0, 1)  # (3, H, W)
-    memory = ImageMemory(stitch_crops(crops, tile.grid), tile, canvas)  # (rows * side, cols * side, hidden)
-    return torch.cat([snapshot, crop_tokens(crops, tile, config, image_newline)]), memory
-
-
-def crop_tokens(crops: torch.Tensor, tile: TileGeometry, config, image_newline=None) -> torch.Tensor:
-    """Prompt tokens of the local crops `(num_crop_tokens, hidden)`: "vgr" flattens each pooled crop on its own;
-    "llava_next" stitches them, removes the padding and ends each row with `image_newline`."""
-    pooled = pool_grid(crops, config.crop_pool)  # (rows * cols, side', side', hidden)
-    if config.image_layout == "vgr":
-        return pooled.flatten(0, 2)  # each crop row-major, crops in row-major order
-    stitched = stitch_crops(pooled, tile.grid)  # (rows * side', cols * side', hidden)
-    top, bottom, left, right = unpadded_span(tile.image_size, tuple(stitched.shape[:2]))
-    stitched = stitched[top:bottom, left:right]
-    newline = image_newline.to(stitched.dtype).expand(stitched.shape[0], 1, -1)
-    return torch.cat([stitched, newline], dim=1).flatten(0, 1)
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -681,7 +620,8 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, kept, :])  # (batch, kept, vocab)
         token_ids = self.model.placeholder_ids(input_ids, inputs_embeds)  # (batch, seq)
 
         eot_boxes = None

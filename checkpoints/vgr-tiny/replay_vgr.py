@@ -1,7 +1,8 @@
 # Copyright 2026 The transformers-vgr authors.
 # Licensed under the Apache License, Version 2.0.
-"""Selective feature replay, the part every runner shares: reading the box a row closes with `<eot>`, deciding
-whether it replays (caps, context size) and cutting its tokens out of the feature memory S.
+"""Selective feature replay, the part every runner shares: an image's prompt tokens and its feature memory S from
+its projected crop features, reading the box a row closes with `<eot>`, deciding whether it replays (caps, context
+size) and cutting its tokens out of S.
 
 `generate` (generation_vgr.py), the model (modeling_vgr.py) and the vLLM plugin all call these functions, so a box is
 read, capped and cut the same way everywhere. Nothing here depends on transformers.
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .box_text_vgr import ParsedBox, parse_box, to_pixel_box
+from .geometry_vgr import TileGeometry, unpadded_span
 
 
 @dataclass
@@ -138,3 +140,58 @@ def replay_features(memory: torch.Tensor, tile, box, pool: int) -> torch.Tensor:
     `(K, hidden)`."""
     top, bottom, left, right = tile.box_to_cells(box)
     return pool_grid(memory[top:bottom, left:right], pool).flatten(0, 1)
+
+
+@dataclass
+class ImageMemory:
+    """The feature memory S of one image: unpooled post-projector features of all its local crops, stitched.
+
+    `features` is `(rows * crop_side, cols * crop_side, hidden_size)`; `tile` says where the image lies in it (the
+    rest is padding). With `replay_source="crop"`, `pixels` holds the crops' pixels stitched into the canvas
+    `(3, rows * crop, cols * crop)`, which a replay crops and encodes again."""
+
+    features: torch.Tensor
+    tile: TileGeometry
+    pixels: torch.Tensor | None = None
+
+
+@dataclass
+class FeatureMemory:
+    """The feature memory of a batch: S of every image, and for each row the image its replays cut from (the row's
+    last image; `None` for a row without one). Kept for a whole generation, so that a replay never reruns the vision
+    tower."""
+
+    images: list[ImageMemory]
+    row_images: list[int | None]
+
+    def for_row(self, row: int) -> ImageMemory | None:
+        index = self.row_images[row]
+        return None if index is None else self.images[index]
+
+
+def image_tokens_and_memory(image_features: torch.Tensor, tile: TileGeometry, config, image_newline=None,
+                            pixel_values: torch.Tensor | None = None):
+    """One image's prompt tokens `(snapshot + crop tokens, hidden)` and its feature memory S, from the projected
+    features of its snapshot and crops `(1 + rows * cols, side, side, hidden)`. With `replay_source="crop"` the
+    memory also keeps the crops' pixels, from the image's `pixel_values` `(1 + rows * cols, 3, crop, crop)`. The
+    vLLM plugin calls it too."""
+    snapshot = pool_grid(image_features[0], config.snapshot_pool).flatten(0, 1)  # (144, hidden)
+    crops = image_features[1:]  # (rows * cols, side, side, hidden)
+    canvas = None
+    if config.replay_source == "crop":
+        canvas = stitch_crops(pixel_values[1:].permute(0, 2, 3, 1), tile.grid).permute(2, 0, 1)  # (3, H, W)
+    memory = ImageMemory(stitch_crops(crops, tile.grid), tile, canvas)  # (rows * side, cols * side, hidden)
+    return torch.cat([snapshot, crop_tokens(crops, tile, config, image_newline)]), memory
+
+
+def crop_tokens(crops: torch.Tensor, tile: TileGeometry, config, image_newline=None) -> torch.Tensor:
+    """Prompt tokens of the local crops `(num_crop_tokens, hidden)`: "vgr" flattens each pooled crop on its own;
+    "llava_next" stitches them, removes the padding and ends each row with `image_newline`."""
+    pooled = pool_grid(crops, config.crop_pool)  # (rows * cols, side', side', hidden)
+    if config.image_layout == "vgr":
+        return pooled.flatten(0, 2)  # each crop row-major, crops in row-major order
+    stitched = stitch_crops(pooled, tile.grid)  # (rows * side', cols * side', hidden)
+    top, bottom, left, right = unpadded_span(tile.image_size, tuple(stitched.shape[:2]))
+    stitched = stitched[top:bottom, left:right]
+    newline = image_newline.to(stitched.dtype).expand(stitched.shape[0], 1, -1)
+    return torch.cat([stitched, newline], dim=1).flatten(0, 1)
