@@ -27,7 +27,10 @@ with two decimals. Each record also holds `direct` (the same question answered "
 direct-answer rows), `kind` ("one" / "two"), `boxes`, `numbers` and `colours` of the regions, and `tags`: every tag
 of the image (the regions first, then the grey ones) with its colour, number, pixel rectangle and box.
 
-    python -m transformers_vgr.reference.fine_detail data/fine-detail      # train / validation / test, fixed seeds
+A fourth split, `grounding`, is the grounding stage's (`tables train --grounding-steps`): images of the same kind with
+3 to 5 coloured tags of different colours, "Where are the coloured tags?" answered with every one's box, left to right.
+
+    python -m transformers_vgr.reference.fine_detail data/fine-detail      # train / validation / test / grounding
 """
 
 import argparse
