@@ -284,6 +284,17 @@ def evaluate_row(name: str, checkpoint: Path, data: Path, output: Path, batch_si
     return summary
 
 
+def snapshot_cell(x: float, y: float, grid: int) -> tuple[int, int]:
+    """`(row, col)` of the snapshot token at the normalized place `(x, y)`: the snapshot is the whole image resized
+    to one crop, so normalized places map straight onto its `grid x grid` tokens."""
+    return min(int(y * grid), grid - 1), min(int(x * grid), grid - 1)
+
+
+def centre_l1(box, truth) -> float:
+    """The L1 distance (x plus y) between the centres of two normalized `(x1, y1, x2, y2)` boxes."""
+    return abs(box[0] + box[2] - truth[0] - truth[2]) / 2 + abs(box[1] + box[3] - truth[1] - truth[3]) / 2
+
+
 def load_row(model_dir: Path, tokenizer_file: Path = TOKENIZER_FILE) -> tuple:
     """`(model, processor)` of a saved row, in eval mode; a grounding stage is saved without a processor, so one is
     built for its config."""
@@ -325,8 +336,7 @@ def score_grounding(texts: list[str], truths: list[list]) -> dict:
             best = max(written, key=lambda box: box_iou(box, truth), default=None)
             found += best is not None and box_iou(best, truth) >= 0.5
             if best is not None:
-                centre_errors.append(abs((best[0] + best[2] - truth[0] - truth[2]) / 2)
-                                     + abs((best[1] + best[3] - truth[1] - truth[3]) / 2))
+                centre_errors.append(centre_l1(best, truth))
     tags = sum(len(boxes) for boxes in truths)
     return {"records": len(texts), "tags": tags, "mean_iou": sum(ious) / len(ious), "found_at_iou_0.5": found / tags,
             "centre_l1": sum(centre_errors) / max(len(centre_errors), 1)}
@@ -461,9 +471,7 @@ def tag_features(model, processor, image: PIL.Image.Image, boxes: list) -> dict:
             at_snapshot, at_crops = [], []
             for fraction in (0.25, 0.75):
                 x = box[0] + fraction * (box[2] - box[0])
-                # the snapshot is the whole image resized to one crop, so normalized places map straight onto its grid
-                at_snapshot.append(snapshot[min(int(middle_y * snapshot_grid), snapshot_grid - 1),
-                                            min(int(x * snapshot_grid), snapshot_grid - 1)])
+                at_snapshot.append(snapshot[snapshot_cell(x, middle_y, snapshot_grid)])
                 top, _, left, _ = memory.tile.box_to_cells((x, middle_y, x, middle_y))
                 at_crops.append(crops[top // config.crop_pool, left // config.crop_pool])
             features["snapshot"].append(torch.cat(at_snapshot))
@@ -478,25 +486,38 @@ def tag_features(model, processor, image: PIL.Image.Image, boxes: list) -> dict:
 
 
 def ridge_probe(train_x, train_y, test_x, test_y, classes: int = 10) -> "torch.Tensor":
-    """A least-squares (ridge) probe on standardized features, one-vs-rest on one-hot targets; the penalty is chosen
-    on the last fifth of the training set, then the probe is refit on all of it. Returns its held-out predictions."""
+    """A least-squares (ridge) probe on standardized features, one-vs-rest on one-hot targets, its penalty chosen by
+    accuracy (`ridge_fit_predict`). Returns its held-out predictions (class indices)."""
+    import torch
+
+    def error(predicted, held):  # the share of wrong classes
+        return (predicted.argmax(1) != held.argmax(1)).double().mean()
+
+    targets = torch.nn.functional.one_hot(train_y, classes)
+    return ridge_fit_predict(train_x, targets, test_x, error)[0].argmax(1)
+
+
+def ridge_fit_predict(train_x, train_targets, test_x, error) -> tuple:
+    """Ridge regression on standardized features with a bias, its penalty (of `RIDGE_PENALTIES`) the one of least
+    `error(predicted, targets)` on the last fifth of the training set, then refit on all of it. Returns the held-out
+    predictions `(len(test_x), targets)` and the penalty."""
     import torch
 
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_targets = train_targets.double()
 
     def fit(x, y, penalty):
         x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-        targets = torch.nn.functional.one_hot(y, classes).double()
-        return torch.linalg.solve(x.T @ x + penalty * torch.eye(x.shape[1], dtype=x.dtype), x.T @ targets)
+        return torch.linalg.solve(x.T @ x + penalty * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
 
     def predict(weights, x):
-        return (torch.cat([x, torch.ones(len(x), 1)], 1).double() @ weights).argmax(1)
+        return torch.cat([x, torch.ones(len(x), 1)], 1).double() @ weights
 
     split = len(train_x) * 4 // 5
-    penalty = max(RIDGE_PENALTIES, key=lambda p: (predict(fit(train_x[:split], train_y[:split], p), train_x[split:])
-                                                   == train_y[split:]).double().mean().item())
-    return predict(fit(train_x, train_y, penalty), test_x)
+    penalty = min(RIDGE_PENALTIES, key=lambda p: float(error(predict(fit(train_x[:split], train_targets[:split], p),
+                                                                     train_x[split:]), train_targets[split:])))
+    return predict(fit(train_x, train_targets, penalty), test_x), penalty
 
 
 def number_probes(model_dir: Path, data: Path, train_count: int = 1500, test_count: int = 200) -> dict:
@@ -550,7 +571,7 @@ def box_probes(model_dir: Path, data: Path, train_count: int = 1000, test_count:
             crops = pool_grid(memory.features, config.crop_pool)  # (rows * side', cols * side', hidden)
             for box in record["boxes"]:
                 x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-                at_snapshot = snapshot[min(int(y * grid), grid - 1), min(int(x * grid), grid - 1)]
+                at_snapshot = snapshot[snapshot_cell(x, y, grid)]
                 top, _, left, _ = memory.tile.box_to_cells((x, y, x, y))
                 features["snapshot"].append(at_snapshot)
                 features["prompt"].append(torch.cat([at_snapshot, crops[top // config.crop_pool,
@@ -559,41 +580,27 @@ def box_probes(model_dir: Path, data: Path, train_count: int = 1000, test_count:
         sets[split] = ({name: torch.stack(values) for name, values in features.items()}, torch.tensor(boxes))
     (train_x, train_y), (test_x, test_y) = sets["train"], sets["validation"]
 
-    def scored(predicted) -> dict:
-        predicted = predicted.tolist()
-        truths = test_y.tolist()
-        centre = [abs(p[0] + p[2] - t[0] - t[2]) / 2 + abs(p[1] + p[3] - t[1] - t[3]) / 2
-                  for p, t in zip(predicted, truths)]
-        return {"mean_iou": sum(box_iou(p, t) for p, t in zip(predicted, truths)) / len(truths),
-                "centre_l1": sum(centre) / len(centre)}
+    truths = test_y.tolist()
 
-    probes = {name: scored(ridge_regression(train_x[name], train_y, test_x[name])) for name in features}
-    size = (train_y[:, 2:] - train_y[:, :2]).mean(0)  # (w, h)
-    cells = ((torch.stack([(test_y[:, 0] + test_y[:, 2]) / 2, (test_y[:, 1] + test_y[:, 3]) / 2], 1) * grid)
-             .floor().clamp(max=grid - 1) + 0.5) / grid  # (tags, 2) the cell centre
-    probes["cell"] = scored(torch.cat([cells - size / 2, cells + size / 2], 1))
+    def scored(predicted: list) -> dict:
+        return {"mean_iou": sum(box_iou(p, t) for p, t in zip(predicted, truths)) / len(truths),
+                "centre_l1": sum(centre_l1(p, t) for p, t in zip(predicted, truths)) / len(truths)}
+
+    probes = {name: scored(ridge_regression(train_x[name], train_y, test_x[name]).tolist()) for name in features}
+    width, height = (train_y[:, 2:] - train_y[:, :2]).mean(0).tolist()
+    cell_boxes = []
+    for truth in truths:  # the training tags' mean box at the centre of the truth's snapshot cell
+        row, col = snapshot_cell((truth[0] + truth[2]) / 2, (truth[1] + truth[3]) / 2, grid)
+        x, y = (col + 0.5) / grid, (row + 0.5) / grid
+        cell_boxes.append([x - width / 2, y - height / 2, x + width / 2, y + height / 2])
+    probes["cell"] = scored(cell_boxes)
     return {"model": str(model_dir), "train_tags": len(train_y), "test_tags": len(test_y), **probes}
 
 
 def ridge_regression(train_x, train_y, test_x) -> "torch.Tensor":
-    """Ridge regression on standardized features, its penalty chosen on the last fifth of the training set by mean
-    squared error, then refit on all of it. Returns its held-out predictions."""
-    import torch
-
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-
-    def fit(x, y, penalty):
-        x = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-        return torch.linalg.solve(x.T @ x + penalty * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y.double())
-
-    def predict(weights, x):
-        return torch.cat([x, torch.ones(len(x), 1)], 1).double() @ weights
-
-    split = len(train_x) * 4 // 5
-    penalty = min(RIDGE_PENALTIES, key=lambda p: (predict(fit(train_x[:split], train_y[:split], p), train_x[split:])
-                                                  - train_y[split:]).pow(2).mean().item())
-    return predict(fit(train_x, train_y, penalty), test_x)
+    """Ridge regression of continuous targets, its penalty chosen by mean squared error (`ridge_fit_predict`).
+    Returns its held-out predictions."""
+    return ridge_fit_predict(train_x, train_y, test_x, lambda predicted, held: (predicted - held).pow(2).mean())[0]
 
 
 COLUMNS = [  # (header, summary key, format)
@@ -645,7 +652,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail",
                        help="the fine-detail splits (made here when missing)")
     train.add_argument("--output", type=Path, help="folder for the trained row (default: outputs/tables/ROW)")
-    train.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
+    train.add_argument("--tokenizer", type=Path, default=TOKENIZER_FILE,
                        help="the LLaMA-2 tokenizer.json that `make assets` fetches")
     train.add_argument("--max-steps", type=int, default=3000, help="optimizer steps on the task")
     train.add_argument("--grounding-steps", type=int, default=0,
@@ -678,7 +685,7 @@ def parser() -> argparse.ArgumentParser:
                         "language model and the pretrained --vision-tower")
     probe.add_argument("--vision-tower", type=Path, default=VISION_TOWER,
                        help="with --untrained: the tower it starts from ('none' for a random one)")
-    probe.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
+    probe.add_argument("--tokenizer", type=Path, default=TOKENIZER_FILE,
                        help="with --untrained: the LLaMA-2 tokenizer.json")
     probe.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
     probe.add_argument("--train-images", type=int, default=1500, help="training images the probes are fitted on")
@@ -695,7 +702,7 @@ def parser() -> argparse.ArgumentParser:
                            help="a saved row, or its grounding stage (ROW_OUTPUT/grounding-stage)")
     grounding.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
     grounding.add_argument("--records", type=int, default=100, help="the first N validation records")
-    grounding.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
+    grounding.add_argument("--tokenizer", type=Path, default=TOKENIZER_FILE,
                            help="the LLaMA-2 tokenizer.json that `make assets` fetches")
     summary = commands.add_parser("report", help="the table of every row run so far", formatter_class=HelpFormatter)
     summary.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "tables", help="where rows were run")
