@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.box_text_vgr import find_boxes
+from transformers_vgr.lmms_eval.metrics import best_mean_iou
 from transformers_vgr.lmms_eval.tasks.fine_detail import TASKS, process_results, write_fine_detail_tasks
 from transformers_vgr.reference import fine_detail, tables, tower_pretraining
 from transformers_vgr.training import VGRSFTDataset
@@ -296,9 +297,34 @@ class TestScoring:
 
     def test_best_pairing(self):
         a, b = (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)
-        assert tables.best_mean_iou([b, a], [a, b]) == 1.0
-        assert tables.best_mean_iou([a], [a, b]) == 0.5
-        assert tables.best_mean_iou([], [a]) == 0.0
+        assert best_mean_iou([b, a], [a, b]) == 1.0
+        assert best_mean_iou([a], [a, b]) == 0.5
+        assert best_mean_iou([], [a]) == 0.0
+
+    def test_the_report_adds_a_row_to_those_an_earlier_checkout_ran(self, tmp_path):
+        """outputs/ is not committed: a row trained now joins the rows the results already hold, which stay as they
+        were; a row in neither is listed as not run."""
+        columns = {key: 0.5 for _, key, _ in tables.COLUMNS}
+        results = tmp_path / "results"
+        results.mkdir()
+        earlier = {"vgr": {**columns, "accuracy": 0.338, "train_minutes": 104.0}}
+        (results / "tables.json").write_text(json.dumps(earlier))
+        outputs = tmp_path / "outputs"
+        (outputs / "eval" / "llava_next").mkdir(parents=True)
+        (outputs / "llava_next").mkdir()
+        (outputs / "eval" / "llava_next" / "summary.json").write_text(json.dumps({**columns, "accuracy": 0.4}))
+        log = {"steps": 3000, "train_runtime_seconds": 600.0, "logs": [{"loss": 0.3}],
+               "grounding_steps": 1500, "grounding": {"train_runtime_seconds": 300.0}}
+        (outputs / "llava_next" / "training_log.json").write_text(json.dumps(log))
+        markdown = tables.report(outputs, results)
+        table = json.loads((results / "tables.json").read_text())
+        assert table["vgr"] == earlier["vgr"]
+        assert table["llava_next"]["accuracy"] == 0.4 and table["llava_next"]["train_minutes"] == 15.0
+        assert json.loads((results / "tables-logs" / "llava_next.json").read_text()) == log
+        lines = {line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines()[2:]}
+        assert "| 33.8% |" in lines[tables.ROWS["vgr"].title] and lines[tables.ROWS["vgr"].title].endswith("| 104 |")
+        assert "| 40.0% |" in lines[tables.ROWS["llava_next"].title]
+        assert "not run" in lines[tables.ROWS["vgr_reencode"].title]
 
 
 class TestDiagnostics:

@@ -13,7 +13,7 @@ import pytest
 
 import torch
 
-from transformers_vgr.reference.evaluate import box_iou
+from transformers_vgr.lmms_eval.metrics import box_iou
 from transformers_vgr.reference.synthetic import LATTICE, SIZES, cell_box, make_split
 from transformers_vgr.reference.train import CHAT_TEMPLATE, init_vision_positions, sincos_position_table, tiny_config
 from transformers_vgr.training.data import read_records

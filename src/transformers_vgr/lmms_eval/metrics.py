@@ -8,7 +8,12 @@
   reference answers, after lower-casing and collapsing whitespace; 0 below the threshold 0.5. lmms-eval 0.7.3 divides
   by the lengths of the raw strings; the two differ only for answers with surrounding or repeated whitespace.
 - `exact_match`: the stripped answer equals the stripped target (AI2D, RealWorldQA, the VGR-Tiny task).
+
+And the grounding metrics of written boxes (normalized `(x1, y1, x2, y2)`): `box_iou`, and `best_mean_iou` over the
+true regions of a question under the best one-to-one pairing with the boxes written.
 """
+
+import itertools
 
 from ..box_text_vgr import extract_final_answer
 
@@ -66,3 +71,23 @@ def anls(prediction: str, references: list[str], threshold: float = ANLS_THRESHO
 
 def exact_match(prediction: str, target: str) -> float:
     return float(prediction.strip() == target.strip())
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two `(x1, y1, x2, y2)` boxes (0 when the union is empty)."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def best_mean_iou(written: list, truths: list) -> float:
+    """Mean IoU over the true regions under the best one-to-one pairing with the written boxes (a region without a
+    box counts 0)."""
+    if not written:
+        return 0.0
+    best = 0.0
+    for order in itertools.permutations(range(len(written)), min(len(written), len(truths))):
+        best = max(best, sum(box_iou(written[i], truth) for i, truth in zip(order, truths)))
+    return best / len(truths)

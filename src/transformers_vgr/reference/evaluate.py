@@ -30,20 +30,13 @@ from ..cli import HelpFormatter
 from ..costs import answer_cost, cost_columns
 from ..geometry_vgr import llava_next_prompt_tokens
 from ..image_processing_vgr import to_rgb_image
+from ..lmms_eval.metrics import box_iou
 from ..training.collator import VGRDataCollator
 from ..training.data import clean_record, encode_conversation, image_size, read_records
 from .synthetic import SPLIT_SIZES, make_split
 
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def box_iou(a, b) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def answer_all(model, processor, records, root: Path, batch_size: int, max_new_tokens: int,

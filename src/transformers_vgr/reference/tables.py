@@ -19,7 +19,6 @@ seen grounding data; `tables grounding` scores how well a saved row (or its grou
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -41,9 +40,10 @@ from ..image_processing_vgr import VGRImageProcessor
 from ..processing_vgr import VGRProcessor
 from ..replay_vgr import pool_grid
 from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer
+from ..lmms_eval.metrics import best_mean_iou, box_iou
 from ..lmms_eval.tasks.fine_detail import KINDS, TASKS, write_fine_detail_tasks
 from ..training.data import read_records
-from .evaluate import answer_all, box_iou
+from .evaluate import answer_all
 from .fine_detail import CROP_SIZE, GROUNDING_TAGS, QUESTIONS, blurred, make_dataset
 from . import tower_pretraining
 from .tower_pretraining import WEIGHTS_NAME as TOWER_WEIGHTS, load_tower
@@ -216,17 +216,6 @@ def run_lmms_eval(checkpoint: Path, task_folder: Path, output: Path, batch_size:
     print(" ".join(command))
     subprocess.run(command, env=env, check=True)
     return sorted(output.glob("*/*_results.json"))[-1]
-
-
-def best_mean_iou(written: list, truths: list) -> float:
-    """Mean IoU over the true regions under the best one-to-one pairing with the written boxes (a region without a
-    box counts 0)."""
-    if not written:
-        return 0.0
-    best = 0.0
-    for order in itertools.permutations(range(len(written)), min(len(written), len(truths))):
-        best = max(best, sum(box_iou(written[i], truth) for i, truth in zip(order, truths)))
-    return best / len(truths)
 
 
 def summarize(results_file: Path, log_dir: Path, data: Path, count: int | None = None) -> dict:
@@ -619,25 +608,33 @@ COLUMNS = [  # (header, summary key, format)
 
 def report(outputs: Path, results: Path) -> str:
     """`results/tables.json` and `results/tables.md` from every row trained and evaluated under `outputs`, and each
-    row's training log in `results/tables-logs/`. Rows not (yet) run are listed as such."""
+    row's training log in `results/tables-logs/`. A row whose outputs are not here (trained in another checkout:
+    `outputs/` is not committed) keeps the entry `results/tables.json` already has; rows never run are listed as
+    such."""
     results.mkdir(parents=True, exist_ok=True)
     (results / "tables-logs").mkdir(exist_ok=True)
+    earlier = json.loads((results / "tables.json").read_text()) if (results / "tables.json").exists() else {}
     table, lines = {}, ["| row | paper | " + " | ".join(h for h, _, _ in COLUMNS) + " | training min |",
                         "|---" * (len(COLUMNS) + 3) + "|"]
     for name, row in ROWS.items():
         summary_file, log_file = outputs / "eval" / name / "summary.json", outputs / name / "training_log.json"
-        if not (summary_file.exists() and log_file.exists()):
+        if summary_file.exists() and log_file.exists():
+            summary, log = json.loads(summary_file.read_text()), json.loads(log_file.read_text())
+            (results / "tables-logs" / f"{name}.json").write_text(json.dumps(log, indent=1))
+            grounding = log.get("grounding", {})
+            table[name] = {**summary, "title": row.title, "paper": row.paper, "steps": log["steps"],
+                           "grounding_steps": log.get("grounding_steps", 0),
+                           "train_minutes": (log["train_runtime_seconds"]
+                                             + grounding.get("train_runtime_seconds", 0)) / 60,
+                           "final_logged_loss": log["logs"][-1]}
+        elif name in earlier:
+            table[name] = earlier[name]
+        else:
             lines.append(f"| {row.title} | {row.paper} | " + " | ".join("not run" for _ in COLUMNS) + " | |")
             continue
-        summary, log = json.loads(summary_file.read_text()), json.loads(log_file.read_text())
-        (results / "tables-logs" / f"{name}.json").write_text(json.dumps(log, indent=1))
-        grounding = log.get("grounding", {})
-        table[name] = {**summary, "title": row.title, "paper": row.paper, "steps": log["steps"],
-                       "grounding_steps": log.get("grounding_steps", 0),
-                       "train_minutes": (log["train_runtime_seconds"] + grounding.get("train_runtime_seconds", 0)) / 60,
-                       "final_logged_loss": log["logs"][-1]}
-        cells = [fmt.format(summary[key]) if (row.grounded or "box" not in key) else "-" for _, key, fmt in COLUMNS]
-        lines.append(f"| {row.title} | {row.paper} | " + " | ".join(cells) + f" | {table[name]['train_minutes']:.0f} |")
+        entry = table[name]
+        cells = [fmt.format(entry[key]) if (row.grounded or "box" not in key) else "-" for _, key, fmt in COLUMNS]
+        lines.append(f"| {row.title} | {row.paper} | " + " | ".join(cells) + f" | {entry['train_minutes']:.0f} |")
     (results / "tables.json").write_text(json.dumps(table, indent=1))
     markdown = "\n".join(lines) + "\n"
     (results / "tables.md").write_text(markdown)
