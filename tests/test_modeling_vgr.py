@@ -261,6 +261,35 @@ class TestLosses:
         torch.testing.assert_close(out_scrambled.lm_loss, expected)
         assert out.loss == out.lm_loss  # no box targets: CE only
 
+    @pytest.mark.parametrize("logits_to_keep", [0, 1, 3, torch.tensor([0, 5, 2])])
+    def test_each_head_runs_once_per_position(self, setup, logits_to_keep):
+        """The LM head sees every position whose logits are kept or whose target counts exactly once, the detection
+        head every <eot> once; the losses and logits are those of the full-vocabulary forward."""
+        model, inputs = setup
+        ids = inputs["input_ids"]
+        seen = {"lm_head": [], "box_head": []}
+        hooks = [getattr(model, name).register_forward_hook(
+            lambda module, args, output, name=name: seen[name].append(args[0].shape[:-1].numel()))
+            for name in seen]
+        try:
+            with torch.no_grad():
+                out = model(**inputs, labels=ids, box_targets=inputs["replay_boxes"], logits_to_keep=logits_to_keep)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            with torch.no_grad():
+                full = model(**inputs, labels=ids, box_targets=inputs["replay_boxes"])
+        length = ids.shape[1]
+        kept = torch.arange(length)[slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
+        targets = torch.nn.functional.pad(ids[0, 1:].masked_fill(ids[0, 1:] == model.config.image_token_id, -100),
+                                          (0, 1), value=-100)
+        supervised = set((targets != -100).nonzero().flatten().tolist())
+        assert sum(seen["lm_head"]) == len(set(kept.tolist()) | supervised)
+        assert seen["box_head"] == [1]  # one <eot>
+        torch.testing.assert_close(out.logits, full.logits[:, kept])
+        torch.testing.assert_close(out.lm_loss, full.lm_loss)
+        torch.testing.assert_close(out.box_l1_loss, full.box_l1_loss)
+
     def test_detection_loss_is_zero_for_a_perfect_box(self, setup):
         model, inputs = setup
         with torch.no_grad():

@@ -28,7 +28,9 @@ from .processing_vgr import VGRProcessor
 from .replay_vgr import ReplayRecord
 
 
-# Auto classes in this process: AutoModel resolves to the generative class, as hub VLMs with remote code do.
+# Auto classes in this process. AutoModel resolves to the generative class, not to the base VGRModel as transformers'
+# own VLMs map it: the documented usage is `AutoModel.from_pretrained(...)` then `generate`, and without the LM head
+# VGR can neither write a box nor replay it (hub VLMs with remote code do the same).
 AutoConfig.register("vgr", VGRConfig, exist_ok=True)
 AutoModel.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)

@@ -15,7 +15,8 @@ recomputed and the vision tower is not rerun. The stock `generate` loop of trans
   whose logits pick the next token. The replayed positions live in the cache and in the attention mask kept here,
   never in `input_ids`, so `max_new_tokens`, streamers and stopping criteria see text tokens only.
 - `_update_model_kwargs_for_generation` keeps the prefill's feature memory and the detection head's boxes;
-- `_expand_inputs_for_generation` gives each of `num_return_sequences` samples its row's images;
+- transformers encodes each image once before the prefill (`mm_encoder_outputs`), and
+  `_expand_inputs_for_generation` gives each of `num_return_sequences` samples its row's encoded images;
 - the decoding steps go through `get_compiled_call`'s step: a plain text step runs the language model and LM head
   alone (compiled with a static cache and a `compile_config`), the others the whole model.
 
@@ -43,8 +44,7 @@ from transformers.generation import (
 from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import ModelOutput
 
-from .box_text_vgr import box_token_table
-from .replay_vgr import CONTEXT_OVERFLOW, ReplayLimits, ReplayRecord, plan_replay, read_box
+from .replay_vgr import CONTEXT_OVERFLOW, ReplayLimits, ReplayRecord, box_texts_of, ended_record, plan_replay, read_box
 
 
 # Why a row stopped, as serving APIs say it; VGR's own `CONTEXT_OVERFLOW` when a replay does not fit.
@@ -152,7 +152,7 @@ class ReplayState:
             else:
                 step = column - self.prompt_length
                 if self.finished[row]:
-                    record = ReplayRecord(step, None, None, 0, False, "generation ended at this <eot>")
+                    record = ended_record(step)
                 else:
                     record = self._decide(row, input_ids[row].tolist(), step)
                     self.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
@@ -336,10 +336,8 @@ class VGRGenerationMixin(GenerationMixin):
             sot_token_id=self.config.sot_token_id,
             image_token_id=self.config.image_token_id,
             pad_token_id=_pad_token_id(self.config, effective),
-            limits=ReplayLimits(
-                self.config.max_replays, self.config.max_replay_tokens, self.config.text_config.max_position_embeddings
-            ),
-            box_texts=self._box_texts(kwargs.get("tokenizer")),
+            limits=ReplayLimits.from_config(self.config),
+            box_texts=box_texts_of(self.config, kwargs.get("tokenizer")),
             geometry=self.model.geometry,
         )
         cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))
@@ -435,21 +433,6 @@ class VGRGenerationMixin(GenerationMixin):
         ) != 1:
             raise ValueError("num_return_sequences > 1 cannot continue a conversation: its cache has one row per sample")
 
-    def _box_texts(self, tokenizer) -> dict[int, str]:
-        table = self.config
-        if tokenizer is not None and not table.box_token_ids:
-            table = box_token_table(tokenizer)
-            ids, texts = table["box_token_ids"], table["box_token_texts"]
-        else:
-            ids, texts = table.box_token_ids, table.box_token_texts
-        if not ids or len(ids) != len(texts):
-            raise ValueError(
-                "the model cannot read the boxes it writes: config.box_token_ids / box_token_texts are not set. "
-                "Set them once with model.config.update(processor.box_token_table()) (exported checkpoints have them), "
-                "or pass tokenizer=... to generate"
-            )
-        return dict(zip(ids, texts))
-
     def prepare_inputs_for_generation(
         self,
         input_ids,
@@ -522,21 +505,26 @@ class VGRGenerationMixin(GenerationMixin):
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """`num_return_sequences` copies of each row, each with its row's images (transformers' own expansion repeats
-        each image instead, which pairs images with rows only when every row has exactly one)."""
-        pixel_values = model_kwargs.pop("pixel_values", None)
-        image_sizes = model_kwargs.pop("image_sizes", None)
+        """`num_return_sequences` copies of each row, each with its row's images. transformers has encoded each image
+        once (`mm_encoder_outputs`, before the prefill); the copies share its prompt tokens and its S, which are
+        picked per row here (transformers' own expansion finds a row's images by counting placeholders, which a replay
+        span in the prompt would miscount)."""
+        mm_encoder_outputs = model_kwargs.pop("mm_encoder_outputs", None)
         replay_boxes = model_kwargs.pop("replay_boxes", None)
-        if expand_size > 1 and pixel_values is not None and input_ids is not None:
-            rows = self.model.images_of_rows(input_ids, image_sizes)
-            order = [image for images in rows for _ in range(expand_size) for image in images]
-            pixel_values, image_sizes = self.model.select_images(pixel_values, image_sizes, order)
+        images = (mm_encoder_outputs or {}).get("image")
+        if expand_size > 1 and images is not None and input_ids is not None:
+            rows = self.model.images_of_rows(input_ids, [tokens.shape[0] for tokens in images.pooler_output])
+            order = [image for row_images in rows for _ in range(expand_size) for image in row_images]
+            # the tower's own outputs (per crop) stay those of the images encoded
+            images = type(images)(**{**images, "pooler_output": tuple(images.pooler_output[i] for i in order),
+                                     "feature_memory": [images.feature_memory[i] for i in order]})
+            mm_encoder_outputs = {**mm_encoder_outputs, "image": images}
         if expand_size > 1 and replay_boxes is not None:
             replay_boxes = [boxes for boxes in replay_boxes for _ in range(expand_size)]
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
-        for name, value in (("pixel_values", pixel_values), ("image_sizes", image_sizes), ("replay_boxes", replay_boxes)):
+        for name, value in (("mm_encoder_outputs", mm_encoder_outputs), ("replay_boxes", replay_boxes)):
             if value is not None:
                 model_kwargs[name] = value
         return input_ids, model_kwargs

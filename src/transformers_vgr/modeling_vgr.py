@@ -21,7 +21,23 @@ from transformers.utils.generic import can_return_tuple
 from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
 from .generation_vgr import VGRGenerationMixin
-from .replay_vgr import FeatureMemory, ImageMemory, image_tokens_and_memory, pool_grid, replay_features
+from .replay_vgr import FeatureMemory, ImageMemory, image_tokens_and_memory, pool_grid, replay_features, replay_image
+
+
+@dataclass
+class VGRImageOutput(BaseModelOutputWithPooling):
+    r"""
+    What `VGRModel.get_image_features` returns: the vision tower's output for every crop of every image, with each
+    image's prompt tokens as `pooler_output` (a tuple, one `(snapshot + crop tokens, hidden_size)` tensor per image, as
+    LLaVA-NeXT's) and each image's feature memory S. Passed back to the forward as `mm_encoder_outputs={"image": ...}`
+    (as `generate` does), it stands for the images: the vision tower does not run again.
+
+    Attributes:
+        feature_memory (`list[ImageMemory]`):
+            S of each image, in the order of `pooler_output`.
+    """
+
+    feature_memory: list[ImageMemory] | None = None
 
 
 @dataclass
@@ -41,9 +57,9 @@ class VGRModelOutputWithPast(ModelOutput):
         feature_memory (`FeatureMemory`, *optional*):
             S of every image of `pixel_values` (or the memory that was passed in), and which image each row replays
             from.
-        image_outputs (`BaseModelOutputWithPooling`, *optional*):
-            The vision tower's output for `pixel_values`, with each image's prompt tokens as `pooler_output` (see
-            `VGRModel.get_image_features`); `None` without images.
+        image_outputs (`VGRImageOutput`, *optional*):
+            The vision tower's output for `pixel_values` (or the `mm_encoder_outputs` given), with each image's prompt
+            tokens as `pooler_output` (see `VGRModel.get_image_features`); `None` without images.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -51,7 +67,7 @@ class VGRModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
-    image_outputs: BaseModelOutputWithPooling | None = None
+    image_outputs: VGRImageOutput | None = None
 
 
 @dataclass
@@ -87,7 +103,7 @@ class VGRCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
-    image_outputs: BaseModelOutputWithPooling | None = None
+    image_outputs: VGRImageOutput | None = None
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -149,14 +165,14 @@ class VGRDetectionHead(nn.Module):
 class VGRPreTrainedModel(PreTrainedModel):
     """The base of VGR's models: `VGRConfig`, weight initialization (the sub-models' own, CLIP's and LLaMA's, also when
     loaded as remote code), safetensors loading by default, and the attention backends and device maps LLaVA-NeXT
-    supports (decoder and encoder layers are never split)."""
+    supports. Decoder and encoder layers are never split: `post_init` collects the sub-models' own
+    `_no_split_modules`, whatever the tower and language model are."""
 
     config: VGRConfig
     config_class = VGRConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["CLIPEncoderLayer", "LlamaDecoderLayer"]
     _skip_keys_device_placement = "cache"
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -213,11 +229,12 @@ class VGRModel(VGRPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     @can_return_tuple
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> VGRImageOutput:
         """The vision tower's output for every crop of every image, with each image's prompt tokens
-        `(snapshot + crop tokens, hidden_size)` as `pooler_output` (a tuple, one per image, as LLaVA-NeXT's).
-        `output_hidden_states` / `output_attentions` (or the config's) keep the tower's. The feature memory S comes
-        with the forward's output, or from `encode_images`."""
+        `(snapshot + crop tokens, hidden_size)` as `pooler_output` (a tuple, one per image, as LLaVA-NeXT's) and its
+        feature memory S. `output_hidden_states` / `output_attentions` (or the config's) keep the tower's.
+        `generate` encodes a prompt's images with it once, before the prefill, and every sample of the prompt shares
+        them (`mm_encoder_outputs`)."""
         return self.encode_images(
             pixel_values, image_sizes,
             output_hidden_states=kwargs.get("output_hidden_states", self.config.output_hidden_states),
@@ -226,7 +243,7 @@ class VGRModel(VGRPreTrainedModel):
 
     def encode_images(
         self, pixel_values: torch.Tensor, image_sizes, output_hidden_states=False, output_attentions=False
-    ) -> tuple[BaseModelOutputWithPooling, list[ImageMemory]]:
+    ) -> tuple[VGRImageOutput, list[ImageMemory]]:
         """Run the vision tower once over every crop of every image.
 
         Args:
@@ -251,11 +268,12 @@ class VGRModel(VGRPreTrainedModel):
             tokens, memory = image_tokens_and_memory(image_features, tile, self.config, self.image_newline, image_pixels)
             prompt_tokens.append(tokens)
             memories.append(memory)
-        image_outputs = BaseModelOutputWithPooling(
+        image_outputs = VGRImageOutput(
             last_hidden_state=vision_outputs.last_hidden_state,
             pooler_output=tuple(prompt_tokens),
             hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
             attentions=vision_outputs.attentions if output_attentions else None,
+            feature_memory=memories,
         )
         return image_outputs, memories
 
@@ -314,10 +332,9 @@ class VGRModel(VGRPreTrainedModel):
             raise ValueError(f"pixel_values crops are {tuple(pixel_values.shape[-3:])}, expected (3, {crop}, {crop})")
         return pixel_values.to(self.vision_tower.dtype)
 
-    def images_of_rows(self, input_ids: torch.LongTensor, image_sizes) -> list[list[int]]:
-        """Which images (indices into `image_sizes`) each row's prompt placeholders stand for: images fill the
-        placeholder runs in order across rows, as in `visual_embeddings`."""
-        counts = [self.geometry.prompt_tokens(size).total for size in _as_size_list(image_sizes)]
+    def images_of_rows(self, input_ids: torch.LongTensor, counts: list[int]) -> list[list[int]]:
+        """Which images (indices into `counts`, each image's number of prompt tokens) each row's prompt placeholders
+        stand for: images fill the placeholder runs in order across rows, as in `visual_embeddings`."""
         rows, next_image = [], 0
         for ids in input_ids.tolist():
             runs = _runs(ids, self.config.image_token_id)
@@ -329,19 +346,6 @@ class VGRModel(VGRPreTrainedModel):
                 next_image += 1
             rows.append(images)
         return rows
-
-    def select_images(self, pixel_values: torch.Tensor, image_sizes, order: list[int]):
-        """`pixel_values` and `image_sizes` of the images `order` lists (repeats allowed), in that order."""
-        sizes = _as_size_list(image_sizes)
-        if pixel_values.dim() == 5:  # (num_images, max_patches, 3, crop, crop)
-            selected = pixel_values[order]
-        else:  # (total_patches, 3, crop, crop): each image's patches in turn
-            patches = torch.split(pixel_values, [self.geometry.num_patches(size) for size in sizes])
-            selected = torch.cat([patches[image] for image in order])
-        selected_sizes = [sizes[image] for image in order]
-        if isinstance(image_sizes, torch.Tensor):
-            selected_sizes = torch.tensor(selected_sizes, dtype=image_sizes.dtype, device=image_sizes.device)
-        return selected, selected_sizes
 
     def placeholder_ids(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.LongTensor:
         """`input_ids`, or without them the ids VGR's layout depends on, read back from `inputs_embeds` (as LLaVA-NeXT
@@ -358,21 +362,24 @@ class VGRModel(VGRPreTrainedModel):
         """Features for the image placeholders of `input_ids`.
 
         A run of placeholders right after `<eot>` is a replay span: the pooled region of S under the row's next box in
-        `replay_boxes`, on the row's last image. Every other run is filled with the prompt tokens of the next images
-        (in order, across rows); without `prompt_tokens` (a decoding step) it is left as plain token embeddings.
+        `replay_boxes`, on the image `replay_image` picks of the row's images so far (its last). Every other run is
+        filled with the prompt tokens of the next images (in order, across rows); without `prompt_tokens` (a decoding
+        step) it is left as plain token embeddings.
 
         Returns the mask of filled positions `(batch, seq)`, their features `(num_filled, hidden)` in row-major
-        order, and for each row the index of its last image (for `FeatureMemory.row_images`)."""
+        order, and for each row the index of the image its replays read (for `FeatureMemory.row_images`)."""
         config = self.config
         replay_boxes = _as_box_lists(replay_boxes, input_ids.shape[0])
         fill_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         pieces, row_images, next_image = [], [], 0
         for row, ids in enumerate(input_ids.tolist()):
-            row_image, boxes = memory.row_images[row], list(replay_boxes[row])
+            boxes = list(replay_boxes[row])
+            seen = [] if memory.row_images[row] is None else [memory.row_images[row]]  # the row's images so far
             for start, length in _runs(ids, config.image_token_id):
                 if start > 0 and ids[start - 1] == config.eot_token_id:
                     if not boxes:
                         raise ValueError(f"row {row}: a replay span at position {start} has no box in replay_boxes")
+                    row_image = replay_image(seen)
                     if row_image is None:
                         raise ValueError(f"row {row}: a replay span at position {start} comes before any image")
                     box = boxes.pop(0)
@@ -406,13 +413,14 @@ class VGRModel(VGRPreTrainedModel):
                             )
                         run_tokens.append(image_tokens)
                         filled += image_tokens.shape[0]
-                        row_image, next_image = next_image, next_image + 1
+                        seen.append(next_image)
+                        next_image += 1
                     tokens = torch.cat(run_tokens)
                 fill_mask[row, start : start + length] = True
                 pieces.append(tokens)
             if boxes:
                 raise ValueError(f"row {row}: replay_boxes has {len(boxes)} box(es) more than the row's replay spans")
-            row_images.append(row_image)
+            row_images.append(replay_image(seen))
         if prompt_tokens and next_image != len(prompt_tokens):
             raise ValueError(f"{len(prompt_tokens)} image(s) were given but input_ids has placeholders for {next_image}")
         features = torch.cat(pieces) if pieces else None
@@ -431,6 +439,7 @@ class VGRModel(VGRPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         replay_boxes=None,
         feature_memory: FeatureMemory | None = None,
+        mm_encoder_outputs: dict[str, VGRImageOutput] | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> VGRModelOutputWithPast:
@@ -439,6 +448,8 @@ class VGRModel(VGRPreTrainedModel):
         feature_memory (`FeatureMemory`, *optional*):
             The memory of an earlier forward over the same rows (generation): replay spans are cut from it without
             running the vision tower.
+        mm_encoder_outputs (`dict[str, VGRImageOutput]`, *optional*):
+            `{"image": get_image_features(...)}` in place of `pixel_values`: the images already encoded.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -446,8 +457,12 @@ class VGRModel(VGRPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         token_ids = self.placeholder_ids(input_ids, inputs_embeds)  # (batch, seq)
 
-        image_outputs, prompt_tokens = None, ()
-        if pixel_values is not None and pixel_values.shape[0] > 0:
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        image_outputs, prompt_tokens = (mm_encoder_outputs or {}).get("image"), ()
+        if image_outputs is not None:
+            image_memories = image_outputs.feature_memory
+        elif pixel_values is not None and pixel_values.shape[0] > 0:
             if image_sizes is None:
                 raise ValueError("pixel_values were given without image_sizes")
             image_outputs, image_memories = self.encode_images(
@@ -455,8 +470,9 @@ class VGRModel(VGRPreTrainedModel):
                 output_hidden_states=kwargs.get("output_hidden_states", self.config.output_hidden_states),
                 output_attentions=kwargs.get("output_attentions", self.config.output_attentions),
             )
+        if image_outputs is not None:
             prompt_tokens = image_outputs.pooler_output
-            feature_memory = FeatureMemory(image_memories, [None] * token_ids.shape[0])
+            feature_memory = FeatureMemory(list(image_memories), [None] * token_ids.shape[0])
         # Without images (and a memory), placeholders are embedded as the ids they are, as in LLaVA-NeXT; generate
         # refuses them.
 
@@ -516,8 +532,8 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> BaseModelOutputWithPooling:
-        """Each image's prompt tokens with the vision tower's output (see `VGRModel.get_image_features`)."""
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes, **kwargs) -> VGRImageOutput:
+        """Each image's prompt tokens and S with the vision tower's output (see `VGRModel.get_image_features`)."""
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -544,6 +560,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         replay_boxes=None,
         feature_memory: FeatureMemory | None = None,
+        mm_encoder_outputs: dict[str, VGRImageOutput] | None = None,
         labels: torch.LongTensor | None = None,
         box_targets=None,
         use_cache: bool | None = None,
@@ -578,6 +595,10 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             feature_memory (`FeatureMemory`, *optional*):
                 The memory of an earlier forward over the same rows: replay spans are cut from it and the vision tower
                 is not run (generation passes it on every step).
+            mm_encoder_outputs (`dict[str, VGRImageOutput]`, *optional*):
+                The images already encoded, `{"image": model.get_image_features(pixel_values, image_sizes)}`, in place
+                of `pixel_values` (as transformers' `generate` passes them: each image encoded once, whatever
+                `num_return_sequences`).
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Next-token targets (-100 to ignore), not shifted. Image and replay positions are always ignored.
                 Pre-shifted targets may be given as `shift_labels` instead (sequence parallelism).
@@ -588,6 +609,9 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
                 Whether to return the key/value cache.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute the logits of the last `logits_to_keep` positions only (0: all), or of the given indices.
+                With `labels`, the LM head still runs once per position: the loss reads the kept logits and runs
+                the head on the supervised positions that are not kept. Training that does not need the logits
+                passes 1 (as `VGRTrainer` does), so that the head runs on little more than the supervised positions.
             **kwargs:
                 `output_hidden_states`, `output_attentions`, `return_dict`, `num_items_in_batch` (the Trainer's count
                 of label tokens, for gradient accumulation) and `shift_labels`.
@@ -615,6 +639,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
             inputs_embeds=inputs_embeds,
             replay_boxes=replay_boxes,
             feature_memory=feature_memory,
+            mm_encoder_outputs=mm_encoder_outputs,
             use_cache=use_cache,
             return_dict=True,
             **kwargs,
@@ -624,18 +649,19 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
         logits = self.lm_head(hidden_states[:, kept, :])  # (batch, kept, vocab)
         token_ids = self.model.placeholder_ids(input_ids, inputs_embeds)  # (batch, seq)
 
-        eot_boxes = None
+        eot_boxes = eot_predictions = None
         if token_ids.shape == hidden_states.shape[:2]:
             eot_mask = token_ids == self.config.eot_token_id
             if eot_mask.any():
-                eot_boxes = box_cxcywh_to_xyxy(self.box_head(hidden_states[eot_mask]))  # (num_eot, 4)
+                eot_predictions = self.box_head(hidden_states[eot_mask])  # (num_eot, 4) cx, cy, w, h, row-major
+                eot_boxes = box_cxcywh_to_xyxy(eot_predictions)
 
         lm_loss = box_l1_loss = box_giou_loss = None
         if labels is not None or shift_labels is not None:
             targets = self.next_token_targets(token_ids, labels, shift_labels, hidden_states.shape[:2])
-            lm_loss = self.language_modeling_loss(hidden_states, targets, num_items_in_batch)
+            lm_loss = self.language_modeling_loss(hidden_states, logits, kept, targets, num_items_in_batch)
         if box_targets is not None:
-            box_l1_loss, box_giou_loss = self.box_losses(token_ids, hidden_states, box_targets)
+            box_l1_loss, box_giou_loss = self.box_losses(token_ids, hidden_states, box_targets, eot_predictions)
 
         pieces = [
             (lm_loss, 1.0),
@@ -677,36 +703,55 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
         labels = labels.masked_fill(token_ids == self.config.image_token_id, -100)
         return F.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts token p + 1
 
-    def language_modeling_loss(self, hidden_states, targets, num_items_in_batch=None) -> torch.Tensor:
-        """Next-token cross-entropy, from the LM head applied only where there is a target: most positions of a VGR
-        sequence (prompt, image and replay tokens) have none, and the head over the vocabulary is the costliest part
-        of a small model's training step. `targets` `(batch, seq)` are already shifted (`next_token_targets`). The
-        mean over targets, or their sum over `num_items_in_batch`."""
-        supervised = targets != -100
-        logits = self.lm_head(hidden_states[supervised]).float()  # (num_targets, vocab)
-        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
-        count = num_items_in_batch if num_items_in_batch is not None else supervised.sum()
+    def language_modeling_loss(self, hidden_states, logits, kept, targets, num_items_in_batch=None) -> torch.Tensor:
+        """Next-token cross-entropy, with the LM head run once per position: a supervised position among the `kept`
+        ones (`logits` `(batch, kept, vocab)`, all positions by default) is read from `logits`, the others (when the
+        Trainer keeps one position, most of them) get the head here. Most positions of a VGR sequence (prompt, image
+        and replay tokens) have no target, and the head over the vocabulary is the costliest part of a small model's
+        training step. `targets` `(batch, seq)` are already shifted (`next_token_targets`). The mean over targets, or
+        their sum over `num_items_in_batch`."""
+        rows, positions = (targets != -100).nonzero(as_tuple=True)  # (num_targets,) each
+        # The column of `logits` that holds each position, -1 for a position not kept.
+        column = torch.full((targets.shape[1],), -1, dtype=torch.long, device=targets.device)
+        column[torch.arange(targets.shape[1], device=targets.device)[kept]] = torch.arange(
+            logits.shape[1], device=targets.device)
+        columns = column[positions]
+        inside = columns >= 0
+        outside = ~inside
+        target_logits = torch.cat([
+            logits[rows[inside], columns[inside]],
+            self.lm_head(hidden_states[rows[outside], positions[outside]]),
+        ]).float()  # (num_targets, vocab), those read from `logits` first
+        target_ids = torch.cat([targets[rows[inside], positions[inside]], targets[rows[outside], positions[outside]]])
+        loss = F.cross_entropy(target_logits, target_ids, reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else rows.numel()
         return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
 
-    def box_losses(self, input_ids, hidden_states, box_targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """L1 on (cx, cy, w, h) and 1 - GIoU on corners, of the detection head at every `<eot>` with a target."""
+    def box_losses(self, input_ids, hidden_states, box_targets,
+                   eot_predictions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """L1 on (cx, cy, w, h) and 1 - GIoU on corners, of the detection head at every `<eot>` with a target.
+        `eot_predictions` `(num_eot, 4)`: the head's boxes at every `<eot>` of `input_ids` in row-major order, when
+        the forward has them already (else the head runs here)."""
         targets = _as_box_lists(box_targets, input_ids.shape[0], allow_missing=True)
-        states, boxes = [], []
+        chosen, boxes, index = [], [], 0
         for row in range(input_ids.shape[0]):
-            positions = (input_ids[row] == self.config.eot_token_id).nonzero().flatten().tolist()
-            if len(positions) != len(targets[row]):
+            count = int((input_ids[row] == self.config.eot_token_id).sum())
+            if count != len(targets[row]):
                 raise ValueError(
-                    f"row {row}: box_targets has {len(targets[row])} box(es) for {len(positions)} <eot> token(s)"
+                    f"row {row}: box_targets has {len(targets[row])} box(es) for {count} <eot> token(s)"
                 )
-            for position, box in zip(positions, targets[row]):
+            for box in targets[row]:
                 if box is not None:
-                    states.append(hidden_states[row, position])
+                    chosen.append(index)
                     boxes.append(box)
+                index += 1
         if not boxes:
             # No target in this batch: zero losses that still touch the head, so that DDP sees its parameters used.
             zero = self.box_head(hidden_states[:1, 0]).sum() * 0.0
             return zero, zero
-        predicted = self.box_head(torch.stack(states)).float()  # (n, 4) cx, cy, w, h
+        if eot_predictions is None:
+            eot_predictions = self.box_head(hidden_states[input_ids == self.config.eot_token_id])
+        predicted = eot_predictions[chosen].float()  # (n, 4) cx, cy, w, h
         target = torch.tensor(boxes, dtype=torch.float32, device=predicted.device)  # (n, 4) x1, y1, x2, y2
         l1 = (predicted - box_xyxy_to_cxcywh(target)).abs().sum(-1).mean()
         giou = (1 - generalized_box_iou(box_cxcywh_to_xyxy(predicted), target)).mean()

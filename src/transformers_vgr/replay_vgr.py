@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .box_text_vgr import ParsedBox, parse_box, to_pixel_box
+from .box_text_vgr import ParsedBox, box_token_table, parse_box, to_pixel_box
 from .geometry_vgr import TileGeometry, unpadded_span
 
 
@@ -57,6 +57,43 @@ class ReplayLimits:
     max_replays: int
     max_replay_tokens: int
     max_positions: int
+
+    @classmethod
+    def from_config(cls, config, max_positions: int | None = None) -> "ReplayLimits":
+        """The caps of a `VGRConfig` in a context of `max_positions`: the engine's `max_model_len` on vLLM, the
+        language model's `max_position_embeddings` by default."""
+        if max_positions is None:
+            max_positions = config.text_config.max_position_embeddings
+        return cls(config.max_replays, config.max_replay_tokens, max_positions)
+
+
+def box_texts_of(config, tokenizer=None) -> dict[int, str]:
+    """Token id -> text of every token a box may hold (what `read_box` reads), from the config's table
+    (`box_token_ids`, `box_token_texts`), or from `tokenizer` when the config has none. Raises `ValueError` when
+    neither gives one."""
+    ids, texts = config.box_token_ids, config.box_token_texts
+    if not ids and tokenizer is not None:
+        table = box_token_table(tokenizer)
+        ids, texts = table["box_token_ids"], table["box_token_texts"]
+    if not ids or len(ids) != len(texts):
+        raise ValueError(
+            "the model cannot read the boxes it writes: config.box_token_ids / box_token_texts are not set. "
+            "Set them once with model.config.update(processor.box_token_table()) (exported checkpoints have them), "
+            "or pass tokenizer=... to generate"
+        )
+    return dict(zip(ids, texts))
+
+
+def ended_record(step: int) -> ReplayRecord:
+    """The record of an `<eot>` at generated index `step` that generation ended on (a stopping criterion or the
+    token budget): nothing is replayed after it."""
+    return ReplayRecord(step, None, None, 0, False, "generation ended at this <eot>")
+
+
+def replay_image(images: list):
+    """The image a row's replays read, of the row's images in order: its last one (the picture the row is talking
+    about most recently), `None` for a row without one."""
+    return images[-1] if images else None
 
 
 # Why a row stops when its replay does not fit in the context (a finish reason, as `generate` reports it).

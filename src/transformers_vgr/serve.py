@@ -406,6 +406,7 @@ def main(argv=None) -> None:
 
     async def serve():
         engine = AsyncLLM.from_engine_args(engine_args)
+        frontend.set_max_model_len(engine.model_config.max_model_len)
         names = args.served_model_name or args.model  # vLLM's flag: a name or a list of names
         max_images = args.max_images_per_request or mm_limit(engine_args.limit_mm_per_prompt.get("image", 1))
         limits = RequestLimits(

@@ -67,6 +67,7 @@ class VGRLLM:
         self._thread.start()
         args = apply_vgr_defaults(AsyncEngineArgs(model=model, **kwargs), self.frontend)
         self.engine = self._run(self._start(args))
+        self.frontend.set_max_model_len(self.engine.model_config.max_model_len)
 
     async def _start(self, args):
         return AsyncLLM.from_engine_args(args)

@@ -28,7 +28,7 @@ from ..box_text_vgr import extract_final_answer
 from ..configuration_vgr import VGRConfig
 from ..image_processing_vgr import to_rgb_image
 from ..processing_vgr import VGRProcessor
-from ..replay_vgr import ReplayLimits, ReplayRecord, plan_replay, read_box
+from ..replay_vgr import ReplayLimits, ReplayRecord, box_texts_of, ended_record, plan_replay, read_box, replay_image
 
 
 @dataclass
@@ -99,13 +99,14 @@ class VGRFrontend:
     def __init__(self, model: str):
         self.processor = VGRProcessor.from_pretrained(model)
         self.config = VGRConfig.from_pretrained(model)
-        if not self.config.box_token_ids:
-            self.config.update(self.processor.box_token_table())
         self.geometry = self.config.geometry()
-        self.box_texts = dict(zip(self.config.box_token_ids, self.config.box_token_texts))
-        self.limits = ReplayLimits(
-            self.config.max_replays, self.config.max_replay_tokens, self.config.text_config.max_position_embeddings
-        )
+        self.box_texts = box_texts_of(self.config, self.processor.tokenizer)
+        self.limits = ReplayLimits.from_config(self.config)  # until the engine says its context (`set_max_model_len`)
+
+    def set_max_model_len(self, max_model_len: int) -> None:
+        """Check replays against the engine's context rather than the model's: a replay that does not fit ends its
+        request with "context_overflow", as in `generate`, instead of a continuation vLLM refuses as too long."""
+        self.limits = ReplayLimits.from_config(self.config, max_model_len)
 
     # -- requests
 
@@ -223,8 +224,7 @@ class ReplaySession:
             if isinstance(completion.stop_reason, str):
                 self.stop_text = completion.stop_reason
         elif len(self.generated) >= self.max_tokens:
-            self.records.append(ReplayRecord(len(self.generated) - 1, None, None, 0, False,
-                                             "generation ended at this <eot>"))
+            self.records.append(ended_record(len(self.generated) - 1))
             self.recomputed.append(None)
             self.finish_reason = "length"
         else:
@@ -234,7 +234,7 @@ class ReplaySession:
         frontend = self.frontend
         config = frontend.config
         parsed = read_box(self.generated, config.sot_token_id, config.eot_token_id, frontend.box_texts)
-        image = self.request.images[-1] if self.request.images else None  # replays read the last picture
+        image = replay_image(self.request.images)
         image_size = None if image is None else (image.height, image.width)
         record, finish = plan_replay(
             parsed, len(self.generated) - 1, image_size, frontend.geometry, self.records, eot_position, frontend.limits
