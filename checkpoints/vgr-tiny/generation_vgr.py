@@ -44,7 +44,16 @@ from transformers.generation import (
 from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import ModelOutput
 
-from .replay_vgr import CONTEXT_OVERFLOW, ReplayLimits, ReplayRecord, box_texts_of, ended_record, plan_replay, read_box
+from .replay_vgr import (
+    CONTEXT_OVERFLOW,
+    FeatureMemory,
+    ReplayLimits,
+    ReplayRecord,
+    box_texts_of,
+    ended_record,
+    plan_replay,
+    read_box,
+)
 
 
 # Why a row stopped, as serving APIs say it; VGR's own `CONTEXT_OVERFLOW` when a replay does not fit.
@@ -516,8 +525,9 @@ class VGRGenerationMixin(GenerationMixin):
             rows = self.model.images_of_rows(input_ids, [tokens.shape[0] for tokens in images.pooler_output])
             order = [image for row_images in rows for _ in range(expand_size) for image in row_images]
             # the tower's own outputs (per crop) stay those of the images encoded
-            images = type(images)(**{**images, "pooler_output": tuple(images.pooler_output[i] for i in order),
-                                     "feature_memory": [images.feature_memory[i] for i in order]})
+            memories = FeatureMemory([images.feature_memory.images[i] for i in order], [])
+            pooled = tuple(images.pooler_output[i] for i in order)
+            images = type(images)(**{**images, "pooler_output": pooled, "feature_memory": memories})
             mm_encoder_outputs = {**mm_encoder_outputs, "image": images}
         if expand_size > 1 and replay_boxes is not None:
             replay_boxes = [boxes for boxes in replay_boxes for _ in range(expand_size)]

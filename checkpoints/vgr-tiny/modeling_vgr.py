@@ -33,11 +33,11 @@ class VGRImageOutput(BaseModelOutputWithPooling):
     (as `generate` does), it stands for the images: the vision tower does not run again.
 
     Attributes:
-        feature_memory (`list[ImageMemory]`):
-            S of each image, in the order of `pooler_output`.
+        feature_memory (`FeatureMemory`):
+            S of each image (`feature_memory.images`), in the order of `pooler_output`; no row replays from them yet.
     """
 
-    feature_memory: list[ImageMemory] | None = None
+    feature_memory: FeatureMemory | None = None
 
 
 @dataclass
@@ -273,7 +273,7 @@ class VGRModel(VGRPreTrainedModel):
             pooler_output=tuple(prompt_tokens),
             hidden_states=vision_outputs.hidden_states if output_hidden_states else None,
             attentions=vision_outputs.attentions if output_attentions else None,
-            feature_memory=memories,
+            feature_memory=FeatureMemory(memories, []),
         )
         return image_outputs, memories
 
@@ -461,7 +461,7 @@ class VGRModel(VGRPreTrainedModel):
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
         image_outputs, prompt_tokens = (mm_encoder_outputs or {}).get("image"), ()
         if image_outputs is not None:
-            image_memories = image_outputs.feature_memory
+            image_memories = image_outputs.feature_memory.images
         elif pixel_values is not None and pixel_values.shape[0] > 0:
             if image_sizes is None:
                 raise ValueError("pixel_values were given without image_sizes")
