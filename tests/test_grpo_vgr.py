@@ -1,0 +1,98 @@
+"""GRPO's arithmetic: group-normalized advantages, the clipped loss and its normalizations, the KL term, and a step on
+a tiny VGR's sampled completions (replays teacher-forced) that changes no weight when every sample of a group got the
+same reward."""
+
+import pytest
+import torch
+
+from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.training.grpo import group_advantages, grpo_loss
+from transformers_vgr.training.rollouts import completion_logprobs, policy_inputs
+
+from conftest import tiny_config, tiny_processor
+from test_generation_vgr import BOX_A, generate, make_inputs
+
+
+def test_advantages_are_centred_per_group():
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 0.0]), group_size=2)
+    std = 2 ** -0.5  # of (1, 0), unbiased as torch.std and TRL
+    assert advantages[:2].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)])
+    assert advantages[2:4].tolist() == [0.0, 0.0]  # one reward for the whole group: nothing to learn
+    assert group_advantages(torch.tensor([2.0, 0.0]), 2, scale=False).tolist() == [1.0, -1.0]
+    with pytest.raises(ValueError, match="in groups of 4"):
+        group_advantages(torch.ones(6), group_size=4)
+
+
+def test_loss_normalizations_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    advantages = torch.tensor([1.0, -3.0])
+    # one update per rollout: the ratio is 1, each token's loss is -A: -1, -1 on row 0, +3 on row 1
+    expected = {
+        "grpo": ((-1 - 1) / 2 + 3 / 1) / 2,
+        "bnpo": (-1 - 1 + 3) / 3,
+        "dr_grpo": (-1 - 1 + 3) / 6,
+        "dapo": (-1 - 1 + 3) / 3,
+    }
+    for loss_type, value in expected.items():
+        loss, _ = grpo_loss(logprobs, None, advantages, mask, loss_type=loss_type)
+        assert loss.item() == pytest.approx(value), loss_type
+    loss, _ = grpo_loss(logprobs, None, advantages, mask, loss_type="dapo", num_items_in_batch=6)
+    assert loss.item() == pytest.approx(1 / 6)  # the step's tokens, across gradient accumulation
+    loss, _ = grpo_loss(logprobs, None, advantages, mask, loss_type="bnpo")
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1 / 3, -1 / 3, 0.0], [1.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        grpo_loss(logprobs, None, advantages, mask, loss_type="ppo")
+
+
+def test_clipping_and_kl():
+    logprobs = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    old = torch.log(torch.tensor([[0.5, 0.95]]))  # ratios 2 (clipped at 1.2 for a positive advantage) and 1.05
+    loss, logs = grpo_loss(logprobs, old, torch.tensor([1.0]), torch.ones(1, 2), loss_type="bnpo")
+    loss.backward()
+    assert logprobs.grad[0, 0] == 0.0 and logprobs.grad[0, 1] < 0  # the clipped token learns nothing more
+    assert logs["clip_ratio"].item() == 0.5
+    with pytest.raises(ValueError, match="beta > 0 needs ref_logprobs"):
+        grpo_loss(logprobs, None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.1)
+    same = logprobs.detach().clone()
+    _, logs = grpo_loss(logprobs, None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.1, ref_logprobs=same)
+    assert logs["kl"].item() == 0.0
+    _, logs = grpo_loss(logprobs, None, torch.tensor([1.0]), torch.ones(1, 2), beta=0.1, ref_logprobs=same - 1)
+    assert logs["kl"].item() == pytest.approx(torch.exp(torch.tensor(-1.0)).item())  # e^-1 + 1 - 1
+
+
+def test_a_step_with_one_reward_per_group_changes_no_weight(images):
+    torch.manual_seed(0)
+    config = tiny_config()
+    processor = tiny_processor(config)
+    config.update(processor.box_token_table())
+    model = VGRForConditionalGeneration(config).eval()
+    inputs = make_inputs(processor, images, ["chelsea_451x300", "text_448x172"], ["Where is the detail?", "Hi?"])
+    torch.manual_seed(1)
+    output = generate(model, processor, inputs, [(row, 1, BOX_A) for row in range(4)], max_new_tokens=40,
+                      do_sample=True, num_return_sequences=2)
+    assert all(records and records[0].valid for records in output.replays)  # every sample replayed
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    batch = policy_inputs([prompt for prompt in prompts for _ in range(2)],
+                          output.sequences[:, inputs["input_ids"].shape[1]:].tolist(), output.replays, model.config)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    logprobs = completion_logprobs(model, batch, pixel_values=inputs["pixel_values"].repeat_interleave(2, 0),
+                                   image_sizes=inputs["image_sizes"].repeat_interleave(2, 0))
+    advantages = group_advantages(torch.tensor([1.0, 1.0, 0.3, 0.3]), group_size=2)
+    loss, _ = grpo_loss(logprobs, None, advantages, batch["completion_mask"])
+    loss.backward()
+    optimizer.step()
+    assert loss.item() == 0.0
+    assert all(torch.equal(parameter, before[name]) for name, parameter in model.named_parameters())
+    # with rewards that differ, the same step moves the weights
+    optimizer.zero_grad()
+    logprobs = completion_logprobs(model, batch, pixel_values=inputs["pixel_values"].repeat_interleave(2, 0),
+                                   image_sizes=inputs["image_sizes"].repeat_interleave(2, 0))
+    loss, _ = grpo_loss(logprobs, None, group_advantages(torch.tensor([1.0, 0.0, 0.3, 0.3]), 2),
+                        batch["completion_mask"])
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
