@@ -9,7 +9,7 @@ from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.training.grpo import group_advantages, grpo_loss
 from transformers_vgr.training.rollouts import completion_logprobs, policy_inputs
 
-from conftest import tiny_config, tiny_processor
+from conftest import ROOT, tiny_config, tiny_processor
 from test_generation_vgr import BOX_A, generate, make_inputs
 
 
@@ -96,3 +96,95 @@ def test_a_step_with_one_reward_per_group_changes_no_weight(images):
     loss.backward()
     optimizer.step()
     assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
+
+
+def test_the_trainer_runs_rollouts_with_replays_and_learns(tmp_path):
+    """Two steps of GRPO from VGR-Tiny on its own task's records: its sampled answers ground and replay, the rewards
+    are logged by function, the weights move, and the saved folder loads with the Auto classes and remote code."""
+    from transformers import AutoModel
+
+    from transformers_vgr import VGRProcessor
+    from transformers_vgr.reference.synthetic import make_split
+    from transformers_vgr.training.data import read_records
+    from transformers_vgr.training.grpo import GRPOCollator, VGRGRPOConfig, VGRGRPOTrainer
+    from transformers_vgr.training.rewards import accuracy_reward, format_reward, iou_reward
+
+    checkpoint = ROOT / "checkpoints" / "vgr-tiny"
+    records = read_records(make_split(tmp_path / "data", "test", 4))
+    processor = VGRProcessor.from_pretrained(checkpoint)
+    model = VGRForConditionalGeneration.from_pretrained(checkpoint)
+    batch = GRPOCollator(processor, tmp_path / "data")(records[:2])
+    assert batch["columns"]["answer"] == [record["answer"] for record in records[:2]]  # read from the answers
+    assert batch["columns"]["boxes"][0] == [pytest.approx(tuple(records[0]["box"]))]
+    args = VGRGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2,
+                         num_generations=4, max_completion_length=64, temperature=1.5, learning_rate=1e-3,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, beta=0.05,
+                         reward_weights=[1.0, 0.5, 0.2])
+    trainer = VGRGRPOTrainer(model, [accuracy_reward, iou_reward, format_reward], args, records, processor,
+                             image_root=tmp_path / "data")
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert {"reward", "rewards/accuracy_reward", "rewards/iou_reward", "rewards/format_reward",
+                "completion_length", "replays", "clip_ratio", "kl"} <= set(entry)
+    assert any(entry["replays"] > 0 for entry in logs)  # the rollouts replayed
+    assert any(not torch.equal(parameter, before[name]) for name, parameter in model.named_parameters())
+    trainer.save_model(str(tmp_path / "saved"))
+    processor.save_pretrained(str(tmp_path / "saved"))
+    loaded = AutoModel.from_pretrained(str(tmp_path / "saved"), trust_remote_code=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_the_config_refuses_what_grpo_cannot_do(tmp_path):
+    from transformers_vgr.training.grpo import VGRGRPOConfig
+
+    with pytest.raises(ValueError, match="num_generations must be at least 2"):
+        VGRGRPOConfig(output_dir=str(tmp_path), num_generations=1, use_cpu=True)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        VGRGRPOConfig(output_dir=str(tmp_path), loss_type="ppo", use_cpu=True)
+
+
+def test_lora_trains_the_adapters_only(tmp_path):
+    from transformers_vgr import VGRProcessor
+    from transformers_vgr.reference.synthetic import make_split
+    from transformers_vgr.training import add_lora
+    from transformers_vgr.training.data import read_records
+    from transformers_vgr.training.grpo import VGRGRPOConfig, VGRGRPOTrainer
+    from transformers_vgr.training.rewards import accuracy_reward, iou_reward
+
+    checkpoint = ROOT / "checkpoints" / "vgr-tiny"
+    records = read_records(make_split(tmp_path / "data", "test", 2))
+    processor = VGRProcessor.from_pretrained(checkpoint)
+    model = add_lora(VGRForConditionalGeneration.from_pretrained(checkpoint))
+    args = VGRGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1,
+                         num_generations=4, max_completion_length=64, temperature=1.5, learning_rate=1e-2,
+                         save_strategy="no", report_to=[], use_cpu=True, seed=1)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    VGRGRPOTrainer(model, [accuracy_reward, iou_reward], args, records, processor,
+                   image_root=tmp_path / "data").train()
+    changed = {name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])}
+    assert changed and all("lora_" in name or "modules_to_save" in name for name in changed)
+
+
+def test_the_example_script_trains_and_saves_a_loadable_folder(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from transformers import AutoModel
+
+    spec = importlib.util.spec_from_file_location("train_grpo", ROOT / "examples" / "train_grpo.py")
+    train_grpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_grpo)
+    output = tmp_path / "grpo"
+    train_grpo.main(["--output_dir", str(output), "--max_steps", "1", "--sample_records", "2",
+                     "--rewards", "accuracy", "replay_cost", "--reward_weights", "1", "0.001"])
+    loaded = AutoModel.from_pretrained(str(output), trust_remote_code=True)
+    assert type(loaded).__name__ == "VGRForConditionalGeneration"
+    with pytest.raises(ValueError, match=r"unknown rewards \['bleu'\]"):
+        train_grpo.main(["--output_dir", str(output), "--rewards", "bleu"])
+    help_text = subprocess.run([sys.executable, str(ROOT / "examples" / "train_grpo.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "--num_generations" in help_text and "--rewards" in help_text and "--learning_rate" in help_text

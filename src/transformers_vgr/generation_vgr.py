@@ -236,6 +236,17 @@ class ReplayState:
         return CachedConversation(sequences[:, :-1], cache_mask, last_is_real, self.feature_memory)
 
 
+def repeat_images(model, input_ids: torch.LongTensor, images, times: int):
+    """The encoded images (`VGRModel.get_image_features`' output for the rows of `input_ids`, in order) of
+    `input_ids.repeat_interleave(times, 0)`: each row's images `times` times, in row order, still encoded once (the
+    prompt tokens and S are shared; the tower's per-crop outputs stay those of the images encoded)."""
+    rows = model.model.images_of_rows(input_ids, [tokens.shape[0] for tokens in images.pooler_output])
+    order = [image for row_images in rows for _ in range(times) for image in row_images]
+    memories = FeatureMemory([images.feature_memory.images[i] for i in order], [])
+    pooled = tuple(images.pooler_output[i] for i in order)
+    return type(images)(**{**images, "pooler_output": pooled, "feature_memory": memories})
+
+
 class SuppressImagePlaceholderLogitsProcessor(LogitsProcessor):
     """Keeps the model from writing `<image>`: placeholders are the processor's and the replay loop's.
 
@@ -522,13 +533,7 @@ class VGRGenerationMixin(GenerationMixin):
         replay_boxes = model_kwargs.pop("replay_boxes", None)
         images = (mm_encoder_outputs or {}).get("image")
         if expand_size > 1 and images is not None and input_ids is not None:
-            rows = self.model.images_of_rows(input_ids, [tokens.shape[0] for tokens in images.pooler_output])
-            order = [image for row_images in rows for _ in range(expand_size) for image in row_images]
-            # the tower's own outputs (per crop) stay those of the images encoded
-            memories = FeatureMemory([images.feature_memory.images[i] for i in order], [])
-            pooled = tuple(images.pooler_output[i] for i in order)
-            images = type(images)(**{**images, "pooler_output": pooled, "feature_memory": memories})
-            mm_encoder_outputs = {**mm_encoder_outputs, "image": images}
+            mm_encoder_outputs = {**mm_encoder_outputs, "image": repeat_images(self, input_ids, images, expand_size)}
         if expand_size > 1 and replay_boxes is not None:
             replay_boxes = [boxes for boxes in replay_boxes for _ in range(expand_size)]
         input_ids, model_kwargs = super()._expand_inputs_for_generation(

@@ -11,7 +11,6 @@ so that a left-padded prompt gets the positions it had in the rollout.
 """
 
 import torch
-import torch.nn.functional as F
 
 
 def policy_inputs(prompt_ids: list[list[int]], completion_ids: list[list[int]], replays: list[list], config,
@@ -61,23 +60,20 @@ def policy_inputs(prompt_ids: list[list[int]], completion_ids: list[list[int]], 
 
 def completion_logprobs(model, batch: dict, **image_inputs) -> torch.Tensor:
     """Log-probability of every completion token under `model`, `(batch, max_completion)` (0 past a row's end), from
-    one forward over `policy_inputs`' `batch`. `image_inputs` are the rows' images as the forward takes them
-    (`pixel_values` and `image_sizes`, or `mm_encoder_outputs`), in row order. The LM head runs on the completion's
-    positions only."""
-    positions, mask = batch["completion_positions"], batch["completion_mask"]
-    device = model.get_input_embeddings().weight.device
-    outputs = model.model(
+    one forward over `policy_inputs`' `batch` through the model's own forward (so a DDP or PEFT wrapper sees it).
+    `image_inputs` are the rows' images as the forward takes them (`pixel_values` and `image_sizes`, or
+    `mm_encoder_outputs`), in row order. The LM head runs on the positions that predict a completion token only
+    (`logits_to_keep`)."""
+    positions, mask = batch["completion_positions"], batch["completion_mask"].bool()
+    device = next(model.parameters()).device
+    kept = torch.unique(positions[mask])  # sorted: every position some row predicts a completion token from
+    outputs = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-        position_ids=batch["position_ids"].to(device), replay_boxes=batch["replay_boxes"], **image_inputs,
+        position_ids=batch["position_ids"].to(device), replay_boxes=batch["replay_boxes"],
+        logits_to_keep=kept.to(device), **image_inputs,
     )
-    hidden = outputs.last_hidden_state.gather(
-        1, positions.to(device)[..., None].expand(-1, -1, outputs.last_hidden_state.shape[-1]))
-    logits = model.lm_head(hidden).float()  # (batch, max_completion, vocab)
-    targets = batch["input_ids"].to(device).gather(1, _next_positions(batch).to(device))
-    logprobs = F.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+    columns = torch.searchsorted(kept, positions).clamp(max=kept.numel() - 1).to(device)  # (batch, max_completion)
+    logits = outputs.logits.gather(1, columns[..., None].expand(-1, -1, outputs.logits.shape[-1])).float()
+    targets = batch["input_ids"].gather(1, (positions + 1) * mask).to(device)  # each completion token
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
     return logprobs * mask.to(device)
-
-
-def _next_positions(batch: dict) -> torch.Tensor:
-    """Where each completion token sits: one after the position that predicts it (0 past a row's end)."""
-    return (batch["completion_positions"] + 1) * batch["completion_mask"]
