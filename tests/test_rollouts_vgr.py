@@ -5,23 +5,11 @@ middle, an invalid box that replayed nothing)."""
 import pytest
 import torch
 
-from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.training.rollouts import completion_logprobs, policy_inputs
 
-from conftest import tiny_config, tiny_processor
-from test_generation_vgr import BOX_A, BOX_B, generate, make_inputs
+from test_generation_vgr import BOX_A, BOX_B, generate, make_inputs, setup  # noqa: F401 (setup: the tiny VGR fixture)
 
 INVALID = "<sot>[0.50, 0.20, 0.30, 0.40]<eot>"  # empty: replays nothing
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    config = tiny_config()
-    processor = tiny_processor(config)
-    config.update(processor.box_token_table())
-    model = VGRForConditionalGeneration(config).eval()
-    return model, processor
 
 
 def rollout(model, processor, images, sample: bool):
