@@ -181,6 +181,8 @@ class VGRGRPOTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          data_collator=GRPOCollator(processing_class, image_root), processing_class=processing_class,
                          **kwargs)
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
         self._metrics = defaultdict(list)
 
     def _get_collator_with_removed_columns(self, data_collator, description=None):
