@@ -63,3 +63,34 @@ def test_rows_of_different_lengths_are_masked_and_bad_records_refused(setup, ima
         policy_inputs(prompts, short, output.replays, model.config)
     with pytest.raises(ValueError, match="one of each per row"):
         policy_inputs(prompts, short[:1], replays, model.config)
+
+
+def test_text_before_a_replay_sends_it_no_gradient(setup, images):
+    """Causality with features in the sequence: the log-probs of completion tokens before a replay give its replayed
+    positions exactly zero gradient; the tokens after it do not."""
+    model, processor = setup
+    inputs, output, prompts, completions = rollout(model, processor, images, sample=False)
+    batch = policy_inputs(prompts, completions, output.replays, model.config)
+    captured = {}
+
+    def keep_embeddings(module, args, kwargs):
+        kwargs["inputs_embeds"].retain_grad()
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    row = 0
+    ids = batch["input_ids"][row]
+    eot = (ids == model.config.eot_token_id).nonzero().flatten()[0].item()  # the first replayed <eot>
+    replayed = torch.arange(eot + 1, eot + 1 + output.replays[row][0].num_tokens)
+    assert (ids[replayed] == model.config.image_token_id).all()
+    before = batch["completion_positions"][row] < eot  # completion tokens predicted before the <eot>
+    for part, expect_zero in ((before, True), (~before, False)):
+        handle = model.model.language_model.register_forward_pre_hook(keep_embeddings, with_kwargs=True)
+        try:
+            logprobs = completion_logprobs(model, batch, pixel_values=inputs["pixel_values"],
+                                           image_sizes=inputs["image_sizes"])
+        finally:
+            handle.remove()
+        logprobs[row][part].sum().backward()
+        grad = captured["embeds"].grad[row, replayed]
+        assert (grad == 0).all() if expect_zero else grad.abs().sum() > 0
+        model.zero_grad()
