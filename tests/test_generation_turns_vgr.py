@@ -208,6 +208,27 @@ class TestConversation:
             assert third.sequences[row, -6:].tolist() == third_alone.sequences[0, -6:].tolist(), row
             assert second.sequences[row, -6:].tolist() == second_alone.sequences[0, -6:].tolist(), row
 
+    def test_sequences_alone_continue_the_answer_as_one_call_would(self, setup, images):
+        """transformers' returned-cache convention (upstream's test_generate_continue_from_past_key_values):
+        `generate(input_ids=out.sequences, cache=out.cache)` goes on with the same answers. 30 + 30 tokens equal 60 in
+        one call, two left-padded rows, a replay in each part of each row."""
+        model, processor = setup
+        inputs = make_inputs(processor, images, ["chelsea_451x300", "text_448x172"], ["Where is the detail?", "Hi?"])
+        first_plan, second_plan = [(0, 1, BOX_A), (1, 3, BOX_B)], [(0, 2, BOX_B), (1, 2, BOX_A)]
+        first = generate(model, processor, inputs, first_plan, max_new_tokens=30)
+        forcing = LogitsProcessorList([ForceText(processor, first.sequences.shape[1], second_plan)])
+        second = model.generate(input_ids=first.sequences, cache=first.cache, logits_processor=forcing,
+                                max_new_tokens=30, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        whole_plan = first_plan + [(row, 30 + step, text) for row, step, text in second_plan]
+        whole = generate(model, processor, inputs, whole_plan, max_new_tokens=60)
+        assert torch.equal(second.sequences, whole.sequences)
+        torch.testing.assert_close(torch.stack(first.logits + second.logits), torch.stack(whole.logits),
+                                   rtol=1e-4, atol=1e-4)
+        for row in range(2):
+            parts = [(r.box, r.num_tokens, r.valid) for r in first.replays[row] + second.replays[row]]
+            assert parts == [(r.box, r.num_tokens, r.valid) for r in whole.replays[row]]
+            assert sum(valid for _, _, valid in parts) == 2
+
     def test_continuations_that_cannot_work_are_clear_errors(self, setup, images):
         model, processor = setup
         inputs = make_inputs(processor, images, ["chelsea_451x300"])

@@ -236,6 +236,17 @@ class ReplayState:
         return CachedConversation(sequences[:, :-1], cache_mask, last_is_real, self.feature_memory)
 
 
+def repeat_images(model, input_ids: torch.LongTensor, images, times: int):
+    """The encoded images (`VGRModel.get_image_features`' output for the rows of `input_ids`, in order) of
+    `input_ids.repeat_interleave(times, 0)`: each row's images `times` times, in row order, still encoded once (the
+    prompt tokens and S are shared; the tower's per-crop outputs stay those of the images encoded)."""
+    rows = model.model.images_of_rows(input_ids, [tokens.shape[0] for tokens in images.pooler_output])
+    order = [image for row_images in rows for _ in range(times) for image in row_images]
+    memories = FeatureMemory([images.feature_memory.images[i] for i in order], [])
+    pooled = tuple(images.pooler_output[i] for i in order)
+    return type(images)(**{**images, "pooler_output": pooled, "feature_memory": memories})
+
+
 class SuppressImagePlaceholderLogitsProcessor(LogitsProcessor):
     """Keeps the model from writing `<image>`: placeholders are the processor's and the replay loop's.
 
@@ -307,9 +318,10 @@ class VGRGenerationMixin(GenerationMixin):
 
         To continue a conversation, pass the `cache` of an earlier call's output (`return_dict_in_generate=True`) and
         `input_ids` that start with that output's `sequences`, followed by the new turn's tokens (`attention_mask`, if
-        given, only matters for the new tokens). The cache holds the earlier turns, their replays and the images'
-        feature memory: the vision tower does not run and the earlier turns are not fed again (`pixel_values` and
-        `image_sizes` may be passed and are not used); the new turn cannot add images.
+        given, only matters for the new tokens); `sequences` alone continue the same answer, as for any transformers
+        model. The cache holds the earlier turns, their replays and the images' feature memory: the vision tower does
+        not run and the earlier turns are not fed again (`pixel_values` and `image_sizes` may be passed and are not
+        used); the new turn cannot add images. An answer cut right at an `<eot>` continues without that replay.
 
         Args:
             inputs (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -387,10 +399,12 @@ class VGRGenerationMixin(GenerationMixin):
         if input_ids is None:
             raise ValueError("continuing a conversation needs input_ids: the earlier output's sequences, then the new turn")
         covered = conversation.text_ids.shape[1]
-        if input_ids.shape[0] != conversation.text_ids.shape[0] or input_ids.shape[1] <= covered + 1:
+        # The earlier output's last token was never fed: `sequences` alone continue the answer, as for any
+        # transformers model (`generate(input_ids=out.sequences, cache=out.cache)`).
+        if input_ids.shape[0] != conversation.text_ids.shape[0] or input_ids.shape[1] <= covered:
             raise ValueError(
                 f"input_ids of shape {tuple(input_ids.shape)} cannot continue a cache of {conversation.text_ids.shape[0]} "
-                f"row(s) and {covered + 1} tokens: pass the earlier output's sequences followed by the new turn"
+                f"row(s) and {covered + 1} tokens: pass the earlier output's sequences, then the new turn if any"
             )
         if not torch.equal(input_ids[:, :covered], conversation.text_ids.to(input_ids.device)):
             raise ValueError(
@@ -522,13 +536,7 @@ class VGRGenerationMixin(GenerationMixin):
         replay_boxes = model_kwargs.pop("replay_boxes", None)
         images = (mm_encoder_outputs or {}).get("image")
         if expand_size > 1 and images is not None and input_ids is not None:
-            rows = self.model.images_of_rows(input_ids, [tokens.shape[0] for tokens in images.pooler_output])
-            order = [image for row_images in rows for _ in range(expand_size) for image in row_images]
-            # the tower's own outputs (per crop) stay those of the images encoded
-            memories = FeatureMemory([images.feature_memory.images[i] for i in order], [])
-            pooled = tuple(images.pooler_output[i] for i in order)
-            images = type(images)(**{**images, "pooler_output": pooled, "feature_memory": memories})
-            mm_encoder_outputs = {**mm_encoder_outputs, "image": images}
+            mm_encoder_outputs = {**mm_encoder_outputs, "image": repeat_images(self, input_ids, images, expand_size)}
         if expand_size > 1 and replay_boxes is not None:
             replay_boxes = [boxes for boxes in replay_boxes for _ in range(expand_size)]
         input_ids, model_kwargs = super()._expand_inputs_for_generation(

@@ -318,9 +318,10 @@ class VGRGenerationMixin(GenerationMixin):
 
         To continue a conversation, pass the `cache` of an earlier call's output (`return_dict_in_generate=True`) and
         `input_ids` that start with that output's `sequences`, followed by the new turn's tokens (`attention_mask`, if
-        given, only matters for the new tokens). The cache holds the earlier turns, their replays and the images'
-        feature memory: the vision tower does not run and the earlier turns are not fed again (`pixel_values` and
-        `image_sizes` may be passed and are not used); the new turn cannot add images.
+        given, only matters for the new tokens); `sequences` alone continue the same answer, as for any transformers
+        model. The cache holds the earlier turns, their replays and the images' feature memory: the vision tower does
+        not run and the earlier turns are not fed again (`pixel_values` and `image_sizes` may be passed and are not
+        used); the new turn cannot add images. An answer cut right at an `<eot>` continues without that replay.
 
         Args:
             inputs (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -398,10 +399,12 @@ class VGRGenerationMixin(GenerationMixin):
         if input_ids is None:
             raise ValueError("continuing a conversation needs input_ids: the earlier output's sequences, then the new turn")
         covered = conversation.text_ids.shape[1]
-        if input_ids.shape[0] != conversation.text_ids.shape[0] or input_ids.shape[1] <= covered + 1:
+        # The earlier output's last token was never fed: `sequences` alone continue the answer, as for any
+        # transformers model (`generate(input_ids=out.sequences, cache=out.cache)`).
+        if input_ids.shape[0] != conversation.text_ids.shape[0] or input_ids.shape[1] <= covered:
             raise ValueError(
                 f"input_ids of shape {tuple(input_ids.shape)} cannot continue a cache of {conversation.text_ids.shape[0]} "
-                f"row(s) and {covered + 1} tokens: pass the earlier output's sequences followed by the new turn"
+                f"row(s) and {covered + 1} tokens: pass the earlier output's sequences, then the new turn if any"
             )
         if not torch.equal(input_ids[:, :covered], conversation.text_ids.to(input_ids.device)):
             raise ValueError(
