@@ -467,26 +467,41 @@ class VGRGenerationMixin(GenerationMixin):
         replay_state: ReplayState | None = None,
         **kwargs,
     ):
-        if replay_state is not None and is_first_iteration and replay_state.conversation is not None:
-            return self._continuation_inputs(input_ids, cache, attention_mask, replay_state, **kwargs)
-        if replay_state is None or is_first_iteration:
-            model_inputs = super().prepare_inputs_for_generation(
+        """The model's inputs for one step of VGR's generate, by one of three paths: the prefill of the prompt, the
+        first step of a continued conversation (the new tokens after the cache), or a decoding step (a chunk that
+        carries the replays planned when the last tokens were appended)."""
+        if replay_state is None:  # called outside VGR's generate: the stock method
+            return super().prepare_inputs_for_generation(
                 input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
             )
-            if replay_state is not None:
-                if attention_mask is None:
-                    attention_mask = torch.ones_like(input_ids)
-                positions = model_inputs.get("position_ids")
-                if positions is None:
-                    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                replay_state.start(input_ids, attention_mask, positions)
-            return model_inputs
+        if is_first_iteration and replay_state.conversation is not None:
+            return self._continuation_inputs(input_ids, cache, attention_mask, replay_state, **kwargs)
+        if is_first_iteration:
+            return self._prefill_inputs(input_ids, next_sequence_length, cache, attention_mask, inputs_embeds,
+                                        replay_state, **kwargs)
+        return self._replay_chunk_inputs(input_ids, cache, replay_state, **kwargs)
 
-        # A decoding step: one new token per row, and a replay after each row's fresh <eot>.
-        plans = replay_state.plans or [None] * input_ids.shape[0]
-        replay_state.plans = None
-        chunk_ids, chunk_mask, positions, boxes = replay_state.chunk(input_ids[:, -1], plans)
+    def _prefill_inputs(self, input_ids, next_sequence_length, cache, attention_mask, inputs_embeds,
+                        state: ReplayState, **kwargs):
+        """The first step: the whole prompt, as the stock method prepares it; the replay state starts from it."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=True, **kwargs,
+        )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = model_inputs.get("position_ids")
+        if positions is None:
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        state.start(input_ids, attention_mask, positions)
+        return model_inputs
+
+    def _replay_chunk_inputs(self, input_ids, cache, state: ReplayState, **kwargs):
+        """A decoding step: one new token per row, and a replay after each row's fresh `<eot>` (`ReplayState.chunk`)."""
+        plans = state.plans or [None] * input_ids.shape[0]
+        state.plans = None
+        chunk_ids, chunk_mask, positions, boxes = state.chunk(input_ids[:, -1], plans)
         device = self.get_input_embeddings().weight.device
         if chunk_ids.device != device:  # as the stock method: the loop's tensors may live off the model's device
             chunk_ids, chunk_mask, positions = (tensor.to(device) for tensor in (chunk_ids, chunk_mask, positions))
@@ -499,7 +514,7 @@ class VGRGenerationMixin(GenerationMixin):
             attention_mask=chunk_mask,
             position_ids=positions,
             replay_boxes=boxes if any(boxes) else None,
-            feature_memory=replay_state.feature_memory,
+            feature_memory=state.feature_memory,
         )
         return model_inputs
 
