@@ -21,7 +21,11 @@ import torch
 from transformers import CompileConfig, LlamaForCausalLM, LlamaModel, LogitsProcessorList, StoppingCriteriaList
 
 from transformers_vgr import VGRForConditionalGeneration
-from transformers_vgr.generation_vgr import ReplayStoppingCriteriaList, SuppressImagePlaceholderLogitsProcessor
+from transformers_vgr.generation_vgr import (
+    ReplayState,
+    ReplayStoppingCriteriaList,
+    SuppressImagePlaceholderLogitsProcessor,
+)
 
 from common import (
     ForceTokens,
@@ -117,7 +121,7 @@ def profile(vgr_model, llama_model, inputs, sequence) -> dict:
             _entry(vgr, "generation_vgr.py", "prepare_inputs_for_generation"),
             _entry(llama, "generation/utils.py", "prepare_inputs_for_generation"),
         ),
-        "of which ReplayState.chunk": (_entry(vgr, "generation_vgr.py", "chunk"), (0, 0.0)),
+        "of which ReplayState.chunk": (_entry(vgr, "generation_vgr.py", "chunk", _line(ReplayState.chunk)), (0, 0.0)),
         "stopping criteria (VGR: + after_append)": (
             _entry(vgr, "generation_vgr.py", "__call__", _line(ReplayStoppingCriteriaList.__call__)),
             _entry(llama, "stopping_criteria.py", "__call__", _line(StoppingCriteriaList.__call__)),

@@ -93,9 +93,10 @@ class CachedConversation:
     feature_memory: object  # FeatureMemory of the conversation's images, or None
 
 
-@dataclass
-class ReplayState:
-    """Everything replay needs between two steps of one `generate` call."""
+@dataclass(frozen=True)
+class ReplayConfig:
+    """What one `generate` call decides its replays with: the special tokens, the caps, the box texts and the
+    geometry (replay token counts)."""
 
     eot_token_id: int
     sot_token_id: int
@@ -103,33 +104,22 @@ class ReplayState:
     pad_token_id: int
     limits: ReplayLimits
     box_texts: dict[int, str]
-    geometry: object  # VGRGeometry: replay token counts
-    prompt_length: int = 0
-    prefilled: bool = False
-    feature_memory: object = None  # the prefill's FeatureMemory
-    cache_mask: torch.Tensor | None = None  # (batch, cache_length): 1 where the cache holds a real position
-    next_position: torch.Tensor | None = None  # (batch,) position id of each row's next real token
+    geometry: object  # VGRGeometry
+
+
+@dataclass
+class RowLedger:
+    """Per row of one `generate` call: a `ReplayRecord` for each `<eot>`, whether and why the row finished and its
+    last real column of input_ids, and the replay each row feeds next step (`plans`: `(K, box)` or None)."""
+
     records: list[list[ReplayRecord]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)  # rows any stopping criterion has finished
+    last_real_column: list[int | None] = field(default_factory=list)
     head_box_rows: list[int] = field(default_factory=list)  # rows whose last record waits for its head box
     plans: list | None = None  # decided when the tokens are appended, consumed by the next step
-    fed_eot_rows: list[int] = field(default_factory=list)  # rows whose last chunk holds an <eot>
-    conversation: CachedConversation | None = None  # the cache this call continues from, if any
-    text_slots: list[torch.Tensor] = field(default_factory=list)  # (batch, n): cache index of this call's text tokens
-    last_real_column: list[int] = field(default_factory=list)  # per row, its last real column of input_ids
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-              prompt_length: int | None = None) -> None:
-        """The prefill of `input_ids`: the new part of them when continuing a conversation, whose whole prompt is
-        `prompt_length` columns long."""
-        batch = input_ids.shape[0]
-        self.prompt_length = input_ids.shape[1] if prompt_length is None else prompt_length
-        start = attention_mask.shape[1] - input_ids.shape[1]  # the cache length before it
-        slots = start + torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
-        self.text_slots.append(slots)
-        self.cache_mask = attention_mask.clone()
-        self.next_position = position_ids[:, -1] + 1
+    def start(self, batch: int) -> None:
         self.records = [[] for _ in range(batch)]
         self.finish_reasons = [None] * batch
         self.finished = [False] * batch
@@ -142,48 +132,26 @@ class ReplayState:
             self.finish_reasons[row] = self.finish_reasons[row] or reason
             self.last_real_column[row] = column
 
-    def after_append(self, input_ids: torch.Tensor, done_rows: list[bool], reasons: list[str | None]) -> list[bool]:
-        """Runs as soon as a token is appended to every row, with the rows the other stopping criteria just finished
-        and why (`reasons`). Records each fresh `<eot>`, plans the replays the next step feeds (`self.plans`: `(K, box)`
-        or None per row) and returns, per row, whether VGR itself stops it: a row whose replay would overflow the
-        context, or with no room left for the token just appended."""
-        self.plans, self.head_box_rows = [], []
-        stop = [False] * input_ids.shape[0]
-        column = input_ids.shape[1] - 1
-        # Plain Python over the last column: the full rows are read only at an <eot> (this runs every step).
-        last_tokens, next_positions = input_ids[:, -1].tolist(), self.next_position.tolist()
-        for row, token in enumerate(last_tokens):
-            was_finished = self.finished[row]
-            if not was_finished and done_rows[row]:
-                self.finish(row, reasons[row], column)
-            if was_finished or token != self.eot_token_id:
-                self.plans.append(None)
-            else:
-                step = column - self.prompt_length
-                if self.finished[row]:
-                    record = ended_record(step)
-                else:
-                    record = self._decide(row, input_ids[row].tolist(), step)
-                    self.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
-                self.records[row].append(record)
-                self.plans.append((record.num_tokens, record.box) if record.valid else None)
-            if not self.finished[row] and self.finish_reasons[row] == CONTEXT_OVERFLOW:
-                self.finish(row, CONTEXT_OVERFLOW, column)
-            elif not self.finished[row] and next_positions[row] >= self.limits.max_positions:
-                self.finish(row, FINISH_LENGTH, column)  # the token just appended has no position left
-            stop[row] = self.finished[row] and not was_finished
-        return stop
 
-    def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
-        memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
-        parsed = read_box(ids[self.prompt_length :], self.sot_token_id, self.eot_token_id, self.box_texts)
-        record, finish_reason = plan_replay(
-            parsed, step, None if memory is None else memory.tile.image_size, self.geometry, self.records[row],
-            int(self.next_position[row]), self.limits,
-        )
-        if finish_reason is not None:
-            self.finish_reasons[row] = finish_reason
-        return record
+@dataclass
+class CacheLayout:
+    """Where one `generate` call's tokens sit in the KV cache and which positions they take: the attention mask over
+    the cache, each row's next position id (1-D, counted over real tokens, as LLaMA's), and the cache slot of every
+    text token fed. Replay chunks are laid out here."""
+
+    pad_token_id: int
+    image_token_id: int
+    cache_mask: torch.Tensor | None = None  # (batch, cache_length): 1 where the cache holds a real position
+    next_position: torch.Tensor | None = None  # (batch,) position id of each row's next real token
+    text_slots: list[torch.Tensor] = field(default_factory=list)  # (batch, n): cache index of this call's text tokens
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """The prefill of `input_ids`, after what the cache already holds (`attention_mask` covers both)."""
+        start = attention_mask.shape[1] - input_ids.shape[1]  # the cache length before it
+        slots = start + torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        self.text_slots.append(slots)
+        self.cache_mask = attention_mask.clone()
+        self.next_position = position_ids[:, -1] + 1
 
     def chunk(self, last_tokens: torch.Tensor, plans) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """Input ids, attention mask and position ids of this step's chunk `(batch, 1 + max K)`, and its boxes.
@@ -214,26 +182,106 @@ class ReplayState:
             self.text_slots.append(torch.tensor(text_slots, device=device)[:, None])
         self.next_position = positions[:, -1] + 1
         self.cache_mask = torch.cat([self.cache_mask, mask], dim=-1)
-        # The order of the detection head's boxes, needed only when a record waits for one.
-        self.fed_eot_rows = (ids == self.eot_token_id).nonzero()[:, 0].tolist() if self.head_box_rows else []
         return ids, self.cache_mask, positions, boxes
 
-    def cached_conversation(self, sequences: torch.Tensor) -> CachedConversation:
-        """What the cache holds after this call, for a later `generate` to continue from. Every text token of
-        `sequences` but the last was fed; the pads a finished row was fed since are masked, as they would be if the
-        whole conversation were fed at once."""
+    def cached_conversation(self, sequences: torch.Tensor, last_real_column: list[int | None],
+                            feature_memory) -> CachedConversation:
+        """What the cache holds after the call, for a later `generate` to continue from. Every text token of
+        `sequences` but the last was fed; the pads a finished row was fed since its `last_real_column` are masked, as
+        they would be if the whole conversation were fed at once."""
         text_slots = torch.cat(self.text_slots, dim=1)  # (batch, covered)
         covered = text_slots.shape[1]
         prompt_start = sequences.shape[1] - covered - 1  # columns of sequences before this call's text (continuing)
         cache_mask = self.cache_mask.clone()
         last_is_real = torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
-        for row, last_real in enumerate(self.last_real_column):
+        for row, last_real in enumerate(last_real_column):
             if last_real is None:
                 continue
             pads = text_slots[row, last_real + 1 - prompt_start :]  # fed after the row's end
             cache_mask[row, pads] = 0
             last_is_real[row] = last_real == sequences.shape[1] - 1
-        return CachedConversation(sequences[:, :-1], cache_mask, last_is_real, self.feature_memory)
+        return CachedConversation(sequences[:, :-1], cache_mask, last_is_real, feature_memory)
+
+
+@dataclass
+class ReplayState:
+    """Everything replay needs between two steps of one `generate` call: its frozen `ReplayConfig`, the rows'
+    `RowLedger`, the `CacheLayout`, and the feature memory of its images."""
+
+    config: ReplayConfig
+    layout: CacheLayout
+    ledger: RowLedger = field(default_factory=RowLedger)
+    prompt_length: int = 0
+    prefilled: bool = False
+    feature_memory: object = None  # the prefill's FeatureMemory
+    conversation: CachedConversation | None = None  # the cache this call continues from, if any
+    fed_eot_rows: list[int] = field(default_factory=list)  # rows whose last chunk holds an <eot>
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+              prompt_length: int | None = None) -> None:
+        """The prefill of `input_ids`: the new part of them when continuing a conversation, whose whole prompt is
+        `prompt_length` columns long."""
+        self.prompt_length = input_ids.shape[1] if prompt_length is None else prompt_length
+        self.layout.start(input_ids, attention_mask, position_ids)
+        self.ledger.start(input_ids.shape[0])
+
+    def after_append(self, input_ids: torch.Tensor, done_rows: list[bool], reasons: list[str | None]) -> list[bool]:
+        """Runs as soon as a token is appended to every row, with the rows the other stopping criteria just finished
+        and why (`reasons`). Records each fresh `<eot>`, plans the replays the next step feeds (`ledger.plans`) and
+        returns, per row, whether VGR itself stops it: a row whose replay would overflow the context, or with no room
+        left for the token just appended."""
+        ledger, config = self.ledger, self.config
+        ledger.plans, ledger.head_box_rows = [], []
+        stop = [False] * input_ids.shape[0]
+        column = input_ids.shape[1] - 1
+        # Plain Python over the last column: the full rows are read only at an <eot> (this runs every step).
+        last_tokens, next_positions = input_ids[:, -1].tolist(), self.layout.next_position.tolist()
+        for row, token in enumerate(last_tokens):
+            was_finished = ledger.finished[row]
+            if not was_finished and done_rows[row]:
+                ledger.finish(row, reasons[row], column)
+            if was_finished or token != config.eot_token_id:
+                ledger.plans.append(None)
+            else:
+                step = column - self.prompt_length
+                if ledger.finished[row]:
+                    record = ended_record(step)
+                else:
+                    record = self._decide(row, input_ids[row].tolist(), step)
+                    ledger.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
+                ledger.records[row].append(record)
+                ledger.plans.append((record.num_tokens, record.box) if record.valid else None)
+            if not ledger.finished[row] and ledger.finish_reasons[row] == CONTEXT_OVERFLOW:
+                ledger.finish(row, CONTEXT_OVERFLOW, column)
+            elif not ledger.finished[row] and next_positions[row] >= config.limits.max_positions:
+                ledger.finish(row, FINISH_LENGTH, column)  # the token just appended has no position left
+            stop[row] = ledger.finished[row] and not was_finished
+        return stop
+
+    def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
+        config = self.config
+        memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
+        parsed = read_box(ids[self.prompt_length :], config.sot_token_id, config.eot_token_id, config.box_texts)
+        record, finish_reason = plan_replay(
+            parsed, step, None if memory is None else memory.tile.image_size, config.geometry,
+            self.ledger.records[row], int(self.layout.next_position[row]), config.limits,
+        )
+        if finish_reason is not None:
+            self.ledger.finish_reasons[row] = finish_reason
+        return record
+
+    def chunk(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """The next step's chunk with the planned replays (`CacheLayout.chunk`); notes which rows it feeds an `<eot>`,
+        the order of the detection head's boxes, when a record waits for one."""
+        plans = self.ledger.plans or [None] * last_tokens.shape[0]
+        self.ledger.plans = None
+        ids, mask, positions, boxes = self.layout.chunk(last_tokens, plans)
+        self.fed_eot_rows = (ids == self.config.eot_token_id).nonzero()[:, 0].tolist() if self.ledger.head_box_rows \
+            else []
+        return ids, mask, positions, boxes
+
+    def cached_conversation(self, sequences: torch.Tensor) -> CachedConversation:
+        return self.layout.cached_conversation(sequences, self.ledger.last_real_column, self.feature_memory)
 
 
 def repeat_images(model, input_ids: torch.LongTensor, images, times: int):
@@ -352,15 +400,17 @@ class VGRGenerationMixin(GenerationMixin):
         effective, _ = self._prepare_generation_config(copy.deepcopy(generation_config), **copy.copy(kwargs))
         self._check_generation_mode(effective, kwargs)
 
-        state = ReplayState(
+        pad_token_id = _pad_token_id(self.config, effective)
+        replay_config = ReplayConfig(
             eot_token_id=self.config.eot_token_id,
             sot_token_id=self.config.sot_token_id,
             image_token_id=self.config.image_token_id,
-            pad_token_id=_pad_token_id(self.config, effective),
+            pad_token_id=pad_token_id,
             limits=ReplayLimits.from_config(self.config),
             box_texts=box_texts_of(self.config, kwargs.get("tokenizer")),
             geometry=self.model.geometry,
         )
+        state = ReplayState(replay_config, CacheLayout(pad_token_id, self.config.image_token_id))
         cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))
         if cache is not None:
             inputs = self._continue_conversation(state, cache, inputs, kwargs)
@@ -383,7 +433,8 @@ class VGRGenerationMixin(GenerationMixin):
         if isinstance(output, GenerateDecoderOnlyOutput):
             if output.cache is not None:
                 output.cache.vgr_conversation = state.cached_conversation(output.sequences)
-            output = VGRGenerateOutput(**output, replays=state.records, finish_reasons=state.finish_reasons)
+            output = VGRGenerateOutput(**output, replays=state.ledger.records,
+                                       finish_reasons=state.ledger.finish_reasons)
         return output
 
     def _continue_conversation(self, state: ReplayState, cache, inputs, kwargs: dict) -> torch.Tensor:
@@ -499,9 +550,7 @@ class VGRGenerationMixin(GenerationMixin):
 
     def _replay_chunk_inputs(self, input_ids, cache, state: ReplayState, **kwargs):
         """A decoding step: one new token per row, and a replay after each row's fresh `<eot>` (`ReplayState.chunk`)."""
-        plans = state.plans or [None] * input_ids.shape[0]
-        state.plans = None
-        chunk_ids, chunk_mask, positions, boxes = state.chunk(input_ids[:, -1], plans)
+        chunk_ids, chunk_mask, positions, boxes = state.chunk(input_ids[:, -1])
         device = self.get_input_embeddings().weight.device
         if chunk_ids.device != device:  # as the stock method: the loop's tensors may live off the model's device
             chunk_ids, chunk_mask, positions = (tensor.to(device) for tensor in (chunk_ids, chunk_mask, positions))
@@ -633,11 +682,12 @@ class VGRGenerationMixin(GenerationMixin):
         if not state.prefilled:
             state.feature_memory = outputs.feature_memory  # None for a prompt without images
             state.prefilled = True
-        if state.head_box_rows and outputs.eot_boxes is not None:
+        ledger = state.ledger
+        if ledger.head_box_rows and outputs.eot_boxes is not None:
             for row, head_box in zip(state.fed_eot_rows, outputs.eot_boxes.tolist()):
-                if row in state.head_box_rows:
-                    state.records[row][-1].head_box = tuple(head_box)
-            state.head_box_rows = []
+                if row in ledger.head_box_rows:
+                    ledger.records[row][-1].head_box = tuple(head_box)
+            ledger.head_box_rows = []
         return model_kwargs
 
 
