@@ -160,7 +160,7 @@ def test_lora_trains_the_adapters_only(tmp_path):
     model = add_lora(VGRForConditionalGeneration.from_pretrained(checkpoint))
     args = VGRGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=1,
                          num_generations=4, max_completion_length=64, temperature=1.5, learning_rate=1e-2,
-                         save_strategy="no", report_to=[], use_cpu=True, seed=1)
+                         save_strategy="no", report_to=[], use_cpu=True, seed=1, beta=0.05)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     VGRGRPOTrainer(model, [accuracy_reward, iou_reward], args, records, processor,
                    image_root=tmp_path / "data").train()

@@ -176,8 +176,8 @@ class VGRGRPOTrainer(Trainer):
         self.reward_funcs = {function.__name__: function for function in reward_funcs}
         self.reward_weights = dict(zip(self.reward_funcs, weights))
         self.ref_model = None
-        if args.beta > 0:  # the starting policy, frozen
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if args.beta > 0:  # the starting policy, frozen (with LoRA: the VGR model its adapters are injected in)
+            self.ref_model = copy.deepcopy(_vgr_model(model)).eval().requires_grad_(False)
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          data_collator=GRPOCollator(processing_class, image_root), processing_class=processing_class,
                          **kwargs)
@@ -193,9 +193,7 @@ class VGRGRPOTrainer(Trainer):
             raise ValueError("VGRGRPOTrainer computes a loss only")
         args, group = self.args, self.args.num_generations
         columns = inputs.pop("columns")
-        policy = self.accelerator.unwrap_model(model)
-        if hasattr(policy, "get_base_model"):  # PEFT: LoRA's layers are in the VGR model it wraps
-            policy = policy.get_base_model()
+        policy = _vgr_model(self.accelerator.unwrap_model(model))
         prompts, completions, replays = self._rollouts(policy, inputs)
         texts = self.processing_class.batch_decode(completions, skip_special_tokens=True)
         prompt_texts = [text for text in self.processing_class.batch_decode(prompts) for _ in range(group)]
@@ -235,12 +233,12 @@ class VGRGRPOTrainer(Trainer):
             policy.train(training)
         prompt_length = inputs["input_ids"].shape[1]
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
-        eos = set(_as_list(policy.generation_config.eos_token_id))
+        eos, pad = set(_as_list(policy.generation_config.eos_token_id)), self._pad_token_id(policy)
         completions = []
         for tokens, reason in zip(output.sequences[:, prompt_length:].tolist(), output.finish_reasons):
             end = next((index + 1 for index, token in enumerate(tokens) if token in eos), len(tokens))
             if end == len(tokens) and reason not in (None, "length"):  # stopped otherwise: pads follow its last token
-                while end > 0 and tokens[end - 1] == self._pad_token_id(policy):
+                while end > 0 and tokens[end - 1] == pad:
                     end -= 1
             completions.append(tokens[:end])
         replays = [[record for record in records if record.step < len(tokens)]
@@ -274,6 +272,11 @@ class VGRGRPOTrainer(Trainer):
                 logs[name] = round(sum(series) / len(series), 4)
             self._metrics.clear()
         super().log(logs, *args, **kwargs)
+
+
+def _vgr_model(model):
+    """The VGR model itself: a PEFT model's base, where LoRA's layers are injected."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _as_list(value) -> list:
