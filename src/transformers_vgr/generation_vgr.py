@@ -216,6 +216,7 @@ class ReplayState:
     feature_memory: object = None  # the prefill's FeatureMemory
     conversation: CachedConversation | None = None  # the cache this call continues from, if any
     fed_eot_rows: list[int] = field(default_factory=list)  # rows whose last chunk holds an <eot>
+    compile_text_steps: bool = False  # whether transformers would compile this call's decoding steps
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
               prompt_length: int | None = None) -> None:
@@ -310,19 +311,10 @@ class SuppressImagePlaceholderLogitsProcessor(LogitsProcessor):
         return scores
 
 
-class ReplayMarker(StoppingCriteria):
-    """Carries the replay state of one `generate` call into `_get_stopping_criteria`; never stops anything."""
-
-    def __init__(self, state: ReplayState):
-        self.state = state
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 class ReplayStoppingCriteriaList(StoppingCriteriaList):
     """Every stopping criterion of the call, then VGR's own step: it sees which rows they finished, plans the replays
-    of the others and stops a row whose replay would overflow the context."""
+    of the others and stops a row whose replay would overflow the context. VGR's `generate` passes the user's criteria
+    in one of these, so that `_get_stopping_criteria` finds the call's replay state where it merges them."""
 
     def __init__(self, criteria, state: ReplayState):
         super().__init__(criteria)
@@ -424,8 +416,7 @@ class VGRGenerationMixin(GenerationMixin):
         # The model never writes <image> itself: placeholders are the processor's and the replay loop's.
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(SuppressImagePlaceholderLogitsProcessor(self.config.image_token_id))
-        criteria = StoppingCriteriaList(stopping_criteria or [])
-        criteria.append(ReplayMarker(state))
+        criteria = ReplayStoppingCriteriaList(stopping_criteria or [], state)
         output = super().generate(
             inputs, generation_config=generation_config, logits_processor=processors, stopping_criteria=criteria,
             replay_state=state, **kwargs,
@@ -475,12 +466,12 @@ class VGRGenerationMixin(GenerationMixin):
         return input_ids
 
     def _get_stopping_criteria(self, generation_config, stopping_criteria, *args, **kwargs):
-        criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, *args, **kwargs)
-        markers = [criterion for criterion in criteria if isinstance(criterion, ReplayMarker)]
-        if not markers:
-            return criteria
-        others = [criterion for criterion in criteria if not isinstance(criterion, ReplayMarker)]
-        return ReplayStoppingCriteriaList(others, markers[0].state)
+        if not isinstance(stopping_criteria, ReplayStoppingCriteriaList):  # outside VGR's generate
+            return super()._get_stopping_criteria(generation_config, stopping_criteria, *args, **kwargs)
+        criteria = super()._get_stopping_criteria(
+            generation_config, StoppingCriteriaList(stopping_criteria), *args, **kwargs
+        )
+        return ReplayStoppingCriteriaList(criteria, stopping_criteria.state)
 
     def _check_generation_mode(self, config, kwargs) -> None:
         # v5 leaves unset generation options as None.
@@ -564,6 +555,7 @@ class VGRGenerationMixin(GenerationMixin):
             position_ids=positions,
             replay_boxes=boxes if any(boxes) else None,
             feature_memory=state.feature_memory,
+            compile_text_step=state.compile_text_steps,  # read (and dropped) by `get_compiled_call`'s step
         )
         return model_inputs
 
@@ -623,12 +615,12 @@ class VGRGenerationMixin(GenerationMixin):
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         """Whether `generate` calls `get_compiled_call`'s decoding step instead of the model: always, in VGR's own
         generate (its text steps then skip the two model wrappers); whether that step compiles is transformers' own
-        decision, kept on the call's cache."""
+        decision, kept in the call's replay state."""
         compile_text_steps = super()._valid_auto_compile_criteria(model_kwargs, generation_config)
-        cache = model_kwargs.get("cache")
-        if model_kwargs.get("replay_state") is None or cache is None:
+        state = model_kwargs.get("replay_state")
+        if state is None or model_kwargs.get("cache") is None:
             return compile_text_steps
-        cache.vgr_compile_text_steps = compile_text_steps
+        state.compile_text_steps = compile_text_steps
         return True
 
     def get_compiled_call(self, compile_config):
@@ -637,7 +629,7 @@ class VGRGenerationMixin(GenerationMixin):
         `compile_config`); the prefill, replay chunks and `<eot>` steps (whose detection-head box is recorded) run the
         whole model, eagerly."""
 
-        def decoding_step(**inputs):
+        def decoding_step(compile_text_step=False, **inputs):
             input_ids = inputs.get("input_ids")
             if (
                 input_ids is None
@@ -649,7 +641,7 @@ class VGRGenerationMixin(GenerationMixin):
                 return self(**inputs)
             cache, attention_mask = inputs["cache"], inputs["attention_mask"]
             text_step = self.text_step
-            if getattr(cache, "vgr_compile_text_steps", False):
+            if compile_text_step:
                 text_step = self._compiled_text_step(compile_config)
                 if cache.is_compileable:  # a static cache: the mask covers all of it, so its shape never changes
                     attention_mask = F.pad(attention_mask, (0, cache.get_max_length() - attention_mask.shape[1]))
