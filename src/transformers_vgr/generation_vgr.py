@@ -29,6 +29,7 @@ This file is the only one that depends on the internals of transformers' generat
 
 import copy
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .replay_vgr import (
     CONTEXT_OVERFLOW,
+    ContextUse,
     FeatureMemory,
     ReplayLimits,
     ReplayRecord,
@@ -53,6 +55,7 @@ from .replay_vgr import (
     ended_record,
     plan_replay,
     read_box,
+    SequentialPositions,
 )
 
 
@@ -107,10 +110,18 @@ class ReplayConfig:
     geometry: object  # VGRGeometry
 
 
+class ReplayPlan(NamedTuple):
+    """A replay a row feeds with its `<eot>` next step: its K tokens, the box, and their `(rows, cols)`."""
+
+    num_tokens: int
+    box: tuple[float, float, float, float]
+    grid: tuple[int, int]
+
+
 @dataclass
 class RowLedger:
     """Per row of one `generate` call: a `ReplayRecord` for each `<eot>`, whether and why the row finished and its
-    last real column of input_ids, and the replay each row feeds next step (`plans`: `(K, box)` or None)."""
+    last real column of input_ids, and the replay each row feeds next step (`plans`: a `ReplayPlan` or None)."""
 
     records: list[list[ReplayRecord]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
@@ -136,13 +147,15 @@ class RowLedger:
 @dataclass
 class CacheLayout:
     """Where one `generate` call's tokens sit in the KV cache and which positions they take: the attention mask over
-    the cache, each row's next position id (1-D, counted over real tokens, as LLaMA's), and the cache slot of every
-    text token fed. Replay chunks are laid out here."""
+    the cache, each row's next position id (from the language model's position model: LLaMA's 1-D ids by default),
+    the real tokens each row holds, and the cache slot of every text token fed. Replay chunks are laid out here."""
 
     pad_token_id: int
     image_token_id: int
+    positions: object = field(default_factory=SequentialPositions)  # the position model
     cache_mask: torch.Tensor | None = None  # (batch, cache_length): 1 where the cache holds a real position
     next_position: torch.Tensor | None = None  # (batch,) position id of each row's next real token
+    tokens: torch.Tensor | None = None  # (batch,) real tokens each row holds in the cache, replays included
     text_slots: list[torch.Tensor] = field(default_factory=list)  # (batch, n): cache index of this call's text tokens
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
@@ -152,6 +165,15 @@ class CacheLayout:
         self.text_slots.append(slots)
         self.cache_mask = attention_mask.clone()
         self.next_position = position_ids[:, -1] + 1
+        self.tokens = attention_mask.sum(-1)
+
+    def used(self, row: int) -> ContextUse:
+        """What row `row`'s context holds before its next token."""
+        return ContextUse(int(self.tokens[row]), int(self.next_position[row]))
+
+    def full_rows(self, limits) -> list[bool]:
+        """Per row, whether its next token has no room left: no KV slot or no position id."""
+        return ((self.tokens >= limits.max_tokens) | (self.next_position >= limits.max_positions)).tolist()
 
     def chunk(self, last_tokens: torch.Tensor, plans) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """Input ids, attention mask and position ids of this step's chunk `(batch, 1 + max K)`, and its boxes.
@@ -164,22 +186,22 @@ class CacheLayout:
             mask = torch.ones((batch, 1), dtype=self.cache_mask.dtype, device=device)
             self.text_slots.append(torch.full((batch, 1), cache_length, device=device))
             boxes = [[] for _ in range(batch)]
+            self.tokens = self.tokens + 1
         else:
-            width = 1 + max(plan[0] for plan in plans if plan is not None)
+            width = 1 + max(plan.num_tokens for plan in plans if plan is not None)
             ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
             mask = torch.zeros((batch, width), dtype=self.cache_mask.dtype, device=device)
             boxes, text_slots = [], []
             for row, plan in enumerate(plans):
-                length = 1 + (plan[0] if plan is not None else 0)
+                length = 1 + (plan.num_tokens if plan is not None else 0)
                 text_slots.append(cache_length + width - length)
                 ids[row, -length] = last_tokens[row]
                 ids[row, width - length + 1 :] = self.image_token_id
                 mask[row, -length:] = 1
-                boxes.append([plan[1]] if plan is not None else [])
-            # Real positions count on from each row's next position; pads repeat the first one (they are masked).
-            offsets = (mask.cumsum(-1) - 1).clamp(min=0)
-            positions = self.next_position[:, None] + offsets
+                boxes.append([plan.box] if plan is not None else [])
+            positions = self.positions.chunk(self.next_position, mask, [plan and plan.grid for plan in plans])
             self.text_slots.append(torch.tensor(text_slots, device=device)[:, None])
+            self.tokens = self.tokens + mask.sum(-1)
         self.next_position = positions[:, -1] + 1
         self.cache_mask = torch.cat([self.cache_mask, mask], dim=-1)
         return ids, self.cache_mask, positions, boxes
@@ -236,40 +258,43 @@ class ReplayState:
         stop = [False] * input_ids.shape[0]
         column = input_ids.shape[1] - 1
         # Plain Python over the last column: the full rows are read only at an <eot> (this runs every step).
-        last_tokens, next_positions = input_ids[:, -1].tolist(), self.layout.next_position.tolist()
+        last_tokens, full_rows = input_ids[:, -1].tolist(), self.layout.full_rows(config.limits)
         for row, token in enumerate(last_tokens):
             was_finished = ledger.finished[row]
             if not was_finished and done_rows[row]:
                 ledger.finish(row, reasons[row], column)
-            if was_finished or token != config.eot_token_id:
-                ledger.plans.append(None)
-            else:
+            plan = None
+            if not was_finished and token == config.eot_token_id:
                 step = column - self.prompt_length
                 if ledger.finished[row]:
                     record = ended_record(step)
                 else:
-                    record = self._decide(row, input_ids[row].tolist(), step)
+                    record, plan = self._decide(row, input_ids[row].tolist(), step)
                     ledger.head_box_rows.append(row)  # its <eot> is fed next step, with the replay if any
                 ledger.records[row].append(record)
-                ledger.plans.append((record.num_tokens, record.box) if record.valid else None)
+            ledger.plans.append(plan)
             if not ledger.finished[row] and ledger.finish_reasons[row] == CONTEXT_OVERFLOW:
                 ledger.finish(row, CONTEXT_OVERFLOW, column)
-            elif not ledger.finished[row] and next_positions[row] >= config.limits.max_positions:
-                ledger.finish(row, FINISH_LENGTH, column)  # the token just appended has no position left
+            elif not ledger.finished[row] and full_rows[row]:
+                ledger.finish(row, FINISH_LENGTH, column)  # the token just appended has no room left
             stop[row] = ledger.finished[row] and not was_finished
         return stop
 
-    def _decide(self, row: int, ids: list[int], step: int) -> ReplayRecord:
+    def _decide(self, row: int, ids: list[int], step: int) -> tuple[ReplayRecord, ReplayPlan | None]:
+        """The record of row `row`'s fresh `<eot>` and the replay it feeds, if any."""
         config = self.config
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
+        image_size = None if memory is None else memory.tile.image_size
         parsed = read_box(ids[self.prompt_length :], config.sot_token_id, config.eot_token_id, config.box_texts)
         record, finish_reason = plan_replay(
-            parsed, step, None if memory is None else memory.tile.image_size, config.geometry,
-            self.ledger.records[row], int(self.layout.next_position[row]), config.limits,
+            parsed, step, image_size, config.geometry, self.ledger.records[row], self.layout.used(row),
+            config.limits, self.layout.positions,
         )
         if finish_reason is not None:
             self.ledger.finish_reasons[row] = finish_reason
-        return record
+        if not record.valid:
+            return record, None
+        return record, ReplayPlan(record.num_tokens, record.box, config.geometry.replay_grid(image_size, record.box))
 
     def chunk(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         """The next step's chunk with the planned replays (`CacheLayout.chunk`); notes which rows it feeds an `<eot>`,
@@ -535,7 +560,7 @@ class VGRGenerationMixin(GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         positions = model_inputs.get("position_ids")
         if positions is None:
-            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            positions = state.layout.positions.prefill(attention_mask)
         state.start(input_ids, attention_mask, positions)
         return model_inputs
 
@@ -571,7 +596,7 @@ class VGRGenerationMixin(GenerationMixin):
         new_mask[:, 0] = conversation.last_is_real.to(new_mask.dtype)  # a pad if the row had ended before
         full_mask = torch.cat([conversation.cache_mask.to(new_mask.dtype), new_mask], dim=-1)
         # Real positions count on from the real positions the cache holds (replays included, pads not).
-        positions = conversation.cache_mask.sum(-1, keepdim=True) + (new_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = state.layout.positions.chunk(conversation.cache_mask.sum(-1), new_mask, [None] * len(new_mask))
         state.start(new_ids, full_mask, positions, prompt_length=input_ids.shape[1])
         model_inputs = super().prepare_inputs_for_generation(
             new_ids, next_sequence_length=new_ids.shape[1], cache=cache, attention_mask=full_mask,

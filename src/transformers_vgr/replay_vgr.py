@@ -52,19 +52,53 @@ class ReplayRecord:
 
 @dataclass(frozen=True)
 class ReplayLimits:
-    """The caps a replay must fit in: from the config (`max_replays`, `max_replay_tokens`) and the context size."""
+    """The caps a replay must fit in: from the config (`max_replays`, `max_replay_tokens`) and the context, counted
+    twice: the tokens it holds (KV slots: the engine's `max_model_len` on vLLM) and the position ids they take (the
+    language model's `max_position_embeddings`). With 1-D positions both count the same; with M-RoPE an image's
+    tokens take fewer positions than tokens."""
 
     max_replays: int
     max_replay_tokens: int
+    max_tokens: int
     max_positions: int
 
     @classmethod
-    def from_config(cls, config, max_positions: int | None = None) -> "ReplayLimits":
-        """The caps of a `VGRConfig` in a context of `max_positions`: the engine's `max_model_len` on vLLM, the
-        language model's `max_position_embeddings` by default."""
-        if max_positions is None:
-            max_positions = config.text_config.max_position_embeddings
-        return cls(config.max_replays, config.max_replay_tokens, max_positions)
+    def from_config(cls, config, max_model_len: int | None = None) -> "ReplayLimits":
+        """The caps of a `VGRConfig` in a context of `max_model_len` tokens (the engine's on vLLM; by default as many
+        as the language model has positions)."""
+        max_positions = config.text_config.max_position_embeddings
+        max_tokens = max_positions if max_model_len is None else max_model_len
+        # A position id is never past its token's index, so a context of fewer tokens bounds the positions too.
+        return cls(config.max_replays, config.max_replay_tokens, max_tokens, min(max_positions, max_tokens))
+
+
+@dataclass(frozen=True)
+class ContextUse:
+    """How much of a row's context its tokens so far use: KV slots of real tokens, and position ids taken (the next
+    token's position id)."""
+
+    tokens: int
+    positions: int
+
+
+class SequentialPositions:
+    """LLaMA's position ids: 1-D, each real token of a row takes the next one, so a replayed region takes one per token,
+    as text does. The position model of `generate`'s cache layout; M-RoPE's (3-D, a region's tokens sharing their
+    row's and column's ids) is another with the same methods."""
+
+    def prefill(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Position ids `(batch, length)` of a left-padded prompt: real tokens count from 0, pads take 0."""
+        return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def chunk(self, next_position: torch.Tensor, mask: torch.Tensor, grids: list) -> torch.Tensor:
+        """Position ids `(batch, width)` of a chunk whose real tokens are 1 in `mask` (pads first), counting from each
+        row's `next_position` `(batch,)`; pads repeat the first one (they are masked). `grids` holds, per row, the
+        `(rows, cols)` of the region it replays after its first token, or None (1-D positions do not need them)."""
+        return next_position[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def span(self, grid: tuple[int, int]) -> int:
+        """Position ids a replayed region of `grid` `(rows, cols)` tokens takes."""
+        return grid[0] * grid[1]
 
 
 def box_texts_of(config, tokenizer=None) -> dict[int, str]:
@@ -123,29 +157,35 @@ def plan_replay(
     image_size: tuple[int, int] | None,
     geometry,
     records: list[ReplayRecord],
-    next_position: int,
+    used: ContextUse,
     limits: ReplayLimits,
+    positions=SequentialPositions(),
 ) -> tuple[ReplayRecord, str | None]:
     """Decide what the `<eot>` at generated index `step` does, given the box read before it (`read_box`).
 
     `image_size` is `(height, width)` of the image the row replays from (`None` for a row without one), `geometry` a
-    `VGRGeometry`, `records` the row's earlier records, and `next_position` the position id the `<eot>` takes.
-    Returns the record (with the K tokens to replay when valid) and a finish reason when the row must stop."""
+    `VGRGeometry`, `records` the row's earlier records, `used` what the row's context holds before the `<eot>`, and
+    `positions` the language model's position model. Returns the record (with the K tokens to replay when valid) and a
+    finish reason when the row must stop."""
     if isinstance(parsed, str) or not parsed.valid:
         return ReplayRecord(step, None, None, 0, False, parsed if isinstance(parsed, str) else parsed.reason), None
     if image_size is None:
         return ReplayRecord(step, parsed.box, None, 0, False, "the row has no image to replay from"), None
     box = parsed.box
     pixel_box = to_pixel_box(box, image_size)
-    num_tokens = geometry.replay_tokens(image_size, box)
+    grid = geometry.replay_grid(image_size, box)
+    num_tokens = grid[0] * grid[1]
     replays_done = sum(record.valid for record in records)
     replayed_tokens = sum(record.num_tokens for record in records)
     if replays_done >= limits.max_replays:
         reason, finish = f"max_replays ({limits.max_replays}) reached", None
     elif replayed_tokens + num_tokens > limits.max_replay_tokens:
         reason, finish = f"max_replay_tokens ({limits.max_replay_tokens}) would be exceeded", None
-    elif next_position + num_tokens + 2 > limits.max_positions:
+    elif used.tokens + num_tokens + 2 > limits.max_tokens:
         # The <eot>, its K tokens and one more token must fit.
+        reason = f"context overflow: {num_tokens} replayed tokens do not fit in {limits.max_tokens} tokens"
+        finish = CONTEXT_OVERFLOW
+    elif used.positions + positions.span(grid) + 2 > limits.max_positions:
         reason = f"context overflow: {num_tokens} replayed tokens do not fit in {limits.max_positions} positions"
         finish = CONTEXT_OVERFLOW
     else:

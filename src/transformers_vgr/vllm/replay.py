@@ -28,7 +28,16 @@ from ..box_text_vgr import extract_final_answer
 from ..configuration_vgr import VGRConfig
 from ..image_processing_vgr import to_rgb_image
 from ..processing_vgr import VGRProcessor
-from ..replay_vgr import ReplayLimits, ReplayRecord, box_texts_of, ended_record, plan_replay, read_box, replay_image
+from ..replay_vgr import (
+    ContextUse,
+    ReplayLimits,
+    ReplayRecord,
+    box_texts_of,
+    ended_record,
+    plan_replay,
+    read_box,
+    replay_image,
+)
 
 
 @dataclass
@@ -236,8 +245,10 @@ class ReplaySession:
         parsed = read_box(self.generated, config.sot_token_id, config.eot_token_id, frontend.box_texts)
         image = replay_image(self.request.images)
         image_size = None if image is None else (image.height, image.width)
+        # LLaMA's positions: the <eot>'s token index is its position id, and the tokens before it fill its context.
+        used = ContextUse(tokens=eot_position, positions=eot_position)
         record, finish = plan_replay(
-            parsed, len(self.generated) - 1, image_size, frontend.geometry, self.records, eot_position, frontend.limits
+            parsed, len(self.generated) - 1, image_size, frontend.geometry, self.records, used, frontend.limits
         )
         self.records.append(record)
         self.recomputed.append(None)
