@@ -12,7 +12,9 @@ from transformers_vgr.replay_vgr import (
     ContextUse,
     ReplayLimits,
     SequentialPositions,
+    VisualSpan,
     plan_replay,
+    plan_spans,
 )
 
 from conftest import tiny_config
@@ -109,3 +111,14 @@ def test_the_cache_layout_takes_chunk_positions_from_its_position_model():
     assert layout.tokens.tolist() == [7, 4]
     assert layout.full_rows(ReplayLimits(8, 64, max_tokens=7, max_positions=1000)) == [True, False]
     assert layout.full_rows(ReplayLimits(8, 64, max_tokens=1000, max_positions=104)) == [True, True]
+
+
+def test_plan_spans_reads_replays_after_the_family_marker():
+    image, eot, start = 9, 5, 7
+    ids = [1, 9, 9, 9, 2, 5, 9, 9, 3, 5, 4, 9, 9]  # prompt image, a replay, an <eot> then text, a bare run
+    assert plan_spans(ids, image, (eot,)) == [VisualSpan(1, 3, False), VisualSpan(6, 2, True), VisualSpan(11, 2, False)]
+    # a two-token marker, as a family with vision start tokens has: "<eot><vision_start>" then the region
+    ids = [start, 9, 9, 2, 5, start, 9, 9, 9, 3, start, 9]
+    assert plan_spans(ids, image, (eot, start)) == [VisualSpan(1, 2, False), VisualSpan(6, 3, True),
+                                                    VisualSpan(11, 1, False)]
+    assert plan_spans([9, 9], image, (eot,)) == [VisualSpan(0, 2, False)] and plan_spans([], image, (eot,)) == []

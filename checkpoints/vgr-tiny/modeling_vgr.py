@@ -21,7 +21,15 @@ from transformers.utils.generic import can_return_tuple
 from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
 from .generation_vgr import VGRGenerationMixin
-from .replay_vgr import FeatureMemory, ImageMemory, image_tokens_and_memory, pool_grid, replay_features, replay_image
+from .replay_vgr import (
+    FeatureMemory,
+    ImageMemory,
+    image_tokens_and_memory,
+    plan_spans,
+    pool_grid,
+    replay_features,
+    replay_image,
+)
 
 
 @dataclass
@@ -337,8 +345,8 @@ class VGRModel(VGRPreTrainedModel):
         stand for: images fill the placeholder runs in order across rows, as in `visual_embeddings`."""
         rows, next_image = [], 0
         for ids in input_ids.tolist():
-            runs = _runs(ids, self.config.image_token_id)
-            placeholders = sum(length for start, length in runs if start == 0 or ids[start - 1] != self.config.eot_token_id)
+            spans = plan_spans(ids, self.config.image_token_id, (self.config.eot_token_id,))
+            placeholders = sum(span.length for span in spans if not span.is_replay)
             images = []
             while placeholders > 0 and next_image < len(counts):
                 images.append(next_image)
@@ -375,8 +383,9 @@ class VGRModel(VGRPreTrainedModel):
         for row, ids in enumerate(input_ids.tolist()):
             boxes = list(replay_boxes[row])
             seen = [] if memory.row_images[row] is None else [memory.row_images[row]]  # the row's images so far
-            for start, length in _runs(ids, config.image_token_id):
-                if start > 0 and ids[start - 1] == config.eot_token_id:
+            for span in plan_spans(ids, config.image_token_id, (config.eot_token_id,)):
+                start, length = span.start, span.length
+                if span.is_replay:
                     if not boxes:
                         raise ValueError(f"row {row}: a replay span at position {start} has no box in replay_boxes")
                     row_image = replay_image(seen)
@@ -760,18 +769,6 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
 
 def _is_prefill(cache) -> bool:
     return cache is None or cache.get_seq_length() == 0
-
-
-def _runs(ids: list[int], token_id: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of `token_id`."""
-    runs, start = [], None
-    for position, token in enumerate(ids + [None]):
-        if token == token_id and start is None:
-            start = position
-        elif token != token_id and start is not None:
-            runs.append((start, position - start))
-            start = None
-    return runs
 
 
 def _as_size_list(image_sizes) -> list[tuple[int, int]]:

@@ -130,6 +130,31 @@ def replay_image(images: list):
     return images[-1] if images else None
 
 
+@dataclass(frozen=True)
+class VisualSpan:
+    """A maximal run of image placeholders in a row's ids: a replay span (it follows the family's replay marker:
+    `<eot>` for LLaVA) or prompt image tokens (one image's or several's)."""
+
+    start: int
+    length: int
+    is_replay: bool
+
+
+def plan_spans(ids: list[int], image_token_id: int, replay_marker: tuple[int, ...]) -> list[VisualSpan]:
+    """The visual spans of one row's `ids`, in order. A run of `image_token_id` is a replay span when the ids right
+    before it are `replay_marker`; the model's forward, `images_of_rows` and the training truncation all read a row's
+    spans here, so they agree on which runs are replays."""
+    spans, start = [], None
+    for position, token in enumerate(ids + [None]):
+        if token == image_token_id and start is None:
+            start = position
+        elif token != image_token_id and start is not None:
+            before = ids[max(start - len(replay_marker), 0) : start]
+            spans.append(VisualSpan(start, position - start, tuple(before) == tuple(replay_marker)))
+            start = None
+    return spans
+
+
 # Why a row stops when its replay does not fit in the context (a finish reason, as `generate` reports it).
 CONTEXT_OVERFLOW = "context_overflow"
 

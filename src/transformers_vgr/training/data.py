@@ -34,6 +34,7 @@ from pathlib import Path
 from ..box_text_vgr import EOT_TOKEN, SOT_TOKEN, find_boxes, normalize_tags, parse_box
 from ..image_processing_vgr import to_rgb_image
 from ..processing_vgr import IMAGE_TOKEN
+from ..replay_vgr import plan_spans
 
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -224,18 +225,18 @@ def truncate(features: Features, max_length: int, processor):
     """Cut to at most `max_length` tokens without cutting an image or replay span, or an `<eot>` from its replay;
     `(None, "too_long")` if no label would remain."""
     ids, image_id, eot_id = features.input_ids, processor.image_token_id, processor.eot_token_id
+    spans = plan_spans(ids, image_id, (eot_id,))
     cut = max_length
-    if ids[cut] == image_id:
-        while cut > 0 and ids[cut - 1] == image_id:  # never inside a span: back to its start
-            cut -= 1
-        if cut > 0 and ids[cut - 1] == eot_id:  # nor right after an <eot> whose replay is cut off
-            cut -= 1
-    if features.image_size is not None and image_id not in ids[:cut]:
+    for span in spans:
+        if span.start < cut < span.start + span.length or (span.is_replay and cut == span.start):
+            # never inside a span, nor right after an <eot> whose replay is cut off
+            cut = span.start - 1 if span.is_replay else span.start
+            break
+    kept = [span for span in spans if span.start + span.length <= cut]
+    if features.image_size is not None and not kept:
         return None, "too_long"  # the image itself does not fit
     kept_eot = ids[:cut].count(eot_id)
-    replays_kept = sum(
-        1 for position in range(1, cut) if ids[position] == image_id and ids[position - 1] == eot_id
-    )
+    replays_kept = sum(span.is_replay for span in kept)
     labels = features.labels[:cut]
     if all(label == -100 for label in labels[1:]):
         return None, "too_long"
