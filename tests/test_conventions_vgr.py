@@ -108,7 +108,7 @@ class TestImageFeatures:
         as_tuple = vgr.get_image_features(ours["pixel_values"], ours["image_sizes"], return_dict=False)
         assert isinstance(as_tuple, tuple)
         _, memories = vgr.model.encode_images(ours["pixel_values"], ours["image_sizes"])
-        assert [memory.tile.image_size for memory in memories] == [(300, 451), (172, 448)]
+        assert [memory.grid.image_size for memory in memories] == [(300, 451), (172, 448)]
 
     def test_vision_hidden_states_and_attentions_when_asked(self, llava_pair, pair_inputs):
         vgr, llava, _, _ = llava_pair

@@ -163,7 +163,7 @@ class TestReencodingReplay:
             box = (0.1, 0.2, 0.5, 0.6)
             tokens = model.model.replay_tokens(memory, box)
             # the region cut from the image the processor resized (no padding at the top-left), independently
-            tile = memory.tile
+            tile = memory.grid
             height, width = tile.resized_size
             top, left = tile.padding[0], tile.padding[2]
             rows = int(np.floor(top + 0.2 * height)), int(np.ceil(top + 0.6 * height))

@@ -284,7 +284,7 @@ class ReplayState:
         """The record of row `row`'s fresh `<eot>` and the replay it feeds, if any."""
         config = self.config
         memory = None if self.feature_memory is None else self.feature_memory.for_row(row)
-        image_size = None if memory is None else memory.tile.image_size
+        image_size = None if memory is None else memory.grid.image_size
         parsed = read_box(ids[self.prompt_length :], config.sot_token_id, config.eot_token_id, config.box_texts)
         record, finish_reason = plan_replay(
             parsed, step, image_size, config.geometry, self.ledger.records[row], self.layout.used(row),

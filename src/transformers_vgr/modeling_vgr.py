@@ -309,8 +309,8 @@ class VGRModel(VGRPreTrainedModel):
         """The tokens a replay of `box` feeds to the LLM, row-major `(K, hidden)`: its cells of S, `replay_pool`-pooled;
         with `replay_source="crop"`, its pixels resized to one crop and encoded again, pooled alike."""
         if self.config.replay_source == "memory":
-            return replay_features(memory.features, memory.tile, box, self.config.replay_pool)
-        top, bottom, left, right = memory.tile.box_to_pixels(box)
+            return replay_features(memory.features, memory.grid, box, self.config.replay_pool)
+        top, bottom, left, right = memory.grid.box_to_pixels(box)  # LLaVA's grid: the image's TileGeometry
         crop = self.geometry.crop_size
         region = memory.pixels[None, :, top:bottom, left:right]  # (1, 3, h, w)
         region = F.interpolate(region, size=(crop, crop), mode="bilinear", align_corners=False)  # (1, 3, crop, crop)

@@ -9,6 +9,7 @@ read, capped and cut the same way everywhere. Nothing here depends on transforme
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -236,24 +237,35 @@ def stitch_crops(crops: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return crops.view(rows, cols, side, side, -1).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, -1)
 
 
-def replay_features(memory: torch.Tensor, tile, box, pool: int) -> torch.Tensor:
+class RegionGrid(Protocol):
+    """How an image lies in its feature memory's grid of cells: what a replay needs of a family's geometry. LLaVA's
+    is the image's `TileGeometry` (its crops stitched, the padding around the image); a native-resolution tower's
+    would be its merged patch grid."""
+
+    image_size: tuple[int, int]  # (height, width) of the original image
+
+    def box_to_cells(self, box) -> tuple[int, int, int, int]:
+        """`(top, bottom, left, right)` cells of the grid that a normalized box of the image covers."""
+
+
+def replay_features(memory: torch.Tensor, grid: RegionGrid, box, pool: int) -> torch.Tensor:
     """The tokens a replay of `box` feeds to the LLM: its cells of the feature memory `memory`
-    `(rows * side, cols * side, hidden)` laid out by `tile` (a `TileGeometry`), `pool`-pooled, row-major
-    `(K, hidden)`."""
-    top, bottom, left, right = tile.box_to_cells(box)
+    `(rows, cols, hidden)` laid out by `grid`, `pool`-pooled, row-major `(K, hidden)`."""
+    top, bottom, left, right = grid.box_to_cells(box)
     return pool_grid(memory[top:bottom, left:right], pool).flatten(0, 1)
 
 
 @dataclass
 class ImageMemory:
-    """The feature memory S of one image: unpooled post-projector features of all its local crops, stitched.
+    """The feature memory S of one image: unpooled post-projector features laid out as a grid of cells.
 
-    `features` is `(rows * crop_side, cols * crop_side, hidden_size)`; `tile` says where the image lies in it (the
-    rest is padding). With `replay_source="crop"`, `pixels` holds the crops' pixels stitched into the canvas
-    `(3, rows * crop, cols * crop)`, which a replay crops and encodes again."""
+    `features` is `(rows, cols, hidden_size)`; `grid` says where the image lies in it (LLaVA's: its local crops
+    stitched, `(rows * crop_side, cols * crop_side)`, a `TileGeometry` with the padding around the image). With
+    `replay_source="crop"`, `pixels` holds the crops' pixels stitched into the canvas `(3, rows * crop, cols * crop)`,
+    which a replay crops and encodes again."""
 
     features: torch.Tensor
-    tile: TileGeometry
+    grid: RegionGrid
     pixels: torch.Tensor | None = None
 
 

@@ -461,12 +461,12 @@ def tag_features(model, processor, image: PIL.Image.Image, boxes: list) -> dict:
             for fraction in (0.25, 0.75):
                 x = box[0] + fraction * (box[2] - box[0])
                 at_snapshot.append(snapshot[snapshot_cell(x, middle_y, snapshot_grid)])
-                top, _, left, _ = memory.tile.box_to_cells((x, middle_y, x, middle_y))
+                top, _, left, _ = memory.grid.box_to_cells((x, middle_y, x, middle_y))
                 at_crops.append(crops[top // config.crop_pool, left // config.crop_pool])
             features["snapshot"].append(torch.cat(at_snapshot))
             features["prompt"].append(torch.cat(at_snapshot + at_crops))
             replayed = model.model.replay_tokens(memory, box)  # (K, hidden), row-major over the replay's grid
-            rows, cols = model.model.geometry.replay_grid(memory.tile.image_size, box)
+            rows, cols = model.model.geometry.replay_grid(memory.grid.image_size, box)
             middle = (rows // 2) * cols
             features["replay"].append(torch.cat([replayed[middle + min(int(fraction * cols), cols - 1)]
                                                  for fraction in (0.25, 0.75)]))
@@ -561,7 +561,7 @@ def box_probes(model_dir: Path, data: Path, train_count: int = 1000, test_count:
             for box in record["boxes"]:
                 x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
                 at_snapshot = snapshot[snapshot_cell(x, y, grid)]
-                top, _, left, _ = memory.tile.box_to_cells((x, y, x, y))
+                top, _, left, _ = memory.grid.box_to_cells((x, y, x, y))
                 features["snapshot"].append(at_snapshot)
                 features["prompt"].append(torch.cat([at_snapshot, crops[top // config.crop_pool,
                                                                          left // config.crop_pool]]))

@@ -388,7 +388,7 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
                 self.feature_memory_misses += 1
                 self._encode(pixel_values[starts[index] : starts[index + 1]], [num_patches[index]], [size], [key])
                 memory = self.feature_memory.get(key)
-            embeddings.append(replay_features(memory.features, memory.tile, box, self.config.replay_pool))  # (K, hidden)
+            embeddings.append(replay_features(memory.features, memory.grid, box, self.config.replay_pool))  # (K, hidden)
         return embeddings
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
