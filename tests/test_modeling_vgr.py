@@ -57,7 +57,7 @@ class TestTokenCounts:
                 prompt_tokens = image_outputs.pooler_output
                 paper_model(**inputs)  # the forward checks placeholders against features itself
             placeholders = (inputs["input_ids"] == paper_model.config.image_token_id).sum().item()
-            tile = memories[0].tile
+            tile = memories[0].grid
             assert prompt_tokens[0].shape[0] == placeholders == 144 + 36 * tile.num_crops, name
             assert memories[0].features.shape[:2] == tile.memory_size == (tile.grid[0] * 24, tile.grid[1] * 24), name
 
@@ -68,7 +68,7 @@ class TestTokenCounts:
         with torch.no_grad():
             image_outputs, memories = paper_model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
             prompt_tokens = image_outputs.pooler_output
-        assert memories[0].tile.num_crops == 20
+        assert memories[0].grid.num_crops == 20
         assert prompt_tokens[0].shape[0] == 864
         assert (inputs["input_ids"] == paper_model.config.image_token_id).sum().item() == 864
 
@@ -86,7 +86,7 @@ class TestTokenCounts:
             image_outputs, memories = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
             prompt_tokens = image_outputs.pooler_output
             model(**inputs)
-        tile = memories[0].tile
+        tile = memories[0].grid
         top, bottom, left, right = unpadded_span(tile.image_size, (tile.grid[0] * 2, tile.grid[1] * 2))  # 8 / 4 = 2
         placeholders = (inputs["input_ids"] == config.image_token_id).sum().item()
         assert prompt_tokens[0].shape[0] == placeholders == 16 + (bottom - top) * (right - left + 1)
