@@ -8,12 +8,14 @@ Every `VGRGRPOConfig` field is a flag: the `TrainingArguments` ones (`--learning
 `--per_device_train_batch_size`, `--gradient_accumulation_steps`, ...) and GRPO's (`--num_generations`,
 `--max_completion_length`, `--temperature`, `--epsilon`, `--beta`, `--loss_type`, `--reward_weights`). The policy and
 its processor are saved in the output folder, which loads with `AutoModel.from_pretrained(output_dir,
-trust_remote_code=True)`.
+trust_remote_code=True)`; `training_log.json` beside it holds every logged step (the loss, the reward and each
+reward function's mean, completion length, replays per sample).
 
 Records are VGR-SFT records (an `image` and `conversations`); the rewards read each record's `answer` and `boxes`, or
 its reference answer's "Final answer:" and boxes when it has none.
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,10 +79,14 @@ def build_trainer(script_args: ScriptArguments, args: VGRGRPOConfig) -> VGRGRPOT
 def main(argv=None) -> None:
     script_args, args = parser().parse_args_into_dataclasses(argv)
     trainer = build_trainer(script_args, args)
-    trainer.train()
+    result = trainer.train()
     model = trainer.model.merge_and_unload() if script_args.lora else trainer.model
     model.save_pretrained(args.output_dir)
     trainer.processing_class.save_pretrained(args.output_dir)
+    # Every logged step (loss, reward and each reward function, completion length, replays), for plots and cards.
+    log = {"steps": trainer.state.global_step, "train_runtime_seconds": result.metrics["train_runtime"],
+           "logs": trainer.state.log_history}
+    (Path(args.output_dir) / "training_log.json").write_text(json.dumps(log, indent=1))
     print(f"saved to {args.output_dir}")
 
 

@@ -2,10 +2,14 @@
 a tiny VGR's sampled completions (replays teacher-forced) that changes no weight when every sample of a group got the
 same reward."""
 
+import json
+
+import PIL.Image
 import pytest
 import torch
 
 from transformers_vgr import VGRForConditionalGeneration
+from transformers_vgr.reference import rl_proof
 from transformers_vgr.training.grpo import group_advantages, grpo_loss
 from transformers_vgr.training.rollouts import completion_logprobs, policy_inputs
 
@@ -183,8 +187,27 @@ def test_the_example_script_trains_and_saves_a_loadable_folder(tmp_path):
                      "--rewards", "accuracy", "replay_cost", "--reward_weights", "1", "0.001"])
     loaded = AutoModel.from_pretrained(str(output), trust_remote_code=True)
     assert type(loaded).__name__ == "VGRForConditionalGeneration"
+    log = json.loads((output / "training_log.json").read_text())
+    assert log["steps"] == 1 and log["train_runtime_seconds"] > 0
+    (step,) = [entry for entry in log["logs"] if "loss" in entry]
+    assert {"reward", "rewards/accuracy_reward", "rewards/replay_cost_reward", "completion_length"} <= set(step)
+    curves = rl_proof.plot(output / "training_log.json", tmp_path / "curves.png", held_out={1: 0.5})
+    with PIL.Image.open(curves) as image:
+        assert image.format == "PNG" and image.width > 800  # one panel per reward function and the total
     with pytest.raises(ValueError, match=r"unknown rewards \['bleu'\]"):
         train_grpo.main(["--output_dir", str(output), "--rewards", "bleu"])
     help_text = subprocess.run([sys.executable, str(ROOT / "examples" / "train_grpo.py"), "--help"],
                                capture_output=True, text=True, check=True).stdout
     assert "--num_generations" in help_text and "--rewards" in help_text and "--learning_rate" in help_text
+
+
+def test_the_rl_proof_table_compares_the_start_with_the_policy(tmp_path):
+    columns = {key: 0.0 for key, _, _ in rl_proof.COLUMNS}
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    before.write_text(json.dumps({**columns, "accuracy": 0.125, "text_box_mean_iou": 0.5}))
+    after.write_text(json.dumps({**columns, "accuracy": 0.25, "text_box_mean_iou": 0.625}))
+    table = rl_proof.report(before, after, tmp_path / "results")
+    assert "| SFT start | 12.5% |" in table and "| after GRPO | 25.0% |" in table and "0.625" in table
+    assert "changed by +12.5 points" in table
+    assert json.loads((tmp_path / "results" / "rl.json").read_text())["rows"]["after GRPO"]["accuracy"] == 0.25
+    assert rl_proof.moving_average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
