@@ -173,19 +173,7 @@ class VGRConfig(PreTrainedConfig):
             self._build_sub_configs()
         super().__post_init__(**kwargs)
         self.geometry()  # refuses crops, pools and pinpoints that do not fit together
-        vocab_size = self.text_config.vocab_size
-        for name in ("image_token_id", "sot_token_id", "eot_token_id"):
-            token_id = getattr(self, name)
-            if not 0 <= token_id < vocab_size:
-                raise ValueError(f"{name}={token_id} is outside the language model's vocabulary (size {vocab_size})")
-        if len({self.image_token_id, self.sot_token_id, self.eot_token_id}) != 3:
-            raise ValueError("image_token_id, sot_token_id and eot_token_id must be three different ids")
-        if self.max_replays < 0 or self.max_replay_tokens < 0:
-            raise ValueError("max_replays and max_replay_tokens must not be negative")
-        if (self.box_token_ids is None) != (self.box_token_texts is None) or (
-            self.box_token_ids is not None and len(self.box_token_ids) != len(self.box_token_texts)
-        ):
-            raise ValueError("box_token_ids and box_token_texts must be given together, with one text per id")
+        check_replay_fields(self, ("image_token_id", "sot_token_id", "eot_token_id"))
         num_layers = self.vision_config.num_hidden_layers
         if not -num_layers - 1 <= self.vision_feature_layer <= num_layers:
             raise ValueError(
@@ -214,6 +202,25 @@ class VGRConfig(PreTrainedConfig):
         """VGR-7B shapes: CLIP-ViT-L/14-336 + Vicuna-v1.5-7B, 20 crops. Build it on the meta device
         (`with torch.device("meta"): VGRForConditionalGeneration(config)`) to inspect it without allocating memory."""
         return cls(vision_config=dict(CLIP_L14_336), text_config={"model_type": "llama", **VICUNA_7B}, **kwargs)
+
+
+def check_replay_fields(config, token_names: tuple[str, ...]) -> None:
+    """What every VGR family's config checks of its replay fields: its special tokens (`token_names`) inside the
+    language model's vocabulary and all different, the caps not negative, the box token table given whole. Raises
+    `ValueError` naming the field."""
+    vocab_size = config.text_config.vocab_size
+    for name in token_names:
+        token_id = getattr(config, name)
+        if not 0 <= token_id < vocab_size:
+            raise ValueError(f"{name}={token_id} is outside the language model's vocabulary (size {vocab_size})")
+    if len({getattr(config, name) for name in token_names}) != len(token_names):
+        raise ValueError(f"{', '.join(token_names[:-1])} and {token_names[-1]} must be {len(token_names)} different ids")
+    if config.max_replays < 0 or config.max_replay_tokens < 0:
+        raise ValueError("max_replays and max_replay_tokens must not be negative")
+    if (config.box_token_ids is None) != (config.box_token_texts is None) or (
+        config.box_token_ids is not None and len(config.box_token_ids) != len(config.box_token_texts)
+    ):
+        raise ValueError("box_token_ids and box_token_texts must be given together, with one text per id")
 
 
 __all__ = ["VGRConfig"]

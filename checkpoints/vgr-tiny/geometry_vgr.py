@@ -161,12 +161,14 @@ class TileGeometry:
         top, _, left, _ = self.padding
         height, width = self.resized_size
         first_row, end_row, first_col, end_col = bounds
-        rows = _cell_span(top + y1 * height, top + y2 * height, cell, first_row, end_row)
-        cols = _cell_span(left + x1 * width, left + x2 * width, cell, first_col, end_col)
+        rows = cell_span(top + y1 * height, top + y2 * height, cell, first_row, end_row)
+        cols = cell_span(left + x1 * width, left + x2 * width, cell, first_col, end_col)
         return rows[0], rows[1], cols[0], cols[1]
 
 
-def _cell_span(start_px: float, end_px: float, patch_size: int, lowest: int, end: int) -> tuple[int, int]:
+def cell_span(start_px: float, end_px: float, patch_size: int, lowest: int, end: int) -> tuple[int, int]:
+    """Cells `[start, stop)` of `patch_size` pixels that cover `[start_px, end_px)`, widened to whole cells (start =
+    floor, end = ceil), at least one cell, within `[lowest, end)`: how every family maps a box onto its grid."""
     start = min(max(math.floor(start_px / patch_size), lowest), end - 1)
     stop = min(max(math.ceil(end_px / patch_size), start + 1), end)
     return start, stop

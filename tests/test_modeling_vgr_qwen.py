@@ -1,0 +1,138 @@
+"""VGR on Qwen2.5-VL against transformers' own Qwen2.5-VL: with `prompt_pool=1` it is Qwen2.5-VL (logits and greedy
+tokens), and with pooling its prompt tokens are Qwen2.5-VL's merged features average-pooled, laid out under M-RoPE as
+an image of the pooled grid."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from transformers_vgr.configuration_vgr_qwen import VGRQwenConfig
+from transformers_vgr.modeling_vgr_qwen import VGRQwenForConditionalGeneration
+
+# The upstream tests' tiny shapes (DESIGN section 7), a vocabulary with room for <sot> / <eot>.
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=200, max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+SPECIAL = dict(image_token_id=151, video_token_id=152, vision_start_token_id=153, vision_end_token_id=154)
+VGR_SPECIAL = dict(sot_token_id=155, eot_token_id=156)
+MAX_PIXELS = 28 * 28 * 48
+
+
+def vgr_config(**overrides) -> VGRQwenConfig:
+    fields = {**SPECIAL, **VGR_SPECIAL, "max_pixels": MAX_PIXELS, **overrides}
+    return VGRQwenConfig(vision_config=VISION, text_config=TEXT, **fields)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [PIL.Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+            for height, width in ((300, 451), (172, 200))]
+
+
+def encode(images, model_config):
+    """Processor-like inputs for one prompt per image: text, vision start, the image's pads, vision end, text."""
+    processor = Qwen2VLImageProcessorPil(min_pixels=model_config.min_pixels, max_pixels=model_config.max_pixels)
+    pixels = processor(images=images, return_tensors="pt")
+    geometry = model_config.geometry()
+    rows = []
+    for image in images:
+        pads = geometry.prompt_tokens((image.height, image.width))
+        rows.append([1, 2, SPECIAL["vision_start_token_id"]] + [SPECIAL["image_token_id"]] * pads
+                    + [SPECIAL["vision_end_token_id"], 3, 4, 5])
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])  # left-padded
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels["pixel_values"],
+                image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=(input_ids == SPECIAL["image_token_id"]).int(),
+                image_sizes=torch.tensor([[image.height, image.width] for image in images]))
+
+
+def qwen_twin(model: VGRQwenForConditionalGeneration) -> Qwen2_5_VLForConditionalGeneration:
+    """transformers' Qwen2.5-VL with the same sub-configs and weights."""
+    config = Qwen2_5_VLConfig(vision_config=VISION, text_config=TEXT, **SPECIAL)
+    twin = Qwen2_5_VLForConditionalGeneration(config).eval()
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=True)
+    assert not missing and not unexpected
+    return twin
+
+
+@pytest.fixture(scope="module")
+def plain():
+    torch.manual_seed(0)
+    model = VGRQwenForConditionalGeneration(vgr_config(prompt_pool=1)).eval()
+    return model, qwen_twin(model)
+
+
+def test_prompt_pool_one_is_qwen2_5_vl(plain, images):
+    model, twin = plain
+    inputs = encode(images, model.config)
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        theirs = twin(**{key: value for key, value in inputs.items() if key != "image_sizes"}).logits
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_pool_one_generates_qwen2_5_vl_tokens(plain, images):
+    model, twin = plain
+    inputs = encode(images, model.config)
+    ours = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    theirs = twin.generate(**{key: value for key, value in inputs.items() if key != "image_sizes"},
+                           max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_pooled_prompt_tokens_are_qwen_features_pooled(images):
+    torch.manual_seed(0)
+    model = VGRQwenForConditionalGeneration(vgr_config(prompt_pool=2)).eval()
+    twin = qwen_twin(model)
+    inputs = encode(images, model.config)
+    with torch.no_grad():
+        ours = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], inputs["image_sizes"])
+        theirs = twin.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    for image, tokens, merged, memory, (_, h, w) in zip(images, ours.pooler_output, theirs,
+                                                        ours.feature_memory.images, inputs["image_grid_thw"].tolist()):
+        rows, cols = h // 2, w // 2
+        grid = merged.view(rows, cols, -1)
+        assert torch.allclose(memory.features, grid)  # S: Qwen's merged cells, unpooled
+        assert memory.grid.grid == (rows, cols) and memory.grid.image_size == (image.height, image.width)
+        pooled = F.avg_pool2d(grid.permute(2, 0, 1)[None], 2, ceil_mode=True)[0].permute(1, 2, 0).flatten(0, 1)
+        assert tokens.shape[0] == model.config.geometry().prompt_tokens((image.height, image.width))
+        assert torch.allclose(tokens, pooled, atol=1e-6)
+
+
+def test_pooled_prompt_positions_lay_the_image_out_as_its_pooled_grid(images):
+    model = VGRQwenForConditionalGeneration(vgr_config(prompt_pool=2)).eval()
+    inputs = encode(images[:1], model.config)
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              inputs["image_grid_thw"])
+    rows, cols = model.config.geometry().prompt_grid((images[0].height, images[0].width))
+    image = inputs["input_ids"][0] == SPECIAL["image_token_id"]
+    start = int(positions[0, 0, image][0])  # the image's first token: t = h = w = its text position
+    height_ids, width_ids = positions[1, 0, image], positions[2, 0, image]
+    assert height_ids.tolist() == [start + row for row in range(rows) for _ in range(cols)]
+    assert width_ids.tolist() == [start + col for _ in range(rows) for col in range(cols)]
+    after = positions[0, 0, int(image.nonzero()[-1]) + 1]  # the vision end token resumes after the grid
+    assert int(after) == start + max(rows, cols)
+
+
+def test_bad_inputs_are_named(images):
+    model = VGRQwenForConditionalGeneration(vgr_config(prompt_pool=2)).eval()
+    inputs = encode(images[:1], model.config)
+    with pytest.raises(ValueError, match="10x16 does not match an image of 451x600 px"):
+        model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], torch.tensor([[600, 451]]))
+    with pytest.raises(ValueError, match="videos"):
+        model(**inputs, pixel_values_videos=inputs["pixel_values"])
+    with pytest.raises(ValueError, match="at least 28 px"):
+        model.config.geometry().grid((20, 300))
+    with pytest.raises(ValueError, match="prompt_pool"):
+        vgr_config(prompt_pool=0)
+    with pytest.raises(ValueError, match="5 different ids"):
+        vgr_config(eot_token_id=SPECIAL["image_token_id"])
