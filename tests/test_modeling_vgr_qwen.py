@@ -1,6 +1,6 @@
 """VGR on Qwen2.5-VL against transformers' own Qwen2.5-VL: with `prompt_pool=1` it is Qwen2.5-VL (logits and greedy
-tokens), and with pooling its prompt tokens are Qwen2.5-VL's merged features average-pooled, laid out under M-RoPE as
-an image of the pooled grid."""
+tokens); with pooling its prompt tokens are Qwen2.5-VL's merged features average-pooled, laid out under M-RoPE as an
+image of the pooled grid; a replay span is the box's merged cells fed as an image of their grid at its place."""
 
 import numpy as np
 import PIL.Image
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from transformers_vgr.configuration_vgr_qwen import VGRQwenConfig
@@ -136,3 +137,56 @@ def test_bad_inputs_are_named(images):
         vgr_config(prompt_pool=0)
     with pytest.raises(ValueError, match="5 different ids"):
         vgr_config(eot_token_id=SPECIAL["image_token_id"])
+
+
+def test_a_replay_is_its_region_of_s_fed_as_an_image_at_its_place(images):
+    """A teacher-forced replay equals transformers' Qwen2.5-VL reading the region's merged features (cut from its own
+    tower's output, independently here) as a second image at the same place: same embeddings, same M-RoPE grid."""
+    torch.manual_seed(0)
+    model = VGRQwenForConditionalGeneration(vgr_config(prompt_pool=2)).eval()
+    twin = qwen_twin(model)
+    inputs = encode(images, model.config)
+    box = (0.1, 0.2, 0.5, 0.6)
+    image = images[0]
+    resized_height, resized_width = model.config.geometry().grid((image.height, image.width)).resized_size
+    top, bottom = int(np.floor(0.2 * resized_height / 28)), int(np.ceil(0.6 * resized_height / 28))
+    left, right = int(np.floor(0.1 * resized_width / 28)), int(np.ceil(0.5 * resized_width / 28))
+    rows, cols = bottom - top, right - left
+    special, vgr = SPECIAL, VGR_SPECIAL
+    replay = [vgr["sot_token_id"], 7, vgr["eot_token_id"], special["vision_start_token_id"]] + \
+        [special["image_token_id"]] * (rows * cols) + [special["vision_end_token_id"], 8, 9]
+    width = inputs["input_ids"].shape[1] + len(replay)
+    input_ids = torch.zeros((2, width), dtype=torch.long)
+    attention_mask = torch.zeros((2, width), dtype=torch.long)
+    first = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist() + replay
+    second = inputs["input_ids"][1][inputs["attention_mask"][1].bool()].tolist()
+    for row, ids in enumerate((first, second)):  # left-padded; row 1 has no replay
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    mm_token_type_ids = (input_ids == special["image_token_id"]).int()
+    with torch.no_grad():
+        ours = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+                     image_grid_thw=inputs["image_grid_thw"], image_sizes=inputs["image_sizes"],
+                     mm_token_type_ids=mm_token_type_ids, replay_boxes=[[box], []]).logits
+        merged = twin.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+        pieces, grids = [], []
+        for features, (_, h, w) in zip(merged, inputs["image_grid_thw"].tolist()):
+            grid = features.view(h // 2, w // 2, -1)
+            pooled = F.avg_pool2d(grid.permute(2, 0, 1)[None], 2, ceil_mode=True)[0].permute(1, 2, 0)
+            pieces.append(pooled.flatten(0, 1))
+            grids.append([1, pooled.shape[0] * 2, pooled.shape[1] * 2])
+            if len(pieces) == 1:  # row 0's replay comes right after its image
+                pieces.append(grid[top:bottom, left:right].flatten(0, 1))
+                grids.append([1, rows * 2, cols * 2])
+        theirs = twin(input_ids=input_ids, attention_mask=attention_mask, image_grid_thw=torch.tensor(grids),
+                      mm_token_type_ids=mm_token_type_ids,
+                      mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(pieces))}).logits
+    real = attention_mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs an image before it, a box in replay_boxes"):
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+              image_grid_thw=inputs["image_grid_thw"], image_sizes=inputs["image_sizes"])
+    with pytest.raises(ValueError, match="1 box\\(es\\) more than the row's replay spans"):
+        model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+              image_grid_thw=inputs["image_grid_thw"], image_sizes=inputs["image_sizes"],
+              replay_boxes=[[box], [box]])

@@ -8,13 +8,14 @@ size) and cutting its tokens out of S.
 read, capped and cut the same way everywhere. Nothing here depends on transformers.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .box_text_vgr import ParsedBox, box_token_table, parse_box, to_pixel_box
+from .box_text_vgr import ParsedBox, box_token_table, check_box, parse_box, to_pixel_box
 from .geometry_vgr import TileGeometry, unpadded_span
 
 
@@ -158,6 +159,33 @@ def plan_spans(ids: list[int], image_token_id: int, replay_marker: tuple[int, ..
 
 # Why a row stops when its replay does not fit in the context (a finish reason, as `generate` reports it).
 CONTEXT_OVERFLOW = "context_overflow"
+
+
+def box_lists(boxes, batch_size: int, allow_missing: bool = False) -> list[list]:
+    """Per-row lists of validated, clamped boxes from a nested list or a NaN-padded `(batch, n, 4)` tensor (the
+    models' `replay_boxes` and `box_targets`); `None` entries kept when `allow_missing`. Raises `ValueError` naming
+    the row of an invalid box."""
+    if boxes is None:
+        return [[] for _ in range(batch_size)]
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 3 or boxes.shape[-1] != 4:
+            raise ValueError(f"a box tensor must be (batch, max_boxes, 4) padded with NaN, got {tuple(boxes.shape)}")
+        boxes = [[box for box in row.tolist() if not all(math.isnan(v) for v in box)] for row in boxes]
+    if len(boxes) != batch_size:
+        raise ValueError(f"boxes are given for {len(boxes)} row(s) but the batch has {batch_size}")
+    rows = []
+    for row, row_boxes in enumerate(boxes):
+        checked = []
+        for box in row_boxes:
+            if box is None and allow_missing:
+                checked.append(None)
+                continue
+            parsed = check_box(box)
+            if not parsed.valid:
+                raise ValueError(f"row {row}: invalid box {box!r}: {parsed.reason}")
+            checked.append(parsed.box)
+        rows.append(checked)
+    return rows
 
 
 def read_box(generated: list[int], sot_token_id: int, eot_token_id: int, box_texts: dict[int, str]):

