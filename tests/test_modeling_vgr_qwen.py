@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -23,10 +23,14 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 SPECIAL = dict(image_token_id=151, video_token_id=152, vision_start_token_id=153, vision_end_token_id=154)
 VGR_SPECIAL = dict(sot_token_id=155, eot_token_id=156)
 MAX_PIXELS = 28 * 28 * 48
+# A box table for the tiny vocabulary: the characters a box is written with, one token each.
+BOX_CHARS = "[],. 0123456789"
+BOX_IDS = list(range(160, 160 + len(BOX_CHARS)))
 
 
 def vgr_config(**overrides) -> VGRQwenConfig:
-    fields = {**SPECIAL, **VGR_SPECIAL, "max_pixels": MAX_PIXELS, **overrides}
+    fields = {**SPECIAL, **VGR_SPECIAL, "max_pixels": MAX_PIXELS, "box_token_ids": BOX_IDS,
+              "box_token_texts": list(BOX_CHARS), **overrides}
     return VGRQwenConfig(vision_config=VISION, text_config=TEXT, **fields)
 
 
@@ -183,10 +187,93 @@ def test_a_replay_is_its_region_of_s_fed_as_an_image_at_its_place(images):
                       mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=tuple(pieces))}).logits
     real = attention_mask.bool()
     assert torch.allclose(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="needs an image before it, a box in replay_boxes"):
+    with pytest.raises(ValueError, match="needs an image before it and a box in replay_boxes"):
         model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
               image_grid_thw=inputs["image_grid_thw"], image_sizes=inputs["image_sizes"])
     with pytest.raises(ValueError, match="1 box\\(es\\) more than the row's replay spans"):
         model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
               image_grid_thw=inputs["image_grid_thw"], image_sizes=inputs["image_sizes"],
               replay_boxes=[[box], [box]])
+
+
+
+def box_ids(box: str) -> list[int]:
+    """`<sot>`, the box's characters, `<eot>` in the tiny vocabulary."""
+    return [VGR_SPECIAL["sot_token_id"]] + [BOX_IDS[BOX_CHARS.index(c)] for c in box] + [VGR_SPECIAL["eot_token_id"]]
+
+
+class ForceIds(LogitsProcessor):
+    """Makes row `r` write `ids` from its generated step `s`, for each `(r, s, ids)`; free otherwise."""
+
+    def __init__(self, prompt_length: int, plan):
+        self.prompt_length = prompt_length
+        self.forced = {(row, step + offset): token for row, step, ids in plan for offset, token in enumerate(ids)}
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        step = input_ids.shape[1] - self.prompt_length
+        for row in range(scores.shape[0]):
+            if (token := self.forced.get((row, step))) is not None:
+                scores[row] = -float("inf")
+                scores[row, token] = 0.0
+        return scores
+
+
+@pytest.fixture(scope="module")
+def replaying():
+    torch.manual_seed(0)
+    model = VGRQwenForConditionalGeneration(vgr_config(prompt_pool=2)).eval()
+    return model
+
+
+def teacher_forced_rows(model, inputs, output):
+    """Per row, the logits that predicted each generated token in one forward over prompt + generated ids with
+    `<|vision_start|>`, K placeholders and `<|vision_end|>` after each replayed `<eot>`."""
+    prompt_length = inputs["input_ids"].shape[1]
+    logits = []
+    for row in range(inputs["input_ids"].shape[0]):
+        sequence = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+        boxes, positions, records = [], [], iter(output.replays[row])
+        for token in output.sequences[row, prompt_length:].tolist():
+            positions.append(len(sequence) - 1)
+            sequence.append(token)
+            if token == VGR_SPECIAL["eot_token_id"]:
+                record = next(records)
+                if record.valid:
+                    sequence += [SPECIAL["vision_start_token_id"]] + [SPECIAL["image_token_id"]] * record.num_tokens \
+                        + [SPECIAL["vision_end_token_id"]]
+                    boxes.append(record.box)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([sequence]), pixel_values=pixel_rows(inputs, row),
+                        image_grid_thw=inputs["image_grid_thw"][row : row + 1],
+                        image_sizes=inputs["image_sizes"][row : row + 1], replay_boxes=[boxes])
+        logits.append(out.logits[0, positions])
+    return logits
+
+
+def pixel_rows(inputs, row):
+    """Row `row`'s patches of the flat `pixel_values` (one image a row)."""
+    counts = inputs["image_grid_thw"].prod(-1).tolist()
+    start = sum(counts[:row])
+    return inputs["pixel_values"][start : start + counts[row]]
+
+
+def test_generate_with_replays_equals_the_teacher_forced_forward(replaying, images):
+    """Replays at different steps of a left-padded batch (row 1 writes two boxes, the second past the first's
+    replay), each fed as its region of S under M-RoPE: every logit equals one forward over the whole sequence."""
+    model = replaying
+    inputs = encode(images, model.config)
+    prompt_length = inputs["input_ids"].shape[1]
+    plan = [(0, 1, box_ids("[0.10, 0.20, 0.50, 0.60]")),
+            (1, 4, box_ids("[0.55, 0.05, 0.95, 0.45]")), (1, 34, box_ids("[0.00, 0.00, 1.00, 1.00]"))]
+    output = model.generate(**inputs, logits_processor=LogitsProcessorList([ForceIds(prompt_length, plan)]),
+                            max_new_tokens=64, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                            output_logits=True)
+    assert [[record.valid for record in row] for row in output.replays] == [[True], [True, True]]
+    first = output.replays[0][0]
+    assert first.box == pytest.approx((0.1, 0.2, 0.5, 0.6))
+    assert first.num_tokens == model.config.geometry().replay_tokens((images[0].height, images[0].width), first.box)
+    expected = teacher_forced_rows(model, inputs, output)
+    generated = torch.stack(output.logits, dim=1)  # (batch, steps, vocab)
+    for row in range(2):
+        torch.testing.assert_close(generated[row], expected[row], rtol=1e-4, atol=1e-4)

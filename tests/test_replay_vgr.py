@@ -80,7 +80,7 @@ def test_sequential_positions_of_a_chunk():
     mask = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])
     prefill = positions.prefill(mask)
     assert prefill.tolist() == [[0, 0, 0, 1], [0, 0, 0, 0], [0, 1, 2, 3]]
-    chunk = positions.chunk(torch.tensor([5, 9, 2]), mask, [None, None, (1, 3)])
+    chunk = positions.chunk(torch.tensor([5, 9, 2]), mask, [None, None, (1, (1, 3))])
     assert chunk.tolist() == [[5, 5, 5, 6], [9, 9, 9, 9], [2, 3, 4, 5]]
     assert positions.span((2, 3)) == 6
 
@@ -91,9 +91,9 @@ class RecordingPositions(SequentialPositions):
     def __init__(self):
         self.grids = []
 
-    def chunk(self, next_position, mask, grids):
-        self.grids.append(grids)
-        return super().chunk(next_position + 100, mask, grids)
+    def chunk(self, next_position, mask, regions):
+        self.grids.append(regions)
+        return super().chunk(next_position + 100, mask, regions)
 
 
 def test_the_cache_layout_takes_chunk_positions_from_its_position_model():
@@ -104,7 +104,7 @@ def test_the_cache_layout_takes_chunk_positions_from_its_position_model():
     assert layout.used(0) == ContextUse(tokens=2, positions=2) and layout.used(1) == ContextUse(3, 3)
     replay = ReplayPlan(num_tokens=4, box=BOX, grid=(2, 2))
     ids, mask, position_ids, boxes = layout.chunk(torch.tensor([7, 8]), [replay, None])
-    assert layout.positions.grids == [[(2, 2), None]]
+    assert layout.positions.grids == [[(1, (2, 2)), None]]  # the region starts after the <eot>
     assert ids.tolist() == [[7, 9, 9, 9, 9], [0, 0, 0, 0, 8]] and boxes == [[BOX], []]
     assert position_ids.tolist() == [[102, 103, 104, 105, 106], [103, 103, 103, 103, 103]]
     # the <eot> and its 4 replayed tokens for row 0, one token for row 1: real tokens, not the chunk's width

@@ -92,11 +92,16 @@ class SequentialPositions:
         """Position ids `(batch, length)` of a left-padded prompt: real tokens count from 0, pads take 0."""
         return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-    def chunk(self, next_position: torch.Tensor, mask: torch.Tensor, grids: list) -> torch.Tensor:
+    def chunk(self, next_position: torch.Tensor, mask: torch.Tensor, regions: list) -> torch.Tensor:
         """Position ids `(batch, width)` of a chunk whose real tokens are 1 in `mask` (pads first), counting from each
-        row's `next_position` `(batch,)`; pads repeat the first one (they are masked). `grids` holds, per row, the
-        `(rows, cols)` of the region it replays after its first token, or None (1-D positions do not need them)."""
+        row's `next_position` `(batch,)`; pads repeat the first one (they are masked). `regions` holds, per row, the
+        replayed region in it as `(start, (rows, cols))`, `start` counted among the row's real tokens, or None (1-D
+        positions do not need them)."""
         return next_position[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def next_after(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Each row's next position id `(batch,)` after `position_ids` `(batch, length)`, whose last column is real."""
+        return position_ids[:, -1] + 1
 
     def span(self, grid: tuple[int, int]) -> int:
         """Position ids a replayed region of `grid` `(rows, cols)` tokens takes."""
@@ -214,13 +219,15 @@ def plan_replay(
     used: ContextUse,
     limits: ReplayLimits,
     positions=SequentialPositions(),
+    marker_tokens: int = 0,
 ) -> tuple[ReplayRecord, str | None]:
     """Decide what the `<eot>` at generated index `step` does, given the box read before it (`read_box`).
 
     `image_size` is `(height, width)` of the image the row replays from (`None` for a row without one), `geometry` a
     `VGRGeometry`, `records` the row's earlier records, `used` what the row's context holds before the `<eot>`, and
-    `positions` the language model's position model. Returns the record (with the K tokens to replay when valid) and a
-    finish reason when the row must stop."""
+    `positions` the language model's position model, and `marker_tokens` the text tokens a replay adds around its K (a
+    family's vision start / end tokens). Returns the record (with the K tokens to replay when valid) and a finish
+    reason when the row must stop."""
     if isinstance(parsed, str) or not parsed.valid:
         return ReplayRecord(step, None, None, 0, False, parsed if isinstance(parsed, str) else parsed.reason), None
     if image_size is None:
@@ -235,11 +242,11 @@ def plan_replay(
         reason, finish = f"max_replays ({limits.max_replays}) reached", None
     elif replayed_tokens + num_tokens > limits.max_replay_tokens:
         reason, finish = f"max_replay_tokens ({limits.max_replay_tokens}) would be exceeded", None
-    elif used.tokens + num_tokens + 2 > limits.max_tokens:
-        # The <eot>, its K tokens and one more token must fit.
+    elif used.tokens + num_tokens + marker_tokens + 2 > limits.max_tokens:
+        # The <eot>, its K tokens (with their markers) and one more token must fit.
         reason = f"context overflow: {num_tokens} replayed tokens do not fit in {limits.max_tokens} tokens"
         finish = CONTEXT_OVERFLOW
-    elif used.positions + positions.span(grid) + 2 > limits.max_positions:
+    elif used.positions + positions.span(grid) + marker_tokens + 2 > limits.max_positions:
         reason = f"context overflow: {num_tokens} replayed tokens do not fit in {limits.max_positions} positions"
         finish = CONTEXT_OVERFLOW
     else:

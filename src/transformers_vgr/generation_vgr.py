@@ -153,6 +153,8 @@ class CacheLayout:
     pad_token_id: int
     image_token_id: int
     positions: object = field(default_factory=SequentialPositions)  # the position model
+    replay_prefix: tuple[int, ...] = ()  # text tokens between a replaying <eot> and its K tokens (a family's markers)
+    replay_suffix: tuple[int, ...] = ()  # and after them
     cache_mask: torch.Tensor | None = None  # (batch, cache_length): 1 where the cache holds a real position
     next_position: torch.Tensor | None = None  # (batch,) position id of each row's next real token
     tokens: torch.Tensor | None = None  # (batch,) real tokens each row holds in the cache, replays included
@@ -164,7 +166,7 @@ class CacheLayout:
         slots = start + torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         self.text_slots.append(slots)
         self.cache_mask = attention_mask.clone()
-        self.next_position = position_ids[:, -1] + 1
+        self.next_position = self.positions.next_after(position_ids)
         self.tokens = attention_mask.sum(-1)
 
     def used(self, row: int) -> ContextUse:
@@ -176,8 +178,9 @@ class CacheLayout:
         return ((self.tokens >= limits.max_tokens) | (self.next_position >= limits.max_positions)).tolist()
 
     def chunk(self, last_tokens: torch.Tensor, plans) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """Input ids, attention mask and position ids of this step's chunk `(batch, 1 + max K)`, and its boxes.
-        Pads come first and are masked, so every row ends on the position whose logits pick its next token."""
+        """Input ids, attention mask and position ids of this step's chunk, and its boxes: per row its last token, then
+        for a replaying row `replay_prefix`, K placeholders and `replay_suffix`. Pads come first and are masked, so
+        every row ends on the position whose logits pick its next token."""
         batch = last_tokens.shape[0]
         device = last_tokens.device
         cache_length = self.cache_mask.shape[1]
@@ -188,21 +191,23 @@ class CacheLayout:
             boxes = [[] for _ in range(batch)]
             self.tokens = self.tokens + 1
         else:
-            width = 1 + max(plan.num_tokens for plan in plans if plan is not None)
+            spans = [None if plan is None else [*self.replay_prefix, *[self.image_token_id] * plan.num_tokens,
+                                                 *self.replay_suffix] for plan in plans]
+            width = 1 + max(len(span) for span in spans if span is not None)
             ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=device)
             mask = torch.zeros((batch, width), dtype=self.cache_mask.dtype, device=device)
             boxes, text_slots = [], []
-            for row, plan in enumerate(plans):
-                length = 1 + (plan.num_tokens if plan is not None else 0)
-                text_slots.append(cache_length + width - length)
-                ids[row, -length] = last_tokens[row]
-                ids[row, width - length + 1 :] = self.image_token_id
-                mask[row, -length:] = 1
+            for row, (plan, span) in enumerate(zip(plans, spans)):
+                row_ids = [int(last_tokens[row])] + (span or [])
+                text_slots.append(cache_length + width - len(row_ids))
+                ids[row, width - len(row_ids) :] = torch.tensor(row_ids, device=device)
+                mask[row, width - len(row_ids) :] = 1
                 boxes.append([plan.box] if plan is not None else [])
-            positions = self.positions.chunk(self.next_position, mask, [plan and plan.grid for plan in plans])
+            regions = [None if plan is None else (1 + len(self.replay_prefix), plan.grid) for plan in plans]
+            positions = self.positions.chunk(self.next_position, mask, regions)
             self.text_slots.append(torch.tensor(text_slots, device=device)[:, None])
             self.tokens = self.tokens + mask.sum(-1)
-        self.next_position = positions[:, -1] + 1
+        self.next_position = self.positions.next_after(positions)
         self.cache_mask = torch.cat([self.cache_mask, mask], dim=-1)
         return ids, self.cache_mask, positions, boxes
 
@@ -288,7 +293,7 @@ class ReplayState:
         parsed = read_box(ids[self.prompt_length :], config.sot_token_id, config.eot_token_id, config.box_texts)
         record, finish_reason = plan_replay(
             parsed, step, image_size, config.geometry, self.ledger.records[row], self.layout.used(row),
-            config.limits, self.layout.positions,
+            config.limits, self.layout.positions, len(self.layout.replay_prefix) + len(self.layout.replay_suffix),
         )
         if finish_reason is not None:
             self.ledger.finish_reasons[row] = finish_reason
@@ -371,7 +376,16 @@ def _finish_reason(criterion: StoppingCriteria) -> str:
 
 
 class VGRGenerationMixin(GenerationMixin):
-    """`generate` with selective feature replay (see the module docstring)."""
+    """`generate` with selective feature replay (see the module docstring). A model family says how a replay sits in
+    its sequence: its position model (`position_model`: LLaMA's 1-D ids here) and the text tokens around a replay's
+    K tokens (`replay_markers`: none here)."""
+
+    position_model = SequentialPositions()
+
+    @property
+    def replay_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The token ids a replay's K placeholders come between, after its `<eot>`."""
+        return (), ()
 
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None, **kwargs):
         """transformers' `generate`, with a replay after each `<eot>` (see the module docstring).
@@ -427,7 +441,9 @@ class VGRGenerationMixin(GenerationMixin):
             box_texts=box_texts_of(self.config, kwargs.get("tokenizer")),
             geometry=self.model.geometry,
         )
-        state = ReplayState(replay_config, CacheLayout(pad_token_id, self.config.image_token_id))
+        prefix, suffix = self.replay_markers
+        layout = CacheLayout(pad_token_id, self.config.image_token_id, self.position_model, prefix, suffix)
+        state = ReplayState(replay_config, layout)
         cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))
         if cache is not None:
             inputs = self._continue_conversation(state, cache, inputs, kwargs)

@@ -10,6 +10,7 @@ the pooled `image_grid_thw`), so that with `prompt_pool=1` the model is Qwen2.5-
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -18,10 +19,13 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 
 from .configuration_vgr_qwen import VGRQwenConfig
 from .geometry_vgr import pooled_length
-from .modeling_vgr import VGRImageOutput
+from .geometry_vgr_qwen import MergedGrid
+from .modeling_vgr import VGRCausalLMOutputWithPast, VGRImageOutput, VGRModelOutputWithPast
+from .generation_vgr import VGRGenerationMixin
 from .replay_vgr import (
     FeatureMemory,
     ImageMemory,
+    SequentialPositions,
     box_lists,
     plan_spans,
     pool_grid,
@@ -38,6 +42,39 @@ class SpanSource:
     image: int
     grid: tuple[int, int]
     box: tuple[float, float, float, float] | None = None
+
+
+class MRopePositions(SequentialPositions):
+    """Qwen2.5-VL's M-RoPE ids (`get_rope_index`'s rule) for `generate`'s chunks, `(3, batch, width)`: a text token
+    takes one id on all three axes; a replayed region of `(rows, cols)` tokens whose first token comes at position
+    `p` takes `t = p`, `h = p + row`, `w = p + col`, and the token after it `p + max(rows, cols)`."""
+
+    def chunk(self, next_position: torch.Tensor, mask: torch.Tensor, regions: list) -> torch.Tensor:
+        sequential = super().chunk(next_position, mask, regions)  # (batch, width)
+        positions = sequential[None].repeat(3, 1, 1)  # (3, batch, width)
+        for row, region in enumerate(regions):
+            if region is None:
+                continue
+            start, (rows, cols) = region
+            first = int(mask[row].nonzero()[start])  # the region's first column
+            count, origin = rows * cols, positions[0, row, first]
+            grid_rows = torch.arange(rows, device=mask.device).repeat_interleave(cols)
+            grid_cols = torch.arange(cols, device=mask.device).repeat(rows)
+            positions[:, row, first : first + count] = torch.stack([origin.expand(count), origin + grid_rows,
+                                                                     origin + grid_cols])
+            positions[:, row, first + count :] += max(rows, cols) - count  # text resumes after the grid
+        return positions
+
+    def next_after(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """After 1-D ids `(batch, length)`, 3-D ones `(3, batch, length)` or transformers' `(4, batch, length)` (whose
+        first row counts tokens, for masks, and the last three are the M-RoPE ids): the last column is a text token,
+        the same id on the three M-RoPE axes."""
+        if position_ids.dim() == 2:
+            return position_ids[:, -1] + 1
+        return position_ids[-3:, :, -1].amax(0) + 1
+
+    def span(self, grid: tuple[int, int]) -> int:
+        return max(grid)
 
 
 class VGRQwenPreTrainedModel(Qwen2_5_VLPreTrainedModel):
@@ -68,8 +105,8 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
         for merged, (_, patch_rows, patch_cols), size in zip(outputs.pooler_output, image_grid_thw.tolist(), sizes):
             rows, cols = patch_rows // merge, patch_cols // merge
             cells = merged.view(rows, cols, -1)  # (rows, cols, hidden): the merger's tokens are in raster order
-            grid = self.geometry.grid(tuple(size)) if size is not None else None
-            if grid is not None and grid.grid != (rows, cols):
+            grid = self.image_grid((rows, cols), size)
+            if grid.grid != (rows, cols):
                 raise ValueError(
                     f"image_grid_thw {patch_rows}x{patch_cols} does not match an image of {size[1]}x{size[0]} px, "
                     f"which this config resizes to {grid.resized_size[1]}x{grid.resized_size[0]} px"
@@ -84,37 +121,47 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
             feature_memory=FeatureMemory(memories, []),
         )
 
-    def span_sources(self, input_ids: torch.LongTensor, image_grid_thw: torch.LongTensor, image_sizes=None,
-                     replay_boxes=None) -> list[SpanSource]:
-        """What each visual span of `input_ids` shows, rows in order, then positions (the order the forward fills
-        them in). A span right after `<eot><|vision_start|>` is a replay: the row's next box of `replay_boxes` on the
-        image `replay_image` picks of the row's images so far; every other span is the next image's prompt tokens.
-        Replays need the images' original `image_sizes`."""
+    def image_grid(self, cells: tuple[int, int], image_size=None) -> MergedGrid:
+        """The grid of an image whose tower output is `cells` `(rows, cols)` merged cells: from its original
+        `image_size` when known (the boxes written about it are fractions of it), else the resized size stands for it."""
+        if image_size is not None:
+            return self.geometry.grid(tuple(image_size))
+        resized = (cells[0] * self.geometry.cell, cells[1] * self.geometry.cell)
+        return MergedGrid(resized, resized, self.geometry.cell)
+
+    def grids_of_thw(self, image_grid_thw: torch.LongTensor, image_sizes=None) -> list[MergedGrid]:
+        """Each image's grid from its `image_grid_thw` (and original `image_sizes` when given)."""
         merge = self.config.vision_config.spatial_merge_size
+        sizes = image_sizes.tolist() if image_sizes is not None else [None] * len(image_grid_thw)
+        return [self.image_grid((h // merge, w // merge), size) for (_, h, w), size in zip(image_grid_thw.tolist(), sizes)]
+
+    def span_sources(self, input_ids: torch.LongTensor, grids: list[MergedGrid], replay_boxes=None,
+                     row_images: list | None = None) -> tuple[list[SpanSource], list[int | None]]:
+        """What each visual span of `input_ids` shows, rows in order, then positions (the order the forward fills
+        them in), and the image each row replays from after them. A span right after `<eot><|vision_start|>` is a
+        replay: the row's next box of `replay_boxes` on the image `replay_image` picks of the row's images so far
+        (starting from `row_images`, the rows' images of the cache, when decoding); every other span is the next of
+        the images of `grids` (their prompt tokens)."""
         marker = (self.config.eot_token_id, self.config.vision_start_token_id)
         boxes = box_lists(replay_boxes, input_ids.shape[0])
-        grids = image_grid_thw.tolist()
-        sources, next_image = [], 0
+        sources, images_after, next_image = [], [], 0
         for row, ids in enumerate(input_ids.tolist()):
-            seen, row_boxes = [], list(boxes[row])
+            seen = [] if not row_images or row_images[row] is None else [row_images[row]]
+            row_boxes = list(boxes[row])
             for span in plan_spans(ids, self.config.image_token_id, marker):
                 if span.is_replay:
                     image = replay_image(seen)
-                    if image is None or not row_boxes or image_sizes is None:
-                        raise ValueError(
-                            f"row {row}: the replay span at position {span.start} needs an image before it, a box in "
-                            "replay_boxes and the images' image_sizes"
-                        )
+                    if image is None or not row_boxes:
+                        raise ValueError(f"row {row}: the replay span at position {span.start} needs an image "
+                                         "before it and a box in replay_boxes")
                     box = row_boxes.pop(0)
-                    grid = self.geometry.replay_grid(tuple(image_sizes[image].tolist()), box)
-                    sources.append(SpanSource(image, grid, box))
+                    sources.append(SpanSource(image, self.geometry.replay_grid(grids[image].image_size, box), box))
                 else:
                     if next_image >= len(grids):
-                        raise ValueError(f"input_ids has more images than the {len(grids)} of image_grid_thw")
-                    _, height, width = grids[next_image]
+                        raise ValueError(f"input_ids has placeholders for more than the {len(grids)} image(s) given")
+                    rows, cols = grids[next_image].grid
                     pool = self.config.prompt_pool
-                    sources.append(SpanSource(next_image, (pooled_length(height // merge, pool),
-                                                           pooled_length(width // merge, pool))))
+                    sources.append(SpanSource(next_image, (pooled_length(rows, pool), pooled_length(cols, pool))))
                     seen.append(next_image)
                     next_image += 1
                 if sources[-1].grid[0] * sources[-1].grid[1] != span.length:
@@ -124,7 +171,8 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
                     )
             if row_boxes:
                 raise ValueError(f"row {row}: replay_boxes has {len(row_boxes)} box(es) more than the row's replay spans")
-        return sources
+            images_after.append(replay_image(seen))
+        return sources, images_after
 
     def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
                        image_sizes=None, replay_boxes=None, **kwargs):
@@ -132,21 +180,31 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
         the prompt's images as their pooled grids, each replay as its region's grid."""
         if image_grid_thw is not None:
             merge = self.config.vision_config.spatial_merge_size
-            sources = self.span_sources(input_ids, image_grid_thw, image_sizes, replay_boxes)
+            sources, _ = self.span_sources(input_ids, self.grids_of_thw(image_grid_thw, image_sizes), replay_boxes)
             image_grid_thw = torch.tensor([[1, rows * merge, cols * merge] for rows, cols in (s.grid for s in sources)],
                                           dtype=torch.long, device=input_ids.device)
         return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, **kwargs)
 
-    def span_tokens(self, sources: list[SpanSource], images: VGRImageOutput) -> tuple[torch.Tensor, ...]:
+    def images_of_rows(self, input_ids: torch.LongTensor, counts: list[int]) -> list[list[int]]:
+        """Which images (indices into `counts`, one per image) each row's prompt spans show, in order."""
+        marker = (self.config.eot_token_id, self.config.vision_start_token_id)
+        rows, next_image = [], 0
+        for ids in input_ids.tolist():
+            spans = [span for span in plan_spans(ids, self.config.image_token_id, marker) if not span.is_replay]
+            rows.append(list(range(next_image, next_image + len(spans))))
+            next_image += len(spans)
+        return rows
+
+    def span_tokens(self, sources: list[SpanSource], prompt_tokens, memory: FeatureMemory) -> tuple[torch.Tensor, ...]:
         """The tokens of every visual span, in order: an image's prompt tokens, or a box's cells of its S,
         `replay_pool`-pooled, row-major."""
         tokens = []
         for source in sources:
             if source.box is None:
-                tokens.append(images.pooler_output[source.image])
+                tokens.append(prompt_tokens[source.image])
             else:
-                memory = images.feature_memory.images[source.image]
-                tokens.append(replay_features(memory.features, memory.grid, source.box, self.config.replay_pool))
+                image = memory.images[source.image]
+                tokens.append(replay_features(image.features, image.grid, source.box, self.config.replay_pool))
         return tuple(tokens)
 
     def forward(
@@ -161,14 +219,15 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
         image_grid_thw: torch.LongTensor | None = None,
         image_sizes: torch.LongTensor | None = None,
         replay_boxes=None,
+        feature_memory: FeatureMemory | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         mm_encoder_outputs: dict | None = None,
         **kwargs,
-    ):
+    ) -> VGRModelOutputWithPast:
         """Qwen2.5-VL's forward, with the images encoded by `get_image_features` (their original `image_sizes`
         kept in S) and VGR's replay spans: `<eot><|vision_start|>`, the box's region of S, `<|vision_end|>`, one box
-        of `replay_boxes` per span and row, each span at M-RoPE positions as an image of its region's grid. Videos
-        are refused."""
+        of `replay_boxes` per span and row, each span at M-RoPE positions as an image of its region's grid. A decoding
+        step's chunk replays from `feature_memory` (the prefill's, which says each row's image). Videos are refused."""
         if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
             raise ValueError("VGR-Qwen reads images, not videos")
         if pixel_values is not None:
@@ -176,27 +235,43 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
                 raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
             mm_encoder_outputs = {"image": self.get_image_features(pixel_values, image_grid_thw, image_sizes)}
         images = (mm_encoder_outputs or {}).get("image")
-        if images is not None and input_ids is not None and image_grid_thw is not None:
-            sources = self.span_sources(input_ids, image_grid_thw, image_sizes, replay_boxes)
+        memory = images.feature_memory if images is not None else feature_memory
+        spans = input_ids is not None and memory is not None and bool((input_ids == self.config.image_token_id).any())
+        if spans:
+            grids = [image.grid for image in memory.images]
+            sources, row_images = self.span_sources(input_ids, grids, replay_boxes,
+                                                    None if images is not None else memory.row_images)
+            prompt_tokens = images.pooler_output if images is not None else ()
             # (num_spans,) pieces in the order the placeholders come: Qwen's forward scatters them in that order.
-            spans = VGRImageOutput(**{**images, "pooler_output": self.span_tokens(sources, images)})
-            mm_encoder_outputs = {**mm_encoder_outputs, "image": spans}
+            pieces = self.span_tokens(sources, prompt_tokens, memory)
+            mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": VGRImageOutput(pooler_output=pieces)}
+            memory = FeatureMemory(memory.images, row_images)
             if position_ids is None and (cache is None or cache.get_seq_length() == 0):
                 if mm_token_type_ids is None:
                     mm_token_type_ids = (input_ids == self.config.image_token_id).int()
-                position_ids, self.rope_deltas = self.get_rope_index(
-                    input_ids, mm_token_type_ids, image_grid_thw, image_sizes=image_sizes, replay_boxes=replay_boxes,
-                    attention_mask=attention_mask,
+                merge = self.config.vision_config.spatial_merge_size
+                span_thw = torch.tensor([[1, rows * merge, cols * merge] for rows, cols in (s.grid for s in sources)],
+                                        dtype=torch.long, device=input_ids.device)
+                position_ids, self.rope_deltas = Qwen2_5_VLModel.get_rope_index(
+                    self, input_ids, mm_token_type_ids, span_thw, attention_mask=attention_mask,
                 )
-        return super().forward(
+        outputs = super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs,
         )
+        return VGRModelOutputWithPast(**{**outputs, "image_outputs": images}, feature_memory=memory)
 
 
-class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, Qwen2_5_VLForConditionalGeneration):
-    """VGR-Qwen with its language-modeling head."""
+class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRGenerationMixin, Qwen2_5_VLForConditionalGeneration):
+    """VGR-Qwen with its language-modeling head and VGR's `generate`: a replay is `<|vision_start|>`, the box's cells
+    of S and `<|vision_end|>` after the `<eot>`, at M-RoPE positions."""
+
+    position_model = MRopePositions()
+
+    @property
+    def replay_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self.config.vision_start_token_id,), (self.config.vision_end_token_id,)
 
     def __init__(self, config: VGRQwenConfig):
         VGRQwenPreTrainedModel.__init__(self, config)
@@ -217,6 +292,7 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, Qwen2_5_VLForCondi
         image_grid_thw: torch.LongTensor | None = None,
         image_sizes: torch.LongTensor | None = None,
         replay_boxes=None,
+        feature_memory: FeatureMemory | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
@@ -224,13 +300,23 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, Qwen2_5_VLForCondi
     ):
         """Qwen2.5-VL's forward, with VGR's replay spans (see `VGRQwenModel.forward`). `image_sizes`
         `(num_images, 2)`: the images' original `(height, width)`, which place the boxes written about them on their
-        grids; `replay_boxes`: per row, the box of each replay span, in order."""
-        return super().forward(
+        grids; `replay_boxes`: per row, the box of each replay span, in order; `feature_memory`: the prefill's, for a
+        decoding step's replays."""
+        outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, pixel_values=pixel_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, pixel_values=pixel_values,
             image_grid_thw=image_grid_thw, image_sizes=image_sizes, replay_boxes=replay_boxes,
-            mm_token_type_ids=mm_token_type_ids,
-            logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, **kwargs,
+            feature_memory=feature_memory, mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=mm_encoder_outputs, **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                      **kwargs)
+        return VGRCausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, image_outputs=outputs.image_outputs, feature_memory=outputs.feature_memory,
         )
 
 
