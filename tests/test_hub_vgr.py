@@ -80,7 +80,7 @@ def test_export_folder(exported):
     assert len(shards) > 1 and "model.safetensors.index.json" in names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     for module in ("configuration_vgr.py", "modeling_vgr.py", "generation_vgr.py", "geometry_vgr.py",
-                   "box_text_vgr.py", "replay_vgr.py", "image_processing_vgr.py", "processing_vgr.py"):
+                   "box_text_vgr.py", "replay_vgr.py", "heads_vgr.py", "image_processing_vgr.py", "processing_vgr.py"):
         assert module in names
     assert {"generation_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja", "README.md", "example.png"} <= names
