@@ -60,11 +60,11 @@ def encode(images, model_config):
 
 
 def qwen_twin(model: VGRQwenForConditionalGeneration) -> Qwen2_5_VLForConditionalGeneration:
-    """transformers' Qwen2.5-VL with the same sub-configs and weights."""
+    """transformers' Qwen2.5-VL with the same sub-configs and weights (all of VGR-Qwen's but the detection head's)."""
     config = Qwen2_5_VLConfig(vision_config=VISION, text_config=TEXT, **SPECIAL)
     twin = Qwen2_5_VLForConditionalGeneration(config).eval()
-    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=True)
-    assert not missing and not unexpected
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith("box_head.")}
+    twin.load_state_dict(state, strict=True)
     return twin
 
 
@@ -273,7 +273,43 @@ def test_generate_with_replays_equals_the_teacher_forced_forward(replaying, imag
     first = output.replays[0][0]
     assert first.box == pytest.approx((0.1, 0.2, 0.5, 0.6))
     assert first.num_tokens == model.config.geometry().replay_tokens((images[0].height, images[0].width), first.box)
+    assert all(record.head_box is not None for row in output.replays for record in row)  # the detection head's
     expected = teacher_forced_rows(model, inputs, output)
     generated = torch.stack(output.logits, dim=1)  # (batch, steps, vocab)
     for row in range(2):
         torch.testing.assert_close(generated[row], expected[row], rtol=1e-4, atol=1e-4)
+
+
+def test_losses_and_the_detection_head(replaying, images):
+    """The LM loss is Qwen2.5-VL's own cross-entropy with image and replay positions ignored; the detection head
+    gives a box at every `<eot>`, and its losses train it."""
+    model = replaying
+    twin = qwen_twin(model)
+    inputs = encode(images[:1], model.config)
+    box = (0.1, 0.2, 0.5, 0.6)
+    rows, cols = model.config.geometry().replay_grid((images[0].height, images[0].width), box)
+    answer = [7] + box_ids("[0.10, 0.20, 0.50, 0.60]") + [SPECIAL["vision_start_token_id"]] + \
+        [SPECIAL["image_token_id"]] * (rows * cols) + [SPECIAL["vision_end_token_id"], 8, 9]
+    input_ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
+    labels = input_ids.clone()
+    labels[:, : inputs["input_ids"].shape[1]] = -100  # the prompt is not learned
+    forward = dict(input_ids=input_ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                   image_sizes=inputs["image_sizes"], replay_boxes=[[box]])
+    output = model(**forward, labels=labels, box_targets=[[box]], output_hidden_states=True)
+    eot = input_ids == VGR_SPECIAL["eot_token_id"]
+    assert output.eot_boxes.shape == (1, 4)
+    with torch.no_grad():  # transformers' loss over the same logits, image positions masked by hand
+        reference_labels = labels.masked_fill(input_ids == SPECIAL["image_token_id"], -100)
+        reference = twin.loss_function(logits=output.logits, labels=reference_labels,
+                                       vocab_size=model.config.text_config.vocab_size)
+    torch.testing.assert_close(output.lm_loss, reference, rtol=1e-5, atol=1e-6)
+    assert output.box_l1_loss > 0 and output.box_giou_loss > 0
+    torch.testing.assert_close(output.loss, output.lm_loss + model.config.box_l1_weight * output.box_l1_loss
+                               + model.config.box_giou_weight * output.box_giou_loss)
+    output.loss.backward()
+    assert model.box_head.layers[-1].weight.grad.abs().sum() > 0
+    head = model.box_head(output.hidden_states[-1][eot])  # the head on the <eot>'s final hidden state
+    corners = torch.cat([head[:, :2] - head[:, 2:] / 2, head[:, :2] + head[:, 2:] / 2], dim=-1)
+    torch.testing.assert_close(output.eot_boxes, corners)
+    model.zero_grad()
+

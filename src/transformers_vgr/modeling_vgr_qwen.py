@@ -10,7 +10,6 @@ the pooled `image_grid_thw`), so that with `prompt_pool=1` the model is Qwen2.5-
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -22,6 +21,7 @@ from .geometry_vgr import pooled_length
 from .geometry_vgr_qwen import MergedGrid
 from .modeling_vgr import VGRCausalLMOutputWithPast, VGRImageOutput, VGRModelOutputWithPast
 from .generation_vgr import VGRGenerationMixin
+from .heads_vgr import VGRDetectionHead, VGRHeadsMixin
 from .replay_vgr import (
     FeatureMemory,
     ImageMemory,
@@ -263,9 +263,11 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
         return VGRModelOutputWithPast(**{**outputs, "image_outputs": images}, feature_memory=memory)
 
 
-class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRGenerationMixin, Qwen2_5_VLForConditionalGeneration):
-    """VGR-Qwen with its language-modeling head and VGR's `generate`: a replay is `<|vision_start|>`, the box's cells
-    of S and `<|vision_end|>` after the `<eot>`, at M-RoPE positions."""
+class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRHeadsMixin, VGRGenerationMixin,
+                                      Qwen2_5_VLForConditionalGeneration):
+    """VGR-Qwen with its language-modeling head, the detection head at each `<eot>` and their losses, and VGR's
+    `generate`: a replay is `<|vision_start|>`, the box's cells of S and `<|vision_end|>` after the `<eot>`, at M-RoPE
+    positions."""
 
     position_model = MRopePositions()
 
@@ -277,6 +279,7 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRGenerationMixin
         VGRQwenPreTrainedModel.__init__(self, config)
         self.model = VGRQwenModel(config)
         self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.box_head = VGRDetectionHead(config)
         self.post_init()
 
     def forward(
@@ -294,14 +297,18 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRGenerationMixin
         replay_boxes=None,
         feature_memory: FeatureMemory | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
+        box_targets=None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
         **kwargs,
-    ):
+    ) -> VGRCausalLMOutputWithPast:
         """Qwen2.5-VL's forward, with VGR's replay spans (see `VGRQwenModel.forward`). `image_sizes`
         `(num_images, 2)`: the images' original `(height, width)`, which place the boxes written about them on their
         grids; `replay_boxes`: per row, the box of each replay span, in order; `feature_memory`: the prefill's, for a
-        decoding step's replays."""
+        decoding step's replays. `labels` (not shifted; image positions never count) and `box_targets` (per row, the
+        box of each `<eot>` or None) give VGR's losses, as for `VGRForConditionalGeneration`."""
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)  # label tokens of the whole batch (Trainer)
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, pixel_values=pixel_values,
@@ -309,13 +316,14 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRGenerationMixin
             feature_memory=feature_memory, mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=mm_encoder_outputs, **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                      **kwargs)
+        hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, kept, :])  # (batch, kept, vocab)
+        token_ids = input_ids if input_ids is not None else torch.full(hidden_states.shape[:2], -1)
+        heads = self.heads_and_losses(hidden_states, token_ids.to(hidden_states.device), logits, kept, labels,
+                                      shift_labels, box_targets, num_items_in_batch)
         return VGRCausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            **heads, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, image_outputs=outputs.image_outputs, feature_memory=outputs.feature_memory,
         )
 
