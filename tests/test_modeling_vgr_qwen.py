@@ -2,6 +2,11 @@
 tokens); with pooling its prompt tokens are Qwen2.5-VL's merged features average-pooled, laid out under M-RoPE as an
 image of the pooled grid; a replay span is the box's merged cells fed as an image of their grid at its place."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -313,3 +318,34 @@ def test_losses_and_the_detection_head(replaying, images):
     torch.testing.assert_close(output.eot_boxes, corners)
     model.zero_grad()
 
+
+
+def test_a_saved_folder_loads_as_remote_code_in_a_fresh_process(replaying, images, tmp_path):
+    """`save_pretrained` writes the auto map and the flat modules; a Python that cannot import this package loads the
+    folder with `AutoModel(..., trust_remote_code=True)` and gets the same logits."""
+    model = replaying
+    model.save_pretrained(tmp_path / "vgr-qwen")
+    names = {path.name for path in (tmp_path / "vgr-qwen").iterdir()}
+    assert {"configuration_vgr_qwen.py", "modeling_vgr_qwen.py", "geometry_vgr_qwen.py", "heads_vgr.py",
+            "replay_vgr.py", "generation_vgr.py"} <= names
+    inputs = encode(images[:1], model.config)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, tmp_path / "logits.pt")
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["transformers_vgr"] = None  # only the folder's remote code
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path / "vgr-qwen")!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "VGRQwenForConditionalGeneration", type(model)
+        with torch.no_grad():
+            logits = model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits
+        torch.testing.assert_close(logits, torch.load({str(tmp_path / "logits.pt")!r}))
+        print("same logits")
+    """)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "same logits" in result.stdout, result.stderr[-3000:]

@@ -19,11 +19,13 @@ from .box_text_vgr import (
     parse_boxes,
 )
 from .configuration_vgr import VGRConfig
+from .configuration_vgr_qwen import VGRQwenConfig
 from .drawing_vgr import crop_regions, draw_boxes, draw_panel
 from .generation_vgr import VGRGenerateOutput
 from .geometry_vgr import VGRGeometry, llava_next_prompt_tokens
 from .image_processing_vgr import VGRImageProcessor
 from .modeling_vgr import VGRForConditionalGeneration, VGRModel, VGRPreTrainedModel
+from .modeling_vgr_qwen import VGRQwenForConditionalGeneration, VGRQwenModel, VGRQwenPreTrainedModel
 from .processing_vgr import VGRProcessor
 from .replay_vgr import ReplayRecord
 
@@ -36,11 +38,17 @@ AutoModel.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(VGRConfig, slow_image_processor_class=VGRImageProcessor, exist_ok=True)
 AutoProcessor.register(VGRConfig, VGRProcessor, exist_ok=True)
+# VGR on Qwen2.5-VL, the second family (its processor is not written yet).
+AutoConfig.register("vgr_qwen", VGRQwenConfig, exist_ok=True)
+AutoModel.register(VGRQwenConfig, VGRQwenForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(VGRQwenConfig, VGRQwenForConditionalGeneration, exist_ok=True)
 
 # ... and in saved folders: `save_pretrained` writes `auto_map` and copies the flat modules, so the folder loads with
 # `trust_remote_code=True` where this package is not installed.
 VGRConfig.register_for_auto_class()
 VGRForConditionalGeneration.register_for_auto_class("AutoModel")
+VGRQwenConfig.register_for_auto_class()
+VGRQwenForConditionalGeneration.register_for_auto_class("AutoModel")
 VGRImageProcessor.register_for_auto_class("AutoImageProcessor")
 VGRProcessor.register_for_auto_class("AutoProcessor")
 
@@ -53,6 +61,10 @@ __all__ = [
     "VGRPreTrainedModel",
     "VGRForConditionalGeneration",
     "VGRGenerateOutput",
+    "VGRQwenConfig",
+    "VGRQwenModel",
+    "VGRQwenPreTrainedModel",
+    "VGRQwenForConditionalGeneration",
     "ReplayRecord",
     "box_token_table",
     "crop_regions",
