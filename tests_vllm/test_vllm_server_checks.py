@@ -33,6 +33,8 @@ LIMITS = RequestLimits(max_tokens=2048)
     ({"stop": [1]}, "stop must be"),
     ({"stop": ""}, "stop must be"),
     ({"stream": "yes"}, "stream must be true or false"),
+    ({"mm_processor_kwargs": {"max_crops": 4}}, r"mm_processor_kwargs are not supported \(got \['max_crops'\]\)"),
+    ({"mm_processor_kwargs": 5}, r"mm_processor_kwargs are not supported \(got 5\)"),
 ])
 def test_every_bad_parameter_is_named(body, message):
     with pytest.raises(RequestError, match=message) as raised:
@@ -85,3 +87,10 @@ def test_the_flags_defaults_are_the_limits_defaults():
     flags, limits = parser.parse_args([]), RequestLimits()
     assert (flags.max_body_bytes, flags.max_image_bytes, flags.max_image_pixels) == (
         limits.max_body_bytes, limits.images.max_image_bytes, limits.images.max_image_pixels)
+
+
+def test_the_plugin_refuses_processor_kwargs_rather_than_dropping_them():
+    from transformers_vgr.vllm.model import VGRMultiModalProcessor
+
+    with pytest.raises(ValueError, match=r"VGR takes no mm_processor_kwargs \(got \['max_crops'\]\)"):
+        VGRMultiModalProcessor._call_hf_processor(None, {"images": []}, {"max_crops": 4})

@@ -82,6 +82,10 @@ def sampling_params(body: dict, limits: RequestLimits):
             raise RequestError(f"{name} must be an integer, got {value!r:.40}")
         return value
 
+    if processor_kwargs := body.get("mm_processor_kwargs"):
+        names = sorted(processor_kwargs) if isinstance(processor_kwargs, dict) else processor_kwargs
+        raise RequestError(f"mm_processor_kwargs are not supported (got {names!r:.80}): VGR's image geometry "
+                           "(max_crops, pools, pinpoints) is the model config's")
     n = integer("n")
     if n is not None and n != 1:
         raise RequestError("n must be 1: VGR's replay loop runs one sequence per request")

@@ -164,6 +164,11 @@ class VGRDummyInputsBuilder(BaseDummyInputsBuilder[VGRProcessingInfo]):
 
 class VGRMultiModalProcessor(BaseMultiModalProcessor[VGRProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        if hf_kwargs:
+            # Refused, not dropped: the front end expanded the prompt with the config's geometry, so another tiling
+            # here would not match its placeholders.
+            raise ValueError(f"VGR takes no mm_processor_kwargs (got {sorted(hf_kwargs)}): its image geometry "
+                             "(max_crops, pools, pinpoints) is the model config's")
         image_processor = self.info.get_image_processor()
         data = {}
         for prefix, pictures in (("", hf_data.get("images")), ("region_", hf_data.get("regions"))):
