@@ -2,7 +2,8 @@
 
     python examples/train_grpo.py --output_dir outputs/grpo      # VGR-Tiny on a sample of its task, ~1 min on CPU
     python examples/train_grpo.py --model outputs/sft --data train.jsonl --image_root data/ --output_dir outputs/grpo \\
-        --rewards accuracy iou format replay_cost --reward_weights 1 0.5 0.2 0.001 --num_generations 8 --lora
+        --rewards accuracy iou format replay_cost --reward_weights 1 0.5 0.2 0.001 --num_generations 8 --lora \
+        --max_minutes 60   # a wall-time budget instead of (or before) --max_steps
 
 Every `VGRGRPOConfig` field is a flag: the `TrainingArguments` ones (`--learning_rate`, `--max_steps`,
 `--per_device_train_batch_size`, `--gradient_accumulation_steps`, ...) and GRPO's (`--num_generations`,
@@ -16,10 +17,11 @@ its reference answer's "Final answer:" and boxes when it has none.
 """
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainerCallback
 
 from transformers_vgr import VGRForConditionalGeneration, VGRProcessor
 from transformers_vgr.reference.synthetic import make_split
@@ -46,6 +48,24 @@ class ScriptArguments:
                                metadata={"help": f"reward functions, in the order of --reward_weights: {list(REWARDS)}"})
     lora: bool = field(default=False, metadata={"help": "LoRA on the language model (PEFT)"})
     sample_records: int = field(default=64, metadata={"help": "records of the sample made without --data"})
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "stop after the step that passes this many minutes of training (the policy "
+                                        "is saved as at --max_steps)"})
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training after the step that passes `minutes` (a budget in wall time rather than in steps)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.started = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.started >= self.seconds:
+            control.should_training_stop = True
 
 
 def parser() -> HfArgumentParser:
@@ -72,8 +92,11 @@ def build_trainer(script_args: ScriptArguments, args: VGRGRPOConfig) -> VGRGRPOT
     records = [record for file in data for record in read_records(file)]
     if script_args.lora:
         model = add_lora(model)
-    return VGRGRPOTrainer(model, [REWARDS[name] for name in script_args.rewards], args, records, processor,
-                          image_root=image_root)
+    trainer = VGRGRPOTrainer(model, [REWARDS[name] for name in script_args.rewards], args, records, processor,
+                             image_root=image_root)
+    if script_args.max_minutes is not None:
+        trainer.add_callback(TimeLimit(script_args.max_minutes))
+    return trainer
 
 
 def main(argv=None) -> None:

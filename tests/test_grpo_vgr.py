@@ -183,12 +183,12 @@ def test_the_example_script_trains_and_saves_a_loadable_folder(tmp_path):
     train_grpo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_grpo)
     output = tmp_path / "grpo"
-    train_grpo.main(["--output_dir", str(output), "--max_steps", "1", "--sample_records", "2",
+    train_grpo.main(["--output_dir", str(output), "--max_steps", "3", "--max_minutes", "0", "--sample_records", "2",
                      "--rewards", "accuracy", "replay_cost", "--reward_weights", "1", "0.001"])
     loaded = AutoModel.from_pretrained(str(output), trust_remote_code=True)
     assert type(loaded).__name__ == "VGRForConditionalGeneration"
     log = json.loads((output / "training_log.json").read_text())
-    assert log["steps"] == 1 and log["train_runtime_seconds"] > 0
+    assert log["steps"] == 1 and log["train_runtime_seconds"] > 0  # --max_minutes 0: stopped after one step
     (step,) = [entry for entry in log["logs"] if "loss" in entry]
     assert {"reward", "rewards/accuracy_reward", "rewards/replay_cost_reward", "completion_length"} <= set(step)
     curves = rl_proof.plot(output / "training_log.json", tmp_path / "curves.png", held_out={1: 0.5})
