@@ -2,7 +2,7 @@
 
     python examples/train_grpo.py --output_dir outputs/grpo      # VGR-Tiny on a sample of its task, ~1 min on CPU
     python examples/train_grpo.py --model outputs/sft --data train.jsonl --image_root data/ --output_dir outputs/grpo \\
-        --rewards accuracy iou format replay_cost --reward_weights 1 0.5 0.2 0.001 --num_generations 8 --lora \
+        --rewards accuracy iou format replay_cost --reward_weights 1 0.5 0.2 0.001 --num_generations 8 --lora \\
         --max_minutes 60   # a wall-time budget instead of (or before) --max_steps
 
 Every `VGRGRPOConfig` field is a flag: the `TrainingArguments` ones (`--learning_rate`, `--max_steps`,
