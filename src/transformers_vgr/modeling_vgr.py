@@ -354,25 +354,10 @@ class VGRModel(VGRPreTrainedModel):
                         )
                     continue  # decoding: an <image> token that is not a replay span is plain text
                 else:
-                    filled, run_tokens = start, []
-                    while filled < start + length:
-                        if next_image >= len(prompt_tokens):
-                            raise ValueError(
-                                f"input_ids has more image placeholders than the {len(prompt_tokens)} image(s) provide "
-                                f"(row {row}, position {filled})"
-                            )
-                        image_tokens = prompt_tokens[next_image]
-                        if image_tokens.shape[0] > start + length - filled:
-                            raise ValueError(
-                                f"row {row}: image {next_image} needs {image_tokens.shape[0]} placeholders but the run "
-                                f"at position {filled} has {start + length - filled} left; was the text expanded by a "
-                                "processor with another geometry?"
-                            )
-                        run_tokens.append(image_tokens)
-                        filled += image_tokens.shape[0]
-                        seen.append(next_image)
-                        next_image += 1
-                    tokens = torch.cat(run_tokens)
+                    images = self._images_of_run(row, span, prompt_tokens, next_image)
+                    tokens = torch.cat([prompt_tokens[image] for image in images])
+                    seen += images
+                    next_image += len(images)
                 fill_mask[row, start : start + length] = True
                 pieces.append(tokens)
             if boxes:
@@ -382,6 +367,29 @@ class VGRModel(VGRPreTrainedModel):
             raise ValueError(f"{len(prompt_tokens)} image(s) were given but input_ids has placeholders for {next_image}")
         features = torch.cat(pieces) if pieces else None
         return fill_mask, features, row_images
+
+    @staticmethod
+    def _images_of_run(row: int, span, prompt_tokens, next_image: int) -> list[int]:
+        """The images (from `next_image` on) whose prompt tokens fill a run of placeholders exactly: several images
+        written one after the other make one run."""
+        images, filled = [], span.start
+        while filled < span.start + span.length:
+            if next_image >= len(prompt_tokens):
+                raise ValueError(
+                    f"input_ids has more image placeholders than the {len(prompt_tokens)} image(s) provide "
+                    f"(row {row}, position {filled})"
+                )
+            count = prompt_tokens[next_image].shape[0]
+            if count > span.start + span.length - filled:
+                raise ValueError(
+                    f"row {row}: image {next_image} needs {count} placeholders but the run at position {filled} has "
+                    f"{span.start + span.length - filled} left; was the text expanded by a processor with another "
+                    "geometry?"
+                )
+            images.append(next_image)
+            filled += count
+            next_image += 1
+        return images
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
