@@ -283,6 +283,8 @@ def test_generate_with_replays_equals_the_teacher_forced_forward(replaying, imag
     generated = torch.stack(output.logits, dim=1)  # (batch, steps, vocab)
     for row in range(2):
         torch.testing.assert_close(generated[row], expected[row], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not supported for VGR-Qwen yet"):
+        model.generate(input_ids=output.sequences, cache=output.cache, max_new_tokens=2)
 
 
 def test_losses_and_the_detection_head(replaying, images):

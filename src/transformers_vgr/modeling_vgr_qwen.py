@@ -275,6 +275,11 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRHeadsMixin, VGR
     def replay_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (self.config.vision_start_token_id,), (self.config.vision_end_token_id,)
 
+    def _continue_conversation(self, state, cache, inputs, kwargs):
+        # The cached conversation counts LLaMA's 1-D positions (one per real token); M-RoPE's next position differs.
+        raise ValueError("continuing a conversation from a returned cache is not supported for VGR-Qwen yet: pass the "
+                         "whole conversation again")
+
     def __init__(self, config: VGRQwenConfig):
         VGRQwenPreTrainedModel.__init__(self, config)
         self.model = VGRQwenModel(config)
