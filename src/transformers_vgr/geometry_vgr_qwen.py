@@ -74,15 +74,27 @@ class VGRQwenGeometry:
         resized = smart_resize(height, width, self.cell, self.min_pixels, self.max_pixels)
         return MergedGrid((height, width), resized, self.cell)
 
-    def image_grid_thw(self, image_size) -> tuple[int, int, int]:
-        """Qwen2.5-VL's `image_grid_thw` of the image: one frame, patches down and across."""
-        rows, cols = self.grid(image_size).grid
-        return 1, rows * self.merge_size, cols * self.merge_size
+    def grid_of_cells(self, cells: tuple[int, int], image_size=None) -> MergedGrid:
+        """The grid of an image whose tower output is `cells` `(rows, cols)` merged cells: from its original
+        `image_size` when known (the boxes written about it are fractions of it), else the resized size stands for
+        it."""
+        if image_size is not None:
+            return self.grid(tuple(image_size))
+        resized = (cells[0] * self.cell, cells[1] * self.cell)
+        return MergedGrid(resized, resized, self.cell)
+
+    def grid_thw(self, cells: tuple[int, int]) -> list[int]:
+        """Qwen2.5-VL's `image_grid_thw` entry of a grid of `cells` merged cells: one frame, patches down and across
+        (what `get_rope_index` lays an image's positions out by)."""
+        return [1, cells[0] * self.merge_size, cells[1] * self.merge_size]
+
+    def pooled_prompt_grid(self, cells: tuple[int, int]) -> tuple[int, int]:
+        """`(rows, cols)` of the prompt tokens of a grid of `cells` merged cells: pooled by `prompt_pool` (ceil)."""
+        return pooled_length(cells[0], self.prompt_pool), pooled_length(cells[1], self.prompt_pool)
 
     def prompt_grid(self, image_size) -> tuple[int, int]:
         """`(rows, cols)` of the image's prompt tokens: S pooled by `prompt_pool` (ceil mode)."""
-        rows, cols = self.grid(image_size).grid
-        return pooled_length(rows, self.prompt_pool), pooled_length(cols, self.prompt_pool)
+        return self.pooled_prompt_grid(self.grid(image_size).grid)
 
     def prompt_tokens(self, image_size) -> int:
         """Visual tokens of one image in the prompt (between its vision start and end tokens)."""

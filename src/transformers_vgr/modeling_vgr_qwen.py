@@ -17,7 +17,6 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from .configuration_vgr_qwen import VGRQwenConfig
-from .geometry_vgr import pooled_length
 from .geometry_vgr_qwen import MergedGrid
 from .modeling_vgr import VGRCausalLMOutputWithPast, VGRImageOutput, VGRModelOutputWithPast
 from .generation_vgr import VGRGenerationMixin
@@ -105,7 +104,7 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
         for merged, (_, patch_rows, patch_cols), size in zip(outputs.pooler_output, image_grid_thw.tolist(), sizes):
             rows, cols = patch_rows // merge, patch_cols // merge
             cells = merged.view(rows, cols, -1)  # (rows, cols, hidden): the merger's tokens are in raster order
-            grid = self.image_grid((rows, cols), size)
+            grid = self.geometry.grid_of_cells((rows, cols), size)
             if grid.grid != (rows, cols):
                 raise ValueError(
                     f"image_grid_thw {patch_rows}x{patch_cols} does not match an image of {size[1]}x{size[0]} px, "
@@ -121,19 +120,12 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
             feature_memory=FeatureMemory(memories, []),
         )
 
-    def image_grid(self, cells: tuple[int, int], image_size=None) -> MergedGrid:
-        """The grid of an image whose tower output is `cells` `(rows, cols)` merged cells: from its original
-        `image_size` when known (the boxes written about it are fractions of it), else the resized size stands for it."""
-        if image_size is not None:
-            return self.geometry.grid(tuple(image_size))
-        resized = (cells[0] * self.geometry.cell, cells[1] * self.geometry.cell)
-        return MergedGrid(resized, resized, self.geometry.cell)
-
     def grids_of_thw(self, image_grid_thw: torch.LongTensor, image_sizes=None) -> list[MergedGrid]:
         """Each image's grid from its `image_grid_thw` (and original `image_sizes` when given)."""
         merge = self.config.vision_config.spatial_merge_size
         sizes = image_sizes.tolist() if image_sizes is not None else [None] * len(image_grid_thw)
-        return [self.image_grid((h // merge, w // merge), size) for (_, h, w), size in zip(image_grid_thw.tolist(), sizes)]
+        return [self.geometry.grid_of_cells((h // merge, w // merge), size)
+                for (_, h, w), size in zip(image_grid_thw.tolist(), sizes)]
 
     def span_sources(self, input_ids: torch.LongTensor, grids: list[MergedGrid], replay_boxes=None,
                      row_images: list | None = None) -> tuple[list[SpanSource], list[int | None]]:
@@ -159,9 +151,7 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
                 else:
                     if next_image >= len(grids):
                         raise ValueError(f"input_ids has placeholders for more than the {len(grids)} image(s) given")
-                    rows, cols = grids[next_image].grid
-                    pool = self.config.prompt_pool
-                    sources.append(SpanSource(next_image, (pooled_length(rows, pool), pooled_length(cols, pool))))
+                    sources.append(SpanSource(next_image, self.geometry.pooled_prompt_grid(grids[next_image].grid)))
                     seen.append(next_image)
                     next_image += 1
                 if sources[-1].grid[0] * sources[-1].grid[1] != span.length:
@@ -179,11 +169,14 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
         """Qwen2.5-VL's M-RoPE positions, with every visual span laid out as an image of its own grid at its place:
         the prompt's images as their pooled grids, each replay as its region's grid."""
         if image_grid_thw is not None:
-            merge = self.config.vision_config.spatial_merge_size
             sources, _ = self.span_sources(input_ids, self.grids_of_thw(image_grid_thw, image_sizes), replay_boxes)
-            image_grid_thw = torch.tensor([[1, rows * merge, cols * merge] for rows, cols in (s.grid for s in sources)],
-                                          dtype=torch.long, device=input_ids.device)
+            image_grid_thw = self.span_grid_thw(sources, input_ids.device)
         return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, **kwargs)
+
+    def span_grid_thw(self, sources: list[SpanSource], device) -> torch.LongTensor:
+        """`image_grid_thw` `(num_spans, 3)` that lays every span out as an image of its own grid."""
+        return torch.tensor([self.geometry.grid_thw(source.grid) for source in sources], dtype=torch.long,
+                            device=device)
 
     def images_of_rows(self, input_ids: torch.LongTensor, counts: list[int]) -> list[list[int]]:
         """Which images (indices into `counts`, one per image) each row's prompt spans show, in order."""
@@ -249,11 +242,10 @@ class VGRQwenModel(VGRQwenPreTrainedModel, Qwen2_5_VLModel):
             if position_ids is None and (cache is None or cache.get_seq_length() == 0):
                 if mm_token_type_ids is None:
                     mm_token_type_ids = (input_ids == self.config.image_token_id).int()
-                merge = self.config.vision_config.spatial_merge_size
-                span_thw = torch.tensor([[1, rows * merge, cols * merge] for rows, cols in (s.grid for s in sources)],
-                                        dtype=torch.long, device=input_ids.device)
+                # Qwen's own rule over the spans already planned (this class's get_rope_index would plan them again).
                 position_ids, self.rope_deltas = Qwen2_5_VLModel.get_rope_index(
-                    self, input_ids, mm_token_type_ids, span_thw, attention_mask=attention_mask,
+                    self, input_ids, mm_token_type_ids, self.span_grid_thw(sources, input_ids.device),
+                    attention_mask=attention_mask,
                 )
         outputs = super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
