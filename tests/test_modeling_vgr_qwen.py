@@ -19,12 +19,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers_vgr.configuration_vgr_qwen import VGRQwenConfig
 from transformers_vgr.modeling_vgr_qwen import VGRQwenForConditionalGeneration
 
+from conftest import QWEN_TEXT, QWEN_VISION
+
 # The upstream tests' tiny shapes (DESIGN section 7), a vocabulary with room for <sot> / <eot>.
-VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=14,
-              spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=200, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
+VISION = QWEN_VISION
+TEXT = dict(QWEN_TEXT, vocab_size=200)
 SPECIAL = dict(image_token_id=151, video_token_id=152, vision_start_token_id=153, vision_end_token_id=154)
 VGR_SPECIAL = dict(sot_token_id=155, eot_token_id=156)
 MAX_PIXELS = 28 * 28 * 48

@@ -138,7 +138,35 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(array, mode="RGBA" if array.ndim == 3 and array.shape[-1] == 4 else None)
 
 
-class VGRImageProcessor(PilBackend):
+class VGRImageReadingMixin:
+    """How VGR's image processors read their inputs: every file, array and PIL mode through `to_rgb_image`, so that
+    a bad image is one clear `ValueError` before any resizing. Shared by the image processors of every backbone."""
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        if images is None or (isinstance(images, (list, tuple)) and not images):
+            raise ValueError("no images were given")
+        return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+
+    def fetch_images(self, image_url_or_urls):
+        # Read files here (not in `load_image`) so that every failure is one clear ValueError.
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(image) for image in image_url_or_urls]
+        if isinstance(image_url_or_urls, (str, os.PathLike, bytes, io.IOBase)):
+            return to_rgb_image(image_url_or_urls)
+        return image_url_or_urls
+
+    def process_image(self, image, do_convert_rgb: bool | None = None, input_data_format=None, **kwargs) -> np.ndarray:
+        """One raw image -> (3, H, W) uint8, channels first, converted by `to_rgb_image`. With `do_convert_rgb=False`
+        the image keeps its own channels (as transformers' image processors do; `image_mean` / `image_std` must then
+        have one value per channel)."""
+        if do_convert_rgb is False:
+            if isinstance(image, PIL.Image.Image):
+                image = _decoded(image)
+            return super().process_image(image, do_convert_rgb=False, input_data_format=input_data_format, **kwargs)
+        return np.moveaxis(np.asarray(to_rgb_image(image)), -1, 0)
+
+
+class VGRImageProcessor(VGRImageReadingMixin, PilBackend):
     r"""
     Constructs a VGR image processor: the image is resized (aspect kept) and centre-padded to the best-fitting
     `rows x cols` grid of `crop_size` crops (LLaVA-NeXT's rule over every grid with up to `max_crops` crops); the
@@ -215,29 +243,6 @@ class VGRImageProcessor(PilBackend):
     def num_replay_tokens(self, image_size, box) -> int:
         """Tokens a replay of the normalized `box` on an image of `(height, width)` produces."""
         return self.geometry().replay_tokens(image_size, box)
-
-    def _prepare_images_structure(self, images, expected_ndims: int = 3):
-        if images is None or (isinstance(images, (list, tuple)) and not images):
-            raise ValueError("no images were given")
-        return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
-
-    def fetch_images(self, image_url_or_urls):
-        # Read files here (not in `load_image`) so that every failure is one clear ValueError.
-        if isinstance(image_url_or_urls, (list, tuple)):
-            return [self.fetch_images(image) for image in image_url_or_urls]
-        if isinstance(image_url_or_urls, (str, os.PathLike, bytes, io.IOBase)):
-            return to_rgb_image(image_url_or_urls)
-        return image_url_or_urls
-
-    def process_image(self, image, do_convert_rgb: bool | None = None, input_data_format=None, **kwargs) -> np.ndarray:
-        """One raw image -> (3, H, W) uint8, channels first, converted by `to_rgb_image`. With `do_convert_rgb=False`
-        the image keeps its own channels (as transformers' image processors do; `image_mean` / `image_std` must then
-        have one value per channel)."""
-        if do_convert_rgb is False:
-            if isinstance(image, PIL.Image.Image):
-                image = _decoded(image)
-            return super().process_image(image, do_convert_rgb=False, input_data_format=input_data_format, **kwargs)
-        return np.moveaxis(np.asarray(to_rgb_image(image)), -1, 0)
 
     def _preprocess(
         self,

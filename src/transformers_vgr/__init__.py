@@ -24,9 +24,11 @@ from .drawing_vgr import crop_regions, draw_boxes, draw_panel
 from .generation_vgr import VGRGenerateOutput
 from .geometry_vgr import VGRGeometry, llava_next_prompt_tokens
 from .image_processing_vgr import VGRImageProcessor
+from .image_processing_vgr_qwen import VGRQwenImageProcessor
 from .modeling_vgr import VGRForConditionalGeneration, VGRModel, VGRPreTrainedModel
 from .modeling_vgr_qwen import VGRQwenForConditionalGeneration, VGRQwenModel, VGRQwenPreTrainedModel
 from .processing_vgr import VGRProcessor
+from .processing_vgr_qwen import VGRQwenProcessor
 from .replay_vgr import ReplayRecord
 
 
@@ -38,10 +40,12 @@ AutoModel.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(VGRConfig, VGRForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(VGRConfig, slow_image_processor_class=VGRImageProcessor, exist_ok=True)
 AutoProcessor.register(VGRConfig, VGRProcessor, exist_ok=True)
-# VGR on Qwen2.5-VL, the second family (its processor is not written yet).
+# VGR on Qwen2.5-VL, the second family.
 AutoConfig.register("vgr_qwen", VGRQwenConfig, exist_ok=True)
 AutoModel.register(VGRQwenConfig, VGRQwenForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(VGRQwenConfig, VGRQwenForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(VGRQwenConfig, slow_image_processor_class=VGRQwenImageProcessor, exist_ok=True)
+AutoProcessor.register(VGRQwenConfig, VGRQwenProcessor, exist_ok=True)
 
 # ... and in saved folders: `save_pretrained` writes `auto_map` and copies the flat modules, so the folder loads with
 # `trust_remote_code=True` where this package is not installed.
@@ -51,6 +55,8 @@ VGRQwenConfig.register_for_auto_class()
 VGRQwenForConditionalGeneration.register_for_auto_class("AutoModel")
 VGRImageProcessor.register_for_auto_class("AutoImageProcessor")
 VGRProcessor.register_for_auto_class("AutoProcessor")
+VGRQwenImageProcessor.register_for_auto_class("AutoImageProcessor")
+VGRQwenProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "VGRConfig",
@@ -62,6 +68,8 @@ __all__ = [
     "VGRForConditionalGeneration",
     "VGRGenerateOutput",
     "VGRQwenConfig",
+    "VGRQwenImageProcessor",
+    "VGRQwenProcessor",
     "VGRQwenModel",
     "VGRQwenPreTrainedModel",
     "VGRQwenForConditionalGeneration",

@@ -267,6 +267,14 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRHeadsMixin, VGR
     def replay_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (self.config.vision_start_token_id,), (self.config.vision_end_token_id,)
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # Qwen2.5-VL lays images out under M-RoPE only when `mm_token_type_ids` is given (its processor returns them),
+        # else every token gets text positions. The placeholders say where the images are: without the ids, the same.
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        if model_kwargs.get("mm_token_type_ids") is None and input_ids.dim() == 2 and not input_ids.is_floating_point():
+            model_kwargs["mm_token_type_ids"] = (input_ids == self.config.image_token_id).int()
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
     def _continue_conversation(self, state, cache, inputs, kwargs):
         # The cached conversation counts LLaMA's 1-D positions (one per real token); M-RoPE's next position differs.
         raise ValueError("continuing a conversation from a returned cache is not supported for VGR-Qwen yet: pass the "

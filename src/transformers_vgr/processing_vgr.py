@@ -122,15 +122,27 @@ class VGRProcessor(ProcessorMixin):
     valid_processor_kwargs = VGRProcessorKwargs
     skip_tensor_conversion = ["replay_boxes"]
 
+    # The tokens a replay writes between `<eot>` and its placeholders, and after them (none in LLaVA's layout).
+    replay_prefix = ""
+    replay_suffix = ""
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         add_vgr_tokens(tokenizer)
         self.image_token = IMAGE_TOKEN
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.sot_token_id = tokenizer.convert_tokens_to_ids(SOT_TOKEN)
-        self.eot_token_id = tokenizer.convert_tokens_to_ids(EOT_TOKEN)
+        self._set_token_ids(tokenizer)
         if chat_template is None:
             chat_template = VICUNA_V1_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    def _set_token_ids(self, tokenizer) -> None:
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.sot_token_id = tokenizer.convert_tokens_to_ids(SOT_TOKEN)
+        self.eot_token_id = tokenizer.convert_tokens_to_ids(EOT_TOKEN)
+        # The ids a replay span follows (`<eot>`, then the prefix token if any), as `plan_spans` (replay_vgr) reads them,
+        # and the ids that close it.
+        prefix = (tokenizer.convert_tokens_to_ids(self.replay_prefix),) if self.replay_prefix else ()
+        self.replay_marker_ids = (self.eot_token_id,) + prefix
+        self.replay_suffix_ids = (tokenizer.convert_tokens_to_ids(self.replay_suffix),) if self.replay_suffix else ()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Saving with remote code writes `auto_map` into processor_config.json and, as a side effect, onto this object;
@@ -202,24 +214,25 @@ class VGRProcessor(ProcessorMixin):
         if image_sizes is None:
             return MultiModalData()
         geometry = self.image_processor.geometry()
-        return MultiModalData(num_image_tokens=[geometry.prompt_tokens(tuple(size)).total for size in image_sizes],
+        return MultiModalData(num_image_tokens=[self.image_processor.num_image_tokens(tuple(size)) for size in image_sizes],
                               num_image_patches=[geometry.num_patches(tuple(size)) for size in image_sizes])
 
     def expand_visual_tokens(self, texts: list[str], image_sizes: list[tuple[int, int]]):
         """Expand prompt and replay markers of each text. Returns the expanded texts and, per text, the boxes of its
         replay spans. Raises `ValueError` when markers and images do not match or a replay marker has no box."""
-        geometry = self.image_processor.geometry()
-        num_markers = sum(len(_prompt_markers(normalize_tags(text))) for text in texts)
+        image, replay = self.image_token, EOT_TOKEN + self.replay_prefix + self.image_token
+        num_markers = sum(len(self._prompt_markers(normalize_tags(text))) for text in texts)
         if num_markers != len(image_sizes):
             raise ValueError(
-                f"the text has {num_markers} <image> marker(s) for images but {len(image_sizes)} image(s) were given; "
-                "each image needs exactly one <image> in the text (an <image> right after <eot> is a replay marker)"
+                f"the text has {num_markers} {image} marker(s) for images but {len(image_sizes)} image(s) were given; "
+                f"each image needs exactly one {image} in the text ({replay}, an {image} right after <eot>, is a "
+                "replay marker)"
             )
         expanded, replay_boxes, next_image = [], [], 0
         for row, text in enumerate(texts):
             pieces, boxes, row_image_size, last_sot = [], [], None, None
             position = 0
-            for match in re.finditer(r"<sot>|<eot>\s*<image>|<eot>|<image>", normalize_tags(text)):
+            for match in re.finditer(self._markers_pattern(), normalize_tags(text)):
                 pieces.append(match.string[position : match.start()])
                 position = match.end()
                 token = match.group()
@@ -229,27 +242,37 @@ class VGRProcessor(ProcessorMixin):
                 elif token == EOT_TOKEN:  # closes the box, if any, without a replay
                     last_sot = None
                     pieces.append(token)
-                elif token == IMAGE_TOKEN:
+                elif token == image:
                     row_image_size = image_sizes[next_image]
                     next_image += 1
-                    pieces.append(IMAGE_TOKEN * geometry.prompt_tokens(row_image_size).total)
-                else:  # "<eot><image>": a replay marker
+                    pieces.append(image * self.image_processor.num_image_tokens(row_image_size))
+                else:  # "<eot>", the replay prefix and the placeholder: a replay marker
                     box = self._replay_box(match.string, last_sot, match.start(), row)
                     if row_image_size is None:
-                        raise ValueError(f"text {row}: a replay marker (<eot><image>) comes before any image")
-                    if match.string.startswith(IMAGE_TOKEN, match.end()):
+                        raise ValueError(f"text {row}: a replay marker ({replay}) comes before any image")
+                    if match.string.startswith(image, match.end()):
                         # The replay span and the image's placeholders would make one run that the model cannot split.
                         raise ValueError(
-                            f"text {row}: a replay marker (<eot><image>) is followed directly by another <image>; put "
-                            "text or a newline between them, or drop the extra <image>"
+                            f"text {row}: a replay marker ({replay}) is followed directly by another {image}; put "
+                            f"text or a newline between them, or drop the extra {image}"
                         )
                     boxes.append(box)
-                    pieces.append(EOT_TOKEN + IMAGE_TOKEN * geometry.replay_tokens(row_image_size, box))
+                    count = self.image_processor.num_replay_tokens(row_image_size, box)
+                    pieces.append(EOT_TOKEN + self.replay_prefix + image * count)
                     last_sot = None
             pieces.append(normalize_tags(text)[position:])
             expanded.append("".join(pieces))
             replay_boxes.append(boxes)
         return expanded, replay_boxes
+
+    def _markers_pattern(self) -> str:
+        """`<sot>`, a replay marker (`<eot>`, spaces, the replay prefix, the placeholder), `<eot>`, or a placeholder."""
+        image = re.escape(self.image_token)
+        return rf"<sot>|<eot>\s*{re.escape(self.replay_prefix)}{image}|<eot>|{image}"
+
+    def _prompt_markers(self, text: str) -> list[re.Match]:
+        """Placeholders that stand for an image (not replay markers)."""
+        return [match for match in re.finditer(self._markers_pattern(), text) if match.group() == self.image_token]
 
     @staticmethod
     def _replay_box(text: str, sot_end: int | None, eot_start: int, row: int):
@@ -327,11 +350,6 @@ def _prepends_to_each_piece(tokenizer) -> bool:
     if backend is None or backend.normalizer is None:
         return False
     return b'"type":"Prepend"' in backend.normalizer.__getstate__()
-
-
-def _prompt_markers(text: str) -> list[re.Match]:
-    """`<image>` markers that stand for an image (not replay markers)."""
-    return [match for match in re.finditer(r"<eot>\s*<image>|<image>", text) if match.group() == IMAGE_TOKEN]
 
 
 __all__ = ["VGRProcessor"]

@@ -78,15 +78,16 @@ class VGRSFTDataset(Dataset):
 
 @dataclass
 class VGRDataCollator:
-    """Batches of `VGRSFTDataset` items for `VGRForConditionalGeneration`: right padding (labels -100), the images
-    through the image processor, `replay_boxes` and `box_targets` per row.
+    """Batches of `VGRSFTDataset` items for `VGRForConditionalGeneration` (or `VGRQwenForConditionalGeneration`):
+    right padding (labels -100), the images through the image processor, `replay_boxes` and `box_targets` per row.
 
     Args:
         processor ([`VGRProcessor`]):
             Its tokenizer's pad id pads `input_ids`; its image processor reads the images.
 
     Calling it on a list of items returns `input_ids`, `attention_mask`, `labels` (`(batch, max_length)`),
-    `replay_boxes` and `box_targets` (per row, lists), and with images `pixel_values` and `image_sizes`; it raises
+    `replay_boxes` and `box_targets` (per row, lists), and with images the image processor's outputs (`pixel_values`
+    and `image_sizes`, and Qwen's `image_grid_thw`); it raises
     `ValueError` when an image's size changed since the dataset was built.
     """
 
@@ -119,5 +120,5 @@ class VGRDataCollator:
                     f"images changed since the dataset was built: sizes {pixels['image_sizes'].tolist()}, "
                     f"expected {expected}"
                 )
-            batch.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+            batch.update({name: pixels[name] for name in self.processor.image_processor.model_input_names})
         return batch

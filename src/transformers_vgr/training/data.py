@@ -207,6 +207,14 @@ def encode_conversation(messages: list[dict], image_size, processor, max_length:
     expanded_labels = [-100 if token == image_id else next(text_labels) for token in input_ids]
     if next(text_labels, None) is not None:
         raise ValueError("the expanded text does not tokenize like the text it was expanded from")
+    # A replay's opening and closing tokens (Qwen's <|vision_start|> / <|vision_end|>) are written by the replay, not
+    # by the model: never a label, as the replayed tokens are not.
+    opening, closing = len(processor.replay_marker_ids) - 1, len(processor.replay_suffix_ids)
+    for span in plan_spans(input_ids, image_id, processor.replay_marker_ids):
+        if span.is_replay:
+            end = span.start + span.length
+            expanded_labels[span.start - opening : span.start] = [-100] * opening
+            expanded_labels[end : end + closing] = [-100] * closing
 
     box_targets = []
     for match in re.finditer(re.escape(EOT_TOKEN), text):
@@ -225,12 +233,14 @@ def truncate(features: Features, max_length: int, processor):
     """Cut to at most `max_length` tokens without cutting an image or replay span, or an `<eot>` from its replay;
     `(None, "too_long")` if no label would remain."""
     ids, image_id, eot_id = features.input_ids, processor.image_token_id, processor.eot_token_id
-    spans = plan_spans(ids, image_id, (eot_id,))
+    marker, closing = processor.replay_marker_ids, len(processor.replay_suffix_ids)
+    spans = plan_spans(ids, image_id, marker)
     cut = max_length
     for span in spans:
-        if span.start < cut < span.start + span.length or (span.is_replay and cut == span.start):
-            # never inside a span, nor right after an <eot> whose replay is cut off
-            cut = span.start - 1 if span.is_replay else span.start
+        end = span.start + span.length + (closing if span.is_replay else 0)
+        if span.start - (len(marker) if span.is_replay else 0) < cut < end:
+            # never inside a span or its closing token, nor after an <eot> (or its opening token) whose replay is cut
+            cut = span.start - len(marker) if span.is_replay else span.start
             break
     kept = [span for span in spans if span.start + span.length <= cut]
     if features.image_size is not None and not kept:

@@ -4,6 +4,7 @@
 tower, the two training stages, and LoRA on the language model."""
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,16 +18,50 @@ STAGES = ("projector", "full")
 LOSS_PIECES = ("lm_loss", "box_l1_loss", "box_giou_loss")
 
 
+@dataclass(frozen=True)
+class VisionModules:
+    """Where a model family keeps its vision tower and the projector into the language model (module names, as in
+    parameter names), and whether the tower's features are an intermediate layer's (`config.vision_feature_layer`)."""
+
+    tower: str
+    projector: str
+    feature_layer: bool
+
+
+# Keyed by `config.model_type`, so that a PEFT wrapper (which keeps the config) is read as its model.
+VISION_MODULES = {
+    "vgr": VisionModules(tower="vision_tower", projector="multi_modal_projector", feature_layer=True),
+    # Qwen2.5-VL's merger is its projector; its features are the tower's last output (no feature layer).
+    "vgr_qwen": VisionModules(tower="visual", projector="merger", feature_layer=False),
+}
+
+
+def vision_modules(model) -> VisionModules:
+    model_type = model.config.model_type
+    if model_type not in VISION_MODULES:
+        raise ValueError(f"no vision modules are known for model type {model_type!r}: one of {sorted(VISION_MODULES)}")
+    return VISION_MODULES[model_type]
+
+
+def _in_module(name: str, module: str) -> bool:
+    """Whether the parameter `name` belongs to a module called `module` (a whole name part, anywhere in it)."""
+    return f".{module}." in f".{name}"
+
+
 def unused_vision_parameters(model) -> dict[str, nn.Parameter]:
     """The vision tower's parameters that the image features never depend on, by name.
 
     The features are the hidden states of layer `config.vision_feature_layer` (LLaVA's -2): the encoder layers after
     it and whatever the tower computes after its encoder (CLIP's `post_layernorm`, SigLIP's head) get no gradient.
     Under DDP without `find_unused_parameters` (the Trainer's choice with gradient checkpointing) a trainable
-    parameter without a gradient is an error, so these must be frozen. Works on VGR and on a PEFT model wrapping it."""
-    towers = [(name, module) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "vision_tower"]
+    parameter without a gradient is an error, so these must be frozen. Works on VGR and on a PEFT model wrapping it;
+    none for a family whose features are the tower's last output (VGR-Qwen)."""
+    modules = vision_modules(model)
+    if not modules.feature_layer:
+        return {}
+    towers = [(name, module) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == modules.tower]
     if not towers:
-        raise ValueError(f"{type(model).__name__} has no vision_tower")
+        raise ValueError(f"{type(model).__name__} has no {modules.tower}")
     prefix, tower = towers[0]
     transformer = next(
         (module for module in tower.modules()
@@ -61,13 +96,15 @@ def freeze_unused_vision_parameters(model) -> list[str]:
 
 
 def configure_stage(model, stage: str) -> None:
-    """`"projector"`: LLaVA's pre-training stage, only the projector (and LLaVA-NeXT's newline) learns.
-    `"full"`: supervised fine-tuning, everything the loss reaches learns (the vision tower at a lower rate, see
-    `VGRTrainer`); the vision layers after `config.vision_feature_layer` stay frozen, see `unused_vision_parameters`."""
+    """`"projector"`: LLaVA's pre-training stage, only the projector (LLaVA's `multi_modal_projector` and LLaVA-NeXT's
+    newline, Qwen2.5-VL's `merger`) learns. `"full"`: supervised fine-tuning, everything the loss reaches learns (the
+    vision tower at a lower rate, see `VGRTrainer`); the vision layers after `config.vision_feature_layer` stay
+    frozen, see `unused_vision_parameters`."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    projector = vision_modules(model).projector
     for name, parameter in model.named_parameters():
-        trainable = stage == "full" or "multi_modal_projector." in name or name.endswith("image_newline")
+        trainable = stage == "full" or _in_module(name, projector) or name.endswith("image_newline")
         parameter.requires_grad_(trainable)
     freeze_unused_vision_parameters(model)
 
@@ -82,7 +119,7 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05):
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-        modules_to_save=["multi_modal_projector", "box_head"],
+        modules_to_save=[vision_modules(model).projector, "box_head"],
     )
     return get_peft_model(model, config)
 
@@ -120,10 +157,12 @@ class VGRTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = model if model is not None else self.model
+            modules = vision_modules(model)
             vision, other = [], []
             for name, parameter in model.named_parameters():
                 if parameter.requires_grad:
-                    (vision if "vision_tower." in name else other).append(parameter)
+                    in_tower = _in_module(name, modules.tower) and not _in_module(name, modules.projector)
+                    (vision if in_tower else other).append(parameter)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             rate = optimizer_kwargs.pop("lr", self.args.learning_rate)
             groups = [{"params": other, "lr": rate, "weight_decay": self.args.weight_decay}]
