@@ -1,6 +1,10 @@
 """VGR-Qwen's processor and training path, against transformers' Qwen2.5-VL processor, the real Qwen2.5 tokenizer,
 Qwen2.5-VL-Instruct's chat template and a teacher-forced `generate`."""
 
+import os
+import subprocess
+import sys
+import textwrap
 from unittest import mock
 
 import numpy as np
@@ -246,3 +250,63 @@ def test_the_trainer_trains_vgr_qwen(sample, tmp_path):
     assert any("merger" in name for name in trainable) and any("box_head" in name for name in trainable)
     assert any("lora_A" in name and "language_model" in name for name in trainable)
     assert not any("visual.blocks" in name for name in trainable)
+
+
+def test_a_saved_folder_is_a_pipeline_with_remote_code(images, tmp_path):
+    """Model and processor saved together load with `AutoProcessor` and `pipeline("image-text-to-text")` with remote
+    code in a Python that cannot import this package; the pipeline writes a forced box, replays it, and answers what
+    the model and processor give here."""
+    ours = processor()
+    model = real_vocabulary_model().eval()
+    folder = tmp_path / "vgr-qwen"
+    model.save_pretrained(folder)
+    ours.save_pretrained(folder)
+    names = {path.name for path in folder.iterdir()}
+    assert {"processing_vgr_qwen.py", "processing_vgr.py", "image_processing_vgr_qwen.py", "image_processing_vgr.py",
+            "tokenizer.json", "chat_template.jinja"} <= names
+    box = "[0.10, 0.20, 0.50, 0.60]"
+    forced = ours.tokenizer("<sot>" + box + "<eot>", add_special_tokens=False).input_ids
+    images[0].save(tmp_path / "image.png")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is it?"}]}]
+    inputs = ours(images=[PIL.Image.open(tmp_path / "image.png")],
+                  text=ours.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt")
+    force = ForceIds(inputs["input_ids"].shape[1], [(0, 1, forced)])
+    output = model.generate(**inputs, logits_processor=LogitsProcessorList([force]), max_new_tokens=40,
+                            do_sample=False, return_dict_in_generate=True)
+    assert [record.box for record in output.replays[0]] == [(0.1, 0.2, 0.5, 0.6)]
+    expected = ours.decode(output.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert box in expected
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["transformers_vgr"] = None  # only the folder's remote code
+        from PIL import Image
+        from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList, pipeline
+
+        class ForceIds(LogitsProcessor):  # writes `ids` from generated step `start` on
+            def __init__(self, prompt_length, plan):
+                (_, self.start, self.ids), = plan
+                self.prompt_length = prompt_length
+            def __call__(self, input_ids, scores):
+                step = input_ids.shape[1] - self.prompt_length - self.start
+                if 0 <= step < len(self.ids):
+                    scores = scores.clone()
+                    scores[:] = -float("inf")
+                    scores[:, self.ids[step]] = 0
+                return scores
+
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        assert type(processor).__name__ == "VGRQwenProcessor", type(processor)
+        pipe = pipeline("image-text-to-text", model={str(folder)!r}, trust_remote_code=True)
+        assert type(pipe.model).__name__ == "VGRQwenForConditionalGeneration", type(pipe.model)
+        image = Image.open({str(tmp_path / "image.png")!r})
+        force = ForceIds({inputs["input_ids"].shape[1]}, [(0, 1, {forced!r})])
+        messages = [{{"role": "user", "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "Where is it?"}}]}}]
+        chat = pipe(text=messages, max_new_tokens=40, generate_kwargs={{"logits_processor": LogitsProcessorList([force]), "do_sample": False}})
+        print(repr(chat[0]["generated_text"][-1]["content"]))
+    """)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == repr(expected)

@@ -375,6 +375,18 @@ def _finish_reason(criterion: StoppingCriteria) -> str:
     return FINISH_STOP
 
 
+def add_pipeline_auto_map(model) -> None:
+    """Before `save_pretrained` of a model registered for remote code: a class registers one auto class (AutoModel),
+    and the image-text-to-text pipeline loads through AutoModelForImageTextToText, so its `auto_map` entry is added
+    to the config, next to the copied remote code."""
+    if model._auto_class is not None:
+        module = type(model).__module__.split(".")[-1]
+        model.config.auto_map = {
+            **(getattr(model.config, "auto_map", None) or {}),
+            "AutoModelForImageTextToText": f"{module}.{type(model).__name__}",
+        }
+
+
 class VGRGenerationMixin(GenerationMixin):
     """`generate` with selective feature replay (see the module docstring). A model family says how a replay sits in
     its sequence: its position model (`position_model`: LLaMA's 1-D ids here) and the text tokens around a replay's

