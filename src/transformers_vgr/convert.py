@@ -1,9 +1,16 @@
 # Copyright 2026 The transformers-vgr authors.
 # Licensed under the Apache License, Version 2.0.
-"""Convert LLaVA-NeXT weights into a VGR starting point (not shipped with checkpoints).
+"""Convert LLaVA-NeXT or Qwen2.5-VL weights into a VGR starting point (not shipped with checkpoints).
 
     python -m transformers_vgr.convert SRC --source-format llava-next --output OUT   # transformers' LLaVA-NeXT layout
     python -m transformers_vgr.convert SRC --source-format llava --output OUT        # the original LLaVA training layout
+    python -m transformers_vgr.convert SRC --source-format qwen2.5-vl --output OUT   # Qwen2.5-VL: a VGR-Qwen
+
+A Qwen2.5-VL folder (the hub's layout, `visual.*` / `model.layers.*`, or the one transformers 5 saves,
+`model.visual.*` / `model.language_model.*`) becomes a `VGRQwenForConditionalGeneration`: the tower, merger and language
+model copied, `<sot>` / `<eot>` added to its tokenizer, their rows set as below, the detection head new; its
+`max_pixels` / `min_pixels` are read from the folder's `preprocessor_config.json` when it has one. With
+`--prompt-pool 1` the result computes what the Qwen2.5-VL checkpoint computes.
 
 The vision tower, projector and language model are copied; `<image>`, `<sot>` and `<eot>` are added to the tokenizer
 if missing (embeddings grown to fit; the rows of the added tokens, and any new padding rows, set to the mean of the
@@ -30,9 +37,13 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGH
 from .box_text_vgr import EOT_TOKEN, SOT_TOKEN, box_token_table
 from .cli import HelpFormatter
 from .configuration_vgr import CLIP_L14_336, VGRConfig
+from .configuration_vgr_qwen import VGRQwenConfig
 from .image_processing_vgr import VGRImageProcessor
+from .image_processing_vgr_qwen import VGRQwenImageProcessor
 from .modeling_vgr import VGRForConditionalGeneration
+from .modeling_vgr_qwen import VGRQwenForConditionalGeneration
 from .processing_vgr import IMAGE_TOKEN, VGRProcessor, add_vgr_tokens
+from .processing_vgr_qwen import VGRQwenProcessor, add_vgr_qwen_tokens
 
 
 # (source pattern, VGR name) in order; the first match wins.
@@ -52,6 +63,12 @@ LLAVA_KEYS = [
     (r"^model\.image_newline$", r"model.image_newline"),
     (r"^lm_head\.(.*)$", r"lm_head.\1"),
     (r"^model\.((?:layers|embed_tokens|norm)\..*)$", r"model.language_model.\1"),
+]
+QWEN2_5_VL_KEYS = [
+    (r"^(?:model\.)?visual\.(.*)$", r"model.visual.\1"),
+    (r"^model\.language_model\.(.*)$", r"model.language_model.\1"),
+    (r"^model\.((?:layers|embed_tokens|norm)\..*)$", r"model.language_model.\1"),
+    (r"^lm_head\.(.*)$", r"lm_head.\1"),
 ]
 # Weights whose first dimension is the vocabulary: grown when tokens are added.
 VOCAB_WEIGHTS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
@@ -205,20 +222,72 @@ def convert(source: Path, source_format: str, tokenizer_path: Path | None = None
     if image_layout == "vgr":
         state.pop("model.image_newline", None)  # VGR's own layout has no newline tokens
     init_new_token_rows(state, config.text_config.vocab_size, source_ids, new_ids)
+    model = load_converted(VGRForConditionalGeneration, config, state)
+    _set_generation_tokens(model, tokenizer)
+    return model, processor
 
-    model = VGRForConditionalGeneration._from_config(config, dtype=checkpoint_dtype(state))
+
+def convert_qwen2_5_vl(source: Path, tokenizer_path: Path | None = None, prompt_pool: int = 2, replay_pool: int = 1):
+    """Returns a VGR-Qwen model and its processor, converted from a Qwen2.5-VL checkpoint folder. With
+    `prompt_pool=1` the result computes what the Qwen2.5-VL checkpoint computes."""
+    source = Path(source)
+    source_config = json.loads((source / "config.json").read_text())
+    if source_config.get("model_type") != "qwen2_5_vl":
+        raise ValueError(f"{source} is not a Qwen2.5-VL checkpoint: model_type {source_config.get('model_type')!r}")
+    pixels = {}
+    if (source / "preprocessor_config.json").is_file():
+        preprocessor = json.loads((source / "preprocessor_config.json").read_text())
+        size = preprocessor.get("size") or {}
+        pixels = {"min_pixels": preprocessor.get("min_pixels", size.get("shortest_edge")),
+                  "max_pixels": preprocessor.get("max_pixels", size.get("longest_edge"))}
+        pixels = {name: value for name, value in pixels.items() if value is not None}
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or source)
+    source_ids = sorted(tokenizer.get_vocab().values())
+    add_vgr_qwen_tokens(tokenizer)
+    new_ids = sorted(set(tokenizer.get_vocab().values()) - set(source_ids))
+    fields = {key: value for key, value in source_config.items()
+              if key not in ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map")}
+    config = VGRQwenConfig(
+        **fields,
+        **pixels,
+        prompt_pool=prompt_pool,
+        replay_pool=replay_pool,
+        sot_token_id=tokenizer.convert_tokens_to_ids(SOT_TOKEN),
+        eot_token_id=tokenizer.convert_tokens_to_ids(EOT_TOKEN),
+        **box_token_table(tokenizer),
+    )
+    if config.text_config.vocab_size < len(tokenizer):
+        config.text_config.vocab_size = _round_up(len(tokenizer), 64)
+    processor = VGRQwenProcessor(VGRQwenImageProcessor.from_model_config(config), tokenizer)
+
+    state = rename_keys(load_state_dict(source), QWEN2_5_VL_KEYS)
+    init_new_token_rows(state, config.text_config.vocab_size, source_ids, new_ids)
+    model = load_converted(VGRQwenForConditionalGeneration, config, state)
+    _set_generation_tokens(model, tokenizer)
+    return model, processor
+
+
+def load_converted(model_class, config, state: dict[str, torch.Tensor]):
+    """`model_class` built from `config` in the weights' dtype, with every weight of `state`. Raises `ValueError`
+    unless every key of `state` has a place, every weight but the new detection head's (and a head tied to the input
+    embeddings) is filled, and every shape fits."""
+    model = model_class._from_config(config, dtype=checkpoint_dtype(state))
     expected = model.state_dict()
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     unexpected = sorted(set(state) - set(expected))
-    missing = sorted(key for key in set(expected) - set(state) if not key.startswith("box_head."))
+    missing = sorted(key for key in set(expected) - set(state) - tied if not key.startswith("box_head."))
     wrong_shape = sorted(key for key in set(state) & set(expected) if state[key].shape != expected[key].shape)
     if unexpected or missing or wrong_shape:
         raise ValueError(
-            f"the converted weights do not fit VGR: unexpected {unexpected[:10]}, missing {missing[:10]}, "
-            f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong_shape[:10]]}"
+            f"the converted weights do not fit {model_class.__name__}: unexpected {unexpected[:10]}, missing "
+            f"{missing[:10]}, wrong shape "
+            f"{[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong_shape[:10]]}"
         )
     model.load_state_dict(state, strict=False)  # only the new detection head keeps its initialization
-    _set_generation_tokens(model, tokenizer)
-    return model, processor
+    if tied:
+        model.tie_weights()
+    return model
 
 
 def _set_generation_tokens(model, tokenizer) -> None:
@@ -234,10 +303,10 @@ def _round_up(value: int, multiple: int) -> int:
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("source", type=Path, help="folder of the LLaVA-NeXT or LLaVA checkpoint")
-    parser.add_argument("--source-format", choices=["llava-next", "llava"], required=True,
+    parser.add_argument("source", type=Path, help="folder of the LLaVA-NeXT, LLaVA or Qwen2.5-VL checkpoint")
+    parser.add_argument("--source-format", choices=["llava-next", "llava", "qwen2.5-vl"], required=True,
                         help="llava-next: transformers' LLaVA-NeXT layout (llava-hf); llava: the original LLaVA "
-                        "training layout")
+                        "training layout; qwen2.5-vl: Qwen2.5-VL (the hub's layout or transformers 5's), into VGR-Qwen")
     parser.add_argument("--output", type=Path, required=True, help="folder for the VGR starting point")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the source folder)")
     parser.add_argument("--vision-config", type=Path,
@@ -247,14 +316,20 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-crops", type=int, default=20, help="largest AnyRes grid, in crops")
     parser.add_argument("--snapshot-pool", type=int, default=2, help="pooling of the snapshot's feature map")
     parser.add_argument("--crop-pool", type=int, default=4, help="pooling of each crop's feature map")
+    parser.add_argument("--prompt-pool", type=int, default=2,
+                        help="qwen2.5-vl: pooling of the merged token grid in the prompt (1: Qwen2.5-VL's own tokens)")
+    parser.add_argument("--replay-pool", type=int, default=1, help="qwen2.5-vl: pooling of a replayed region")
     return parser
 
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     vision_config = json.loads(args.vision_config.read_text()) if args.vision_config else None
-    model, processor = convert(args.source, args.source_format, args.tokenizer, vision_config, args.image_layout,
-                               args.max_crops, args.snapshot_pool, args.crop_pool)
+    if args.source_format == "qwen2.5-vl":
+        model, processor = convert_qwen2_5_vl(args.source, args.tokenizer, args.prompt_pool, args.replay_pool)
+    else:
+        model, processor = convert(args.source, args.source_format, args.tokenizer, vision_config, args.image_layout,
+                                   args.max_crops, args.snapshot_pool, args.crop_pool)
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
     print(f"wrote a VGR starting point to {args.output}")

@@ -1,0 +1,121 @@
+"""Conversion from Qwen2.5-VL (the folder transformers' `Qwen2_5_VLForConditionalGeneration.save_pretrained` writes,
+sharded, and the hub's older key layout) into VGR-Qwen, on tiny checkpoints with the real Qwen2.5 tokenizer; with
+`prompt_pool=1` the result is transformers' Qwen2.5-VL, logit for logit."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from transformers_vgr import VGRQwenForConditionalGeneration
+from transformers_vgr.convert import convert_qwen2_5_vl, main
+
+from conftest import QWEN_TEXT, QWEN_VISION, qwen2_5_tokenizer
+
+MAX_PIXELS = 28 * 28 * 48
+VOCAB = 151680  # Qwen2.5's 151,665 tokens and spare rows, as Qwen2.5-VL's 152,064 rows have them
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory):
+    """A tiny Qwen2.5-VL saved by transformers in shards, with its tokenizer and image processor config."""
+    folder = tmp_path_factory.mktemp("qwen2_5_vl")
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(vision_config=QWEN_VISION, text_config=dict(QWEN_TEXT, vocab_size=VOCAB))
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(folder, max_shard_size="2MB")
+    qwen2_5_tokenizer().save_pretrained(folder)
+    Qwen2VLImageProcessorPil(max_pixels=MAX_PIXELS).save_pretrained(folder)
+    return folder, model
+
+
+def prompt(processor, image):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written here?"}]}]
+    return processor(images=[image], text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                     return_tensors="pt")
+
+
+def test_qwen2_5_vl_into_vgr_qwen_is_qwen2_5_vl_at_prompt_pool_one(qwen_checkpoint):
+    folder, qwen = qwen_checkpoint
+    assert (folder / "model.safetensors.index.json").is_file()  # sharded, as the hub's are
+    model, processor = convert_qwen2_5_vl(folder, prompt_pool=1)
+    assert (model.config.sot_token_id, model.config.eot_token_id) == (151665, 151666)
+    assert model.config.max_pixels == MAX_PIXELS and processor.image_processor.size["longest_edge"] == MAX_PIXELS
+    ours, theirs = model.state_dict(), qwen.state_dict()
+    assert set(ours) - set(theirs) == {key for key in ours if key.startswith("box_head.")}
+    vocabulary = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+    for key in theirs:
+        if key not in vocabulary:
+            assert torch.equal(ours[key], theirs[key]), key
+    for key in vocabulary:  # <sot> / <eot> land on spare rows, set to the mean of the tokenizer's rows
+        known = theirs[key][:151665]
+        assert torch.equal(ours[key][:151665], known)
+        torch.testing.assert_close(ours[key][151665], known.mean(0))
+        torch.testing.assert_close(ours[key][151666], known.mean(0))
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 451, 3), dtype=np.uint8))
+    inputs = prompt(processor, image)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        expected = qwen(**{key: value for key, value in inputs.items() if key != "image_sizes"}).logits
+    new = [151665, 151666]  # the LM head's rows of <sot> / <eot> are the new ones: every other logit is Qwen's
+    kept = torch.ones(logits.shape[-1], dtype=torch.bool)
+    kept[new] = False
+    torch.testing.assert_close(logits[..., kept], expected[..., kept], rtol=1e-5, atol=1e-5)
+    ours_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    their_tokens = qwen.generate(**{key: value for key, value in inputs.items() if key != "image_sizes"},
+                                 max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours_tokens, their_tokens)
+
+
+def test_the_hubs_older_layout_and_the_source_dtype(qwen_checkpoint, tmp_path):
+    """Keys as the hub's Qwen2.5-VL checkpoints name them (`visual.*`, `model.layers.*`), in bfloat16: the same model,
+    kept in bfloat16."""
+    folder, qwen = qwen_checkpoint
+    legacy = {}
+    for key, tensor in qwen.state_dict().items():
+        key = key.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
+        legacy[key] = tensor.to(torch.bfloat16)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    save_file(legacy, str(tmp_path / "model.safetensors"))
+    model, _ = convert_qwen2_5_vl(tmp_path, prompt_pool=1)
+    assert model.dtype == torch.bfloat16
+    for key, tensor in qwen.state_dict().items():
+        if "embed_tokens" not in key and key != "lm_head.weight":
+            assert torch.equal(model.state_dict()[key], tensor.to(torch.bfloat16)), key
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda state: state.update({"mystery.weight": torch.zeros(1)}), "have no place in VGR"),
+    (lambda state: state.update({"visual.extra.weight": torch.zeros(1)}), "unexpected \\['model.visual.extra.weight'\\]"),
+    (lambda state: state.pop("model.norm.weight"), "missing \\['model.language_model.norm.weight'\\]"),
+    (lambda state: state.update({"model.norm.weight": torch.zeros(3)}), "wrong shape"),
+])
+def test_every_key_is_checked(qwen_checkpoint, tmp_path, damage, message):
+    folder, qwen = qwen_checkpoint
+    state = {key.replace("model.visual.", "visual.").replace("model.language_model.", "model."): tensor.clone()
+             for key, tensor in qwen.state_dict().items()}
+    damage(state)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        convert_qwen2_5_vl(tmp_path)
+
+
+def test_command_line_writes_a_vgr_qwen_folder(qwen_checkpoint, tmp_path):
+    folder, _ = qwen_checkpoint
+    main([str(folder), "--source-format", "qwen2.5-vl", "--output", str(tmp_path / "out"), "--prompt-pool", "2"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "vgr_qwen" and config["prompt_pool"] == 2
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_vgr_qwen.VGRQwenForConditionalGeneration"
+    loaded = VGRQwenForConditionalGeneration.from_pretrained(tmp_path / "out")
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(loaded.model.visual.patch_embed.proj.weight, weights["model.visual.patch_embed.proj.weight"])
+    with pytest.raises(ValueError, match="not a Qwen2.5-VL checkpoint"):
+        convert_qwen2_5_vl(tmp_path / "out")
