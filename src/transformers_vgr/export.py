@@ -60,11 +60,12 @@ MAX_NEW_TOKENS = 64
 def export(checkpoint: Path, output: Path, repo_id: str, max_shard_size: str = "5GB", license: str | None = None,
            base_model: str | None = None, datasets: list[str] | None = None, example_image: Path | None = None,
            question: str | None = None, training_data: str | None = None, limitations: list[str] | None = None,
-           tokenizer_license: str = "llama2", space: Path | None = None) -> Path:
+           tokenizer_license: str = "llama2", space: Path | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Path:
     """Writes the hub-ready folder and returns it. `license` is the weights' hub license id; without one (the Python
     API allows it for local folders) the card states no license and says so, it is never guessed. The example image
     and question are required (from the arguments or CHECKPOINT's `example.png` / `example.json`): the card's
-    snippets run on them. `training_data` (markdown) and `limitations` (extra items) describe the checkpoint."""
+    snippets run on them, with `max_new_tokens`. `training_data` (markdown) and `limitations` (extra items) describe
+    the checkpoint."""
     checkpoint, output = Path(checkpoint), Path(output)
     for name, value in (("license", license), ("tokenizer_license", tokenizer_license)):
         if value is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", value):
@@ -98,7 +99,8 @@ def export(checkpoint: Path, output: Path, repo_id: str, max_shard_size: str = "
             if (checkpoint / record).exists():
                 (staging / record).write_bytes((checkpoint / record).read_bytes())
         card = model_card(model, processor, repo_id, license, base_model, datasets or [], example["record"],
-                          evaluation, training_data, training_log, limitations or [], tokenizer_license)
+                          evaluation, training_data, training_log, limitations or [], tokenizer_license,
+                          max_new_tokens)
         (staging / "README.md").write_text(card)
         for path in staging.iterdir():
             os.replace(path, output / path.name)
@@ -142,7 +144,8 @@ def check_tokens(config, processor) -> None:
 
 def model_card(model, processor, repo_id: str, license: str | None, base_model: str | None, datasets: list[str],
                example: dict, evaluation: dict | None = None, training_data: str | None = None,
-               training_log: dict | None = None, limitations: list[str] = (), tokenizer_license: str = "llama2") -> str:
+               training_log: dict | None = None, limitations: list[str] = (), tokenizer_license: str = "llama2",
+               max_new_tokens: int = MAX_NEW_TOKENS) -> str:
     """The README.md of an exported folder. Its two snippets run as written once the folder is on the hub as
     `repo_id` (or in the local Hugging Face cache under that id)."""
     config = model.config
@@ -201,7 +204,7 @@ question = {question!r}
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": question}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=image, text=prompt, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens={MAX_NEW_TOKENS}, do_sample=False, return_dict_in_generate=True)
+output = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False, return_dict_in_generate=True)
 result = processor.post_process_generation(output.sequences[:, inputs["input_ids"].shape[1]:], inputs["image_sizes"])[0]
 print(result["text"])
 print("final answer:", result["final_answer"]){expected}
@@ -226,7 +229,7 @@ messages = [{{"role": "user", "content": [
     {{"type": "image", "image": image}},
     {{"type": "text", "text": {question!r}}},
 ]}}]
-print(pipe(text=messages, max_new_tokens={MAX_NEW_TOKENS}, return_full_text=False)[0]["generated_text"])
+print(pipe(text=messages, max_new_tokens={max_new_tokens}, return_full_text=False)[0]["generated_text"])
 ```
 
 Prompts follow the chat template shipped here (`chat_template.jinja`); ask in the form the model was trained on.""",
@@ -250,9 +253,12 @@ def license_name(license: str) -> str:
 
 
 def evaluation_section(evaluation: dict) -> str:
-    """The table of `reference.evaluate` (with replay and replay off, replay swap), or the metrics as they are."""
+    """The table of `reference.evaluate` (with replay and replay off, replay swap), a table written with its summary
+    (`summary` and `table_markdown`, as the paper-tables checkpoint has), or the metrics as they are."""
     from .reference.evaluate import table
 
+    if {"summary", "table_markdown"} <= set(evaluation):
+        return f"## Evaluation\n\n{evaluation['summary'].strip()}\n\n{evaluation['table_markdown'].strip()}"
     if {"with_replay", "without_replay", "replay_swap"} <= set(evaluation):
         examples = evaluation["with_replay"]["examples"]
         return (f"## Evaluation\n\nOn {examples} held-out examples (`evaluation.json`), the same weights with replay "
