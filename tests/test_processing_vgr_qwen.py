@@ -190,11 +190,12 @@ def sample(tmp_path_factory):
     return make_sample(folder, records=8, seed=0), folder
 
 
-def real_vocabulary_model(seed: int = 0) -> VGRQwenForConditionalGeneration:
+def real_vocabulary_model(seed: int = 0, tie_word_embeddings: bool = True) -> VGRQwenForConditionalGeneration:
     """A tiny VGR-Qwen with the real tokenizer's vocabulary and special ids (Qwen2.5-VL's defaults)."""
     ours = processor()
     config = VGRQwenConfig(vision_config=QWEN_VISION, text_config=dict(QWEN_TEXT, vocab_size=len(ours.tokenizer)),
-                           min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, prompt_pool=2, tie_word_embeddings=True,
+                           min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, prompt_pool=2,
+                           tie_word_embeddings=tie_word_embeddings,
                            **ours.box_token_table())
     torch.manual_seed(seed)
     return VGRQwenForConditionalGeneration(config)

@@ -28,7 +28,7 @@ def answer_cost(replays, image_sizes, geometry, generated_tokens: int | None = N
                 seconds: float | None = None) -> AnswerCost:
     """The cost of one answer from its `ReplayRecord`s and the `(height, width)` of each image of its prompt."""
     return AnswerCost(
-        prompt_visual_tokens=sum(geometry.prompt_tokens(tuple(size)).total for size in image_sizes),
+        prompt_visual_tokens=sum(geometry.num_prompt_tokens(tuple(size)) for size in image_sizes),
         boxes_written=len(replays),
         valid_boxes=sum(record.box is not None for record in replays),
         replays=sum(bool(record.valid) for record in replays),

@@ -100,6 +100,10 @@ class VGRQwenGeometry:
         """Visual tokens of one image in the prompt (between its vision start and end tokens)."""
         return math.prod(self.prompt_grid(image_size))
 
+    def num_prompt_tokens(self, image_size) -> int:
+        """Visual tokens of one image in the prompt, in all: what every model family's geometry answers."""
+        return self.prompt_tokens(image_size)
+
     def replay_grid(self, image_size, box) -> tuple[int, int]:
         """`(rows, cols)` of the tokens a replay of `box` feeds: its cells of S, `replay_pool`-pooled."""
         top, bottom, left, right = self.grid(image_size).box_to_cells(box)

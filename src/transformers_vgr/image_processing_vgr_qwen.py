@@ -72,7 +72,7 @@ class VGRQwenImageProcessor(VGRImageReadingMixin, Qwen2VLImageProcessorPil):
 
     def num_image_tokens(self, image_size) -> int:
         """Prompt visual tokens of an image of `(height, width)`: its merged cells pooled by `prompt_pool`."""
-        return self.geometry().prompt_tokens(image_size)
+        return self.geometry().num_prompt_tokens(image_size)
 
     def num_replay_tokens(self, image_size, box) -> int:
         """Tokens a replay of the normalized `box` on an image of `(height, width)` produces."""

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoProcessor, StoppingCriteria, StoppingCriteriaList
 
 from ..image_processing_vgr import to_rgb_image
 
@@ -65,7 +65,8 @@ class TransformersReplayGenerator:
         if options.temperature > 0:
             sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p}
         if options.stop:
-            sampling.update(stop_strings=list(options.stop), tokenizer=self.processor.tokenizer)
+            stop = GeneratedTextStop(self.processor, options.stop, inputs["input_ids"].shape[1])
+            sampling.update(stopping_criteria=StoppingCriteriaList([stop]))
         start = time.perf_counter()
         with torch.no_grad():
             output = self.model.generate(**inputs, max_new_tokens=options.max_new_tokens, return_dict_in_generate=True,
@@ -95,6 +96,19 @@ class TransformersReplayGenerator:
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos])
         return next((index + 1 for index, token in enumerate(ids) if token in eos), len(ids))
+
+
+class GeneratedTextStop(StoppingCriteria):
+    """Ends a row once its generated text holds one of `stop`. Only the generated text counts: transformers' own
+    `stop_strings` match across the prompt's end too, so "\n\n" would end an answer at its first newline after a
+    prompt ending in one (Qwen2.5-VL's chat template ends "<|im_start|>assistant\n")."""
+
+    def __init__(self, processor, stop: tuple[str, ...], prompt_length: int):
+        self.processor, self.stop, self.prompt_length = processor, stop, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.processor.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([any(string in text for string in self.stop) for text in texts], device=input_ids.device)
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
