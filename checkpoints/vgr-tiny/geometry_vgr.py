@@ -292,6 +292,10 @@ class VGRGeometry:
         rows, cols = bottom - top, right - left
         return PromptTokens(snapshot, rows * (cols + 1))
 
+    def num_prompt_tokens(self, image_size) -> int:
+        """Visual tokens of one image in the prompt, in all: what every model family's geometry answers."""
+        return self.prompt_tokens(image_size).total
+
     def replay_cells(self, image_size, box) -> tuple[int, int, int, int]:
         return self.tile(image_size).box_to_cells(box)
 

@@ -238,7 +238,7 @@ class VGRImageProcessor(VGRImageReadingMixin, PilBackend):
 
     def num_image_tokens(self, image_size) -> int:
         """Prompt visual tokens (snapshot + crops) of an image of `(height, width)`."""
-        return self.geometry().prompt_tokens(image_size).total
+        return self.geometry().num_prompt_tokens(image_size)
 
     def num_replay_tokens(self, image_size, box) -> int:
         """Tokens a replay of the normalized `box` on an image of `(height, width)` produces."""
