@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -350,3 +351,71 @@ def test_a_saved_folder_loads_as_remote_code_in_a_fresh_process(replaying, image
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "same logits" in result.stdout, result.stderr[-3000:]
+
+
+def test_several_samples_each_replay_from_their_rows_image(replaying, images):
+    """`num_return_sequences`: sample k of row r is output row 2r + k; each writes its own box, replays it from its
+    row's image, and every sampled step's logits are the teacher-forced forward's over its own sequence."""
+    model = replaying
+    inputs = encode(images, model.config)
+    prompt_length = inputs["input_ids"].shape[1]
+    plan = [(0, 1, box_ids("[0.10, 0.20, 0.50, 0.60]")), (1, 2, box_ids("[0.55, 0.05, 0.95, 0.45]")),
+            (2, 1, box_ids("[0.55, 0.05, 0.95, 0.45]")), (3, 3, box_ids("[0.00, 0.00, 1.00, 1.00]"))]
+    torch.manual_seed(0)
+    output = model.generate(**inputs, logits_processor=LogitsProcessorList([ForceIds(prompt_length, plan)]),
+                            do_sample=True, num_return_sequences=2, max_new_tokens=40, pad_token_id=0,
+                            return_dict_in_generate=True, output_logits=True)
+    assert output.sequences.shape[0] == 4
+    sizes = [(image.height, image.width) for image in images for _ in range(2)]
+    boxes = [(0.1, 0.2, 0.5, 0.6), (0.55, 0.05, 0.95, 0.45), (0.55, 0.05, 0.95, 0.45), (0.0, 0.0, 1.0, 1.0)]
+    for row, (size, box) in enumerate(zip(sizes, boxes)):
+        record = next(record for record in output.replays[row] if record.valid)
+        assert record.box == pytest.approx(box)
+        assert record.num_tokens == model.config.geometry().replay_tokens(size, box)
+    expanded = {key: value.repeat_interleave(2, dim=0) for key, value in inputs.items()
+                if key in ("input_ids", "attention_mask", "image_sizes", "image_grid_thw")}
+    counts = inputs["image_grid_thw"].prod(-1).tolist()
+    patches = torch.split(inputs["pixel_values"], counts)
+    expanded["pixel_values"] = torch.cat([patches[row // 2] for row in range(4)])
+    expected = teacher_forced_rows(model, expanded, output)
+    generated = torch.stack(output.logits, dim=1)
+    for row in range(4):
+        torch.testing.assert_close(generated[row], expected[row], rtol=1e-4, atol=1e-4)
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.tokens = []
+
+    def put(self, value):
+        self.tokens.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.tokens.append("end")
+
+
+def test_caps_invalid_boxes_finish_reasons_and_streamers(replaying, images):
+    """As for VGR: past `max_replays` an `<eot>` replays nothing and says why, an empty box replays nothing and the
+    answer goes on, every logit stays the teacher-forced forward's, and a streamer gets the text tokens only."""
+    model = replaying
+    inputs = encode(images[:1], model.config)
+    prompt_length = inputs["input_ids"].shape[1]
+    plan = [(0, 1, box_ids("[0.50, 0.20, 0.30, 0.40]")), (0, 30, box_ids("[0.10, 0.20, 0.50, 0.60]")),
+            (0, 60, box_ids("[0.55, 0.05, 0.95, 0.45]"))]
+    streamer = CollectingStreamer()
+    model.config.max_replays = 1
+    try:
+        output = model.generate(**inputs, logits_processor=LogitsProcessorList([ForceIds(prompt_length, plan)]),
+                                max_new_tokens=90, do_sample=False, pad_token_id=0, streamer=streamer,
+                                return_dict_in_generate=True, output_logits=True)
+    finally:
+        model.config.max_replays = 8
+    empty, replayed, capped = output.replays[0]
+    assert not empty.valid and "empty" in empty.reason and empty.num_tokens == 0
+    assert replayed.valid and replayed.num_tokens > 0
+    assert not capped.valid and "max_replays" in capped.reason
+    assert output.finish_reasons == ["length"] and output.sequences.shape[1] == prompt_length + 90
+    expected = teacher_forced_rows(model, inputs, output)
+    torch.testing.assert_close(torch.stack(output.logits, dim=1)[0], expected[0], rtol=1e-4, atol=1e-4)
+    streamed = [token for chunk in streamer.tokens[1:-1] for token in chunk]  # the prompt first, "end" last
+    assert streamer.tokens[-1] == "end" and streamed == output.sequences[0, prompt_length:].tolist()
