@@ -419,3 +419,35 @@ def test_caps_invalid_boxes_finish_reasons_and_streamers(replaying, images):
     torch.testing.assert_close(torch.stack(output.logits, dim=1)[0], expected[0], rtol=1e-4, atol=1e-4)
     streamed = [token for chunk in streamer.tokens[1:-1] for token in chunk]  # the prompt first, "end" last
     assert streamer.tokens[-1] == "end" and streamed == output.sequences[0, prompt_length:].tolist()
+
+
+def test_the_position_limit_counts_m_rope_positions(replaying, images):
+    """`max_position_embeddings` bounds M-RoPE positions, not tokens: a region of `rows x cols` tokens takes
+    `max(rows, cols)` positions, so a whole-image replay fits where its tokens alone would not; one position fewer and
+    the row stops after its `<eot>`, saying why."""
+    model = replaying
+    inputs = encode(images[:1], model.config)
+    prompt_length = inputs["input_ids"].shape[1]
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              inputs["image_grid_thw"], image_sizes=inputs["image_sizes"])
+    after_prompt = int(positions.max()) + 1  # fewer than the prompt's tokens: the image takes max(rows, cols)
+    box = box_ids("[0.00, 0.00, 1.00, 1.00]")
+    rows, cols = model.config.geometry().replay_grid((images[0].height, images[0].width), (0.0, 0.0, 1.0, 1.0))
+    eot_position = after_prompt + 1 + len(box) - 1  # one free token, then the box; the <eot> is its last token
+    needed = eot_position + 1 + 1 + max(rows, cols) + 1 + 1  # <eot>, <|vision_start|>, region, <|vision_end|>, one more
+    assert rows * cols > max(rows, cols) + 4
+    limit = model.config.text_config.max_position_embeddings
+    results = {}
+    for allowed in (needed, needed - 1):
+        model.config.text_config.max_position_embeddings = allowed
+        try:
+            results[allowed] = model.generate(
+                **inputs, logits_processor=LogitsProcessorList([ForceIds(prompt_length, [(0, 1, box)])]),
+                max_new_tokens=len(box) + 2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        finally:
+            model.config.text_config.max_position_embeddings = limit
+    fits, overflows = results[needed].replays[0][0], results[needed - 1].replays[0][0]
+    assert fits.valid and fits.num_tokens == rows * cols
+    assert eot_position + 1 + 1 + rows * cols + 1 + 1 > needed  # its tokens alone would not have fitted
+    assert not overflows.valid and "context overflow" in overflows.reason
+    assert results[needed - 1].finish_reasons == ["context_overflow"]

@@ -2,6 +2,8 @@
 position ids (equal with LLaMA's 1-D positions, not with M-RoPE's), and the position model `generate`'s cache layout
 asks for a chunk's positions."""
 
+import sys
+
 import pytest
 import torch
 
@@ -42,8 +44,9 @@ def plan(geometry, used, limits, positions=SequentialPositions()):
 def test_limits_from_the_config_and_the_engine():
     config = tiny_config()
     positions = config.text_config.max_position_embeddings
+    # transformers' generate: the positions bound the context, its caches hold any number of tokens
     assert ReplayLimits.from_config(config) == ReplayLimits(config.max_replays, config.max_replay_tokens,
-                                                            positions, positions)
+                                                            sys.maxsize, positions)
     engine = ReplayLimits.from_config(config, max_model_len=1000)
     assert (engine.max_tokens, engine.max_positions) == (1000, 1000)  # a position is never past its token
     longer = ReplayLimits.from_config(config, max_model_len=positions * 2)
