@@ -9,6 +9,7 @@ read, capped and cut the same way everywhere. Nothing here depends on transforme
 """
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,10 +67,11 @@ class ReplayLimits:
 
     @classmethod
     def from_config(cls, config, max_model_len: int | None = None) -> "ReplayLimits":
-        """The caps of a `VGRConfig` in a context of `max_model_len` tokens (the engine's on vLLM; by default as many
-        as the language model has positions)."""
+        """The caps of a `VGRConfig` in a context of `max_model_len` tokens (the engine's on vLLM). Without one the
+        tokens are not bounded (transformers' caches grow, and a static one is sized for the replays): only the
+        language model's positions are."""
         max_positions = config.text_config.max_position_embeddings
-        max_tokens = max_positions if max_model_len is None else max_model_len
+        max_tokens = sys.maxsize if max_model_len is None else max_model_len
         # A position id is never past its token's index, so a context of fewer tokens bounds the positions too.
         return cls(config.max_replays, config.max_replay_tokens, max_tokens, min(max_positions, max_tokens))
 
