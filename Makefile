@@ -155,7 +155,7 @@ clean:
 
 # Benchmarks (CPU, 15 to 20 min): results.json, results.md and latency_vs_size.png in benchmarks/results/. Not tests.
 .PHONY: bench
-bench: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+bench: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(QWEN_TOKENIZER) $(CHECKPOINT)/tokenizer.json
 	$(PY) benchmarks/run.py
 	# VGR on vLLM against generate (about 1 min on a quiet machine): benchmarks/results/vllm.json and vllm.md.
 	$(VLLM_PY) benchmarks/bench_vllm.py

@@ -42,6 +42,7 @@ from common import (  # noqa: E402
 # name -> module, in the order they run.
 BENCHMARKS = {
     "tokens": "bench_tokens",
+    "qwen_tokens": "bench_qwen_tokens",
     "image_processing": "bench_image_processing",
     "decode": "bench_decode",
     "replay": "bench_replay",
