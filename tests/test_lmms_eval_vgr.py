@@ -211,8 +211,8 @@ def test_cost_columns_by_hand():
     from transformers_vgr.generation_vgr import ReplayRecord
 
     class Geometry:  # 10 visual tokens per image
-        def prompt_tokens(self, size):
-            return type("Tokens", (), {"total": 10})()
+        def num_prompt_tokens(self, size):
+            return 10
 
     replayed = [ReplayRecord(3, (0.1, 0.1, 0.5, 0.5), None, 8, True),
                 ReplayRecord(9, (0.2, 0.2, 0.3, 0.3), None, 0, False, "max_replays (1) reached"),
