@@ -64,10 +64,11 @@ $(DOCS_STAMP): $(STAMP)
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
-# The reference checkpoint's tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
+# The reference checkpoints' tokenizer is the LLaMA-2 one: restored from the fetched file, never committed.
 CHECKPOINT := checkpoints/vgr-tiny
+FINE_DETAIL := checkpoints/vgr-fine-detail
 
-assets: $(TOKENIZER) $(QWEN_TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS)
+assets: $(TOKENIZER) $(QWEN_TOKENIZER) $(CHECKPOINT)/tokenizer.json $(FINE_DETAIL)/tokenizer.json $(TRANSFORMERS_TESTS)
 
 $(TOKENIZER): | $(STAMP)
 	mkdir -p assets/.download
@@ -106,8 +107,8 @@ $(TRANSFORMERS_TESTS): $(STAMP)
 	rm -rf assets/.download-transformers
 	touch $@
 
-$(CHECKPOINT)/tokenizer.json: $(TOKENIZER) | $(STAMP)
-	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(CHECKPOINT) $(TOKENIZER)
+$(CHECKPOINT)/tokenizer.json $(FINE_DETAIL)/tokenizer.json: $(TOKENIZER) | $(STAMP)
+	$(PY) -c "import sys; from transformers_vgr.reference.train import restore_tokenizer; restore_tokenizer(*sys.argv[1:])" $(@D) $(TOKENIZER)
 
 vllm-env: $(VLLM_STAMP)
 
@@ -137,14 +138,16 @@ browser:
 # the shipped modules it uses, and the vLLM suite (one engine per test module).
 VLLM_SHARED_TESTS := tests/test_config_vgr.py tests/test_geometry_vgr.py tests/test_processing_vgr.py \
 	tests/test_image_processing_vgr.py
-test: $(STAMP) $(EVAL_STAMP) $(DOCS_STAMP) $(VLLM_STAMP) $(TOKENIZER) $(QWEN_TOKENIZER) $(CHECKPOINT)/tokenizer.json $(TRANSFORMERS_TESTS) browser
+test: $(STAMP) $(EVAL_STAMP) $(DOCS_STAMP) $(VLLM_STAMP) $(TOKENIZER) $(QWEN_TOKENIZER) $(CHECKPOINT)/tokenizer.json $(FINE_DETAIL)/tokenizer.json $(TRANSFORMERS_TESTS) browser
 	$(MAKE) docs
 	$(PY) -m pytest -q
 	$(VLLM_PY) -m pytest -q $(VLLM_SHARED_TESTS)
 	$(VLLM_PY) -m pytest -q tests_vllm
 
-demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
+demo: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json $(FINE_DETAIL)/tokenizer.json
 	$(PY) examples/demo.py
+	# the paper-tables VGR row on its two-region example: both boxes drawn, both regions enlarged
+	$(PY) examples/demo.py --model $(FINE_DETAIL) --no-budget --max-new-tokens 128 --output outputs/demo-fine-detail.png
 
 # The browser demo on VGR-Tiny: http://127.0.0.1:7860
 app: $(STAMP) $(TOKENIZER) $(CHECKPOINT)/tokenizer.json
