@@ -61,3 +61,13 @@ def test_it_answers_its_two_region_example_with_both_replays(tmp_path):
     # each replayed box on its tag: the true boxes are listed left to right, as the answers ground them
     for replayed, truth in zip(answer["replayed"], example["boxes"]):
         assert box_iou(replayed, truth) >= 0.5, (replayed, truth)
+
+
+def test_its_remote_code_is_the_shipped_modules():
+    """The checkpoint loads from its own copy of the shipped modules: after a change to them, export it again
+    (`python -m transformers_vgr.reference.tables_checkpoint --export-from checkpoints/vgr-fine-detail --output
+    checkpoints/vgr-fine-detail`)."""
+    shipped = sorted((ROOT / "src" / "transformers_vgr").glob("*_vgr.py"))
+    assert sorted(path.name for path in CHECKPOINT.glob("*_vgr.py")) == [path.name for path in shipped]
+    stale = [path.name for path in shipped if (CHECKPOINT / path.name).read_bytes() != path.read_bytes()]
+    assert not stale, f"stale remote code in {CHECKPOINT}: {stale}"

@@ -5,6 +5,8 @@ in hub layout with its card (the committed table), and an example with a two-reg
 
     python -m transformers_vgr.reference.tables_checkpoint --model outputs/tables-grounded/vgr \\
         --output checkpoints/vgr-fine-detail
+    python -m transformers_vgr.reference.tables_checkpoint --export-from checkpoints/vgr-fine-detail \\
+        --output checkpoints/vgr-fine-detail    # its remote code again, after a change to the shipped modules
 
 The example is the first held-out two-region question (in the test split's order) that the model answers right with
 both regions replayed; the card says it was chosen so, beside the row's accuracy over all of them.
@@ -112,14 +114,23 @@ def make_checkpoint(model_dir: Path, output: Path, data: Path = DATA, results: P
         (staging / "example.json").write_text(json.dumps(shipped, indent=1) + "\n")
         (staging / "evaluation.json").write_text(json.dumps(evaluation(results), indent=1) + "\n")
         (staging / "training_log.json").write_bytes((model_dir / "training_log.json").read_bytes())
-        export(staging, output, REPO_ID, license="apache-2.0", datasets=["fine-detail"], training_data=TRAINING_DATA,
-               limitations=LIMITATIONS, max_new_tokens=MAX_NEW_TOKENS)
+        export_checkpoint(staging, output)
     return example
+
+
+def export_checkpoint(checkpoint: Path, output: Path) -> Path:
+    """The hub folder of a checkpoint folder that holds the model, processor, example and records: the card and the
+    remote code written again (`output` may be `checkpoint`)."""
+    return export(checkpoint, output, REPO_ID, license="apache-2.0", datasets=["fine-detail"],
+                  training_data=TRAINING_DATA, limitations=LIMITATIONS, max_new_tokens=MAX_NEW_TOKENS)
 
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help=f"the trained row's folder ({ROWS['vgr'].title})")
+    parser.add_argument("--model", type=Path, help=f"the trained row's folder ({ROWS['vgr'].title})")
+    parser.add_argument("--export-from", type=Path,
+                        help="no search: export this checkpoint folder again (card, remote code) to --output, as after "
+                        "a change to the shipped modules")
     parser.add_argument("--output", type=Path, required=True, help="the checkpoint folder to write (hub layout)")
     parser.add_argument("--data", type=Path, default=DATA, help="the fine-detail splits")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the committed table (tables.json, tables.md)")
@@ -128,7 +139,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if (args.model is None) == (args.export_from is None):
+        cli.error("give --model (a trained row) or --export-from (a checkpoint folder), one of them")
+    if args.export_from is not None:
+        export_checkpoint(args.export_from, args.output)
+        print(f"exported {args.export_from} to {args.output}")
+        return
     example = make_checkpoint(args.model, args.output, args.data, args.results, args.limit)
     print(f"wrote {args.output}: example {example['record']} ({example['two_region_records_tried']} two-region "
           f"records tried), {example['question']!r} -> {example['written']!r}")
