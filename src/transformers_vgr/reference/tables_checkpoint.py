@@ -22,6 +22,7 @@ import torch
 
 from ..cli import HelpFormatter
 from ..export import export
+from ..lmms_eval.tasks.fine_detail import MAX_NEW_TOKENS, question_of
 from ..modeling_vgr import VGRForConditionalGeneration
 from ..processing_vgr import VGRProcessor
 from .tables import ROOT, ROWS
@@ -29,7 +30,6 @@ from .tables import ROOT, ROWS
 
 DATA = ROOT / "data" / "fine-detail"
 REPO_ID = "transformers-vgr/vgr-fine-detail"
-MAX_NEW_TOKENS = 128  # as the table's evaluation: two grounded regions and the answer fit
 RESULTS = ROOT / "results" / "tables-grounded"
 
 TRAINING_DATA = """The fine-detail task of `transformers_vgr.reference.fine_detail` (8,000 training images made with
@@ -52,7 +52,8 @@ LIMITATIONS = [
 
 
 def answer(model, processor, image: PIL.Image.Image, question: str) -> tuple[dict, list]:
-    """Greedy answer with replay, as the table's evaluation asks: the post-processed result and the replay records."""
+    """Greedy answer with replay, as the table's evaluation asks (its question text and `MAX_NEW_TOKENS`): the
+    post-processed result and the replay records."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),
                        return_tensors="pt")
@@ -60,10 +61,6 @@ def answer(model, processor, image: PIL.Image.Image, question: str) -> tuple[dic
         output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
     new_ids = output.sequences[:, inputs["input_ids"].shape[1] :]
     return processor.post_process_generation(new_ids, inputs["image_sizes"])[0], output.replays[0]
-
-
-def question_of(record: dict) -> str:
-    return record["conversations"][0]["value"].replace("<image>", "").strip()
 
 
 def find_example(model, processor, data: Path, limit: int) -> dict:
