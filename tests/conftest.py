@@ -1,6 +1,11 @@
 """Shared fixtures: the real LLaMA-2 and Qwen2.5 tokenizers, tiny VGR configs and real images (scikit-image, matplotlib)."""
 
 import io
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,28 @@ QWEN_TOKENIZER_FILE = ROOT / "assets" / "qwen2.5-tokenizer.json"
 
 # LLaVA-NeXT's own pinpoints, (height, width), as the nested lists its configs hold.
 LLAVA_NEXT_PINPOINTS = [list(resolution) for resolution in LLAVA_NEXT_GRID_PINPOINTS]
+
+# Every subprocess starts with this: the package must not be importable, only the folder's remote code.
+ISOLATION = "import sys\nsys.modules['transformers_vgr'] = None\n"
+
+
+def cache_as_repo(folder: Path, hf_home: Path, repo_id: str) -> None:
+    """Place `folder` in an HF cache as the main revision of `repo_id`, as a download would have: offline,
+    `from_pretrained(repo_id)` and `hf_hub_download(repo_id, name)` then resolve to it."""
+    snapshot = hf_home / "hub" / ("models--" + repo_id.replace("/", "--")) / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+
+
+def run_isolated(code: str, hf_home: Path, cwd: Path) -> str:
+    """Run `code` in a fresh Python that cannot import transformers_vgr, offline, with its own HF cache."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", ISOLATION + textwrap.dedent(code)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
 
 
 def llama2_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,8 +1,9 @@
 """Conversion from Qwen2.5-VL (the folder transformers' `Qwen2_5_VLForConditionalGeneration.save_pretrained` writes,
 sharded, and the hub's older key layout) into VGR-Qwen, on tiny checkpoints with the real Qwen2.5 tokenizer; with
-`prompt_pool=1` the result is transformers' Qwen2.5-VL, logit for logit."""
+`prompt_pool=1` the result is transformers' Qwen2.5-VL, logit for logit. Then exported for the hub, its card run."""
 
 import json
+import re
 
 import numpy as np
 import PIL.Image
@@ -12,13 +13,15 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from transformers_vgr import VGRQwenForConditionalGeneration
+from transformers_vgr import VGRQwenForConditionalGeneration, VGRQwenProcessor
 from transformers_vgr.convert import convert_qwen2_5_vl, main
+from transformers_vgr.export import MAX_NEW_TOKENS, export
 
-from conftest import QWEN_TEXT, QWEN_VISION, qwen2_5_tokenizer
+from conftest import QWEN_TEXT, QWEN_VISION, cache_as_repo, qwen2_5_tokenizer, run_isolated
 
 MAX_PIXELS = 28 * 28 * 48
 VOCAB = 151680  # Qwen2.5's 151,665 tokens and spare rows, as Qwen2.5-VL's 152,064 rows have them
+REPO_ID = "org/vgr-qwen-tiny"
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,46 @@ def test_command_line_writes_a_vgr_qwen_folder(qwen_checkpoint, tmp_path):
     assert torch.equal(loaded.model.visual.patch_embed.proj.weight, weights["model.visual.patch_embed.proj.weight"])
     with pytest.raises(ValueError, match="not a Qwen2.5-VL checkpoint"):
         convert_qwen2_5_vl(tmp_path / "out")
+
+
+def test_a_converted_vgr_qwen_exports_for_the_hub_and_its_card_runs(qwen_checkpoint, tmp_path):
+    """Converted, then exported: the card says what VGR-Qwen is and whose licences apply, and its two snippets, run
+    verbatim in a Python that cannot import this package (remote code, by repo id from an offline cache), answer
+    exactly what the package's own `generate` answers."""
+    folder, _ = qwen_checkpoint
+    main([str(folder), "--source-format", "qwen2.5-vl", "--output", str(tmp_path / "converted"), "--prompt-pool", "2"])
+    image = tmp_path / "photo.png"
+    PIL.Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 451, 3), dtype=np.uint8)).save(image)
+    question = "What is written here?"
+    exported = export(tmp_path / "converted", tmp_path / "export", REPO_ID, max_shard_size="20MB",
+                      license="apache-2.0", base_model="Qwen/Qwen2.5-VL-7B-Instruct", example_image=image,
+                      question=question)
+    names = {path.name for path in exported.iterdir()}
+    assert {"configuration_vgr_qwen.py", "modeling_vgr_qwen.py", "processing_vgr_qwen.py", "geometry_vgr_qwen.py",
+            "image_processing_vgr_qwen.py", "replay_vgr.py", "model.safetensors.index.json", "example.png"} <= names
+    card = (exported / "README.md").read_text()
+    front = card.split("---")[1].splitlines()
+    assert {"license: apache-2.0", "  - qwen2_5_vl", "  - Qwen/Qwen2.5-VL-7B-Instruct"} <= set(front)
+    assert "  - llava-next" not in front
+    assert "Vision: Qwen2.5-VL's ViT (2 layers, width 32) at native resolution" in card
+    # max_pixels 37,632 = 48 cells: a square image is resized to 6 x 6 cells, pooled 2 x 2: 3 x 3 prompt tokens
+    assert "the prompt holds S pooled 2x2: 9 visual tokens for a square image at the most pixels." in card
+    assert "Language model: Qwen2, 2 layers, width 32, vocabulary 151680." in card
+    assert "the Apache License 2.0;\n  it is the Qwen2.5 tokenizer" in card and "Llama 2" not in card
+
+    model = VGRQwenForConditionalGeneration.from_pretrained(tmp_path / "converted").eval()
+    processor = VGRQwenProcessor.from_pretrained(tmp_path / "converted")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    inputs = processor(images=PIL.Image.open(image), text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    expected = processor.post_process_generation(output[:, inputs["input_ids"].shape[1]:], inputs["image_sizes"])[0]
+
+    hf_home = tmp_path / "hf_home"
+    cache_as_repo(exported, hf_home, REPO_ID)
+    generate_snippet, pipeline_snippet = re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL)
+    printed = run_isolated(generate_snippet, hf_home, tmp_path)
+    assert printed.startswith(expected["text"] + "\n") and (tmp_path / "vgr_answer.png").exists()
+    assert f"final answer: {expected['final_answer']}\n" in printed
+    printed = run_isolated(pipeline_snippet, hf_home, tmp_path)
+    assert printed.strip() == expected["text"].strip()

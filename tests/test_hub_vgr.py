@@ -2,13 +2,7 @@
 repo id from an empty, offline Hugging Face cache, the pipeline, and the model card's snippets."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -23,12 +17,10 @@ from transformers_vgr.export import main as export_main
 from transformers_vgr.reference.train import REPO_ID as TINY_REPO_ID
 from transformers_vgr.reference.train import export_tiny
 
-from conftest import ROOT, tiny_config, tiny_processor
+from conftest import ROOT, cache_as_repo, run_isolated, tiny_config, tiny_processor
 
 
 REPO_ID = "org/vgr-tiny"
-# Every subprocess starts with this: the package must not be importable, only the folder's remote code.
-ISOLATION = "import sys\nsys.modules['transformers_vgr'] = None\n"
 BOX = "<sot>[0.10, 0.20, 0.50, 0.60]<eot>"
 
 
@@ -52,25 +44,6 @@ def exported(tmp_path_factory):
     hf_home = root / "hf_home"
     cache_as_repo(folder, hf_home, REPO_ID)
     return folder, hf_home, root
-
-
-def cache_as_repo(folder: Path, hf_home: Path, repo_id: str) -> None:
-    """Place `folder` in an HF cache as the main revision of `repo_id`, as a download would have: offline,
-    `from_pretrained(repo_id)` and `hf_hub_download(repo_id, name)` then resolve to it."""
-    snapshot = hf_home / "hub" / ("models--" + repo_id.replace("/", "--")) / "snapshots" / ("0" * 40)
-    shutil.copytree(folder, snapshot)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-
-
-def run_isolated(code: str, hf_home: Path, cwd: Path) -> str:
-    """Run `code` in a fresh Python that cannot import transformers_vgr, offline, with its own HF cache."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", ISOLATION + textwrap.dedent(code)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
 
 
 def test_export_folder(exported):

@@ -1,11 +1,11 @@
-"""Write a hub-ready VGR folder (not shipped with checkpoints).
+"""Write a hub-ready VGR or VGR-Qwen folder (not shipped with checkpoints).
 
     python -m transformers_vgr.export CHECKPOINT --output OUT --repo-id org/vgr-7b --license llama2 \\
         --example-image chart.png --question "..." [--base-model llava-hf/llava-v1.6-vicuna-7b-hf] [--dataset ...]
 
-CHECKPOINT is a folder with a VGR model and its processor (from `convert`, training or `save_pretrained`). The output
-holds safetensors shards, the config with `auto_map` and the box-token table, the generation config, the processor,
-tokenizer and chat template, the remote code (the flat `*_vgr.py` modules), the example (`example.png`,
+CHECKPOINT is a folder with a VGR or VGR-Qwen model and its processor (from `convert`, training or `save_pretrained`).
+The output holds safetensors shards, the config with `auto_map` and the box-token table, the generation config, the processor,
+tokenizer and chat template, the remote code (the flat `*_vgr.py` modules, and `*_vgr_qwen.py` for VGR-Qwen), the example (`example.png`,
 `example.json`) and a model card in the style of llava-hf's: usage snippets that load the model by repo id with
 `trust_remote_code=True` and fetch the example with `hf_hub_download`, the evaluation table when CHECKPOINT has an
 `evaluation.json` (from `reference.evaluate --output`), training data, limitations, licences and citation.
@@ -15,21 +15,28 @@ The example comes from the flags or else from CHECKPOINT's own `example.png` and
 `answer` when known): the card asks the model the question it was made to answer, in the form it was trained on.
 The license is whatever the weights' origin imposes, so it is never guessed: the command requires `--license` (a hub
 license id: `llama2` for a model on Vicuna-v1.5 / LLaMA-2 weights, `apache-2.0` for one trained from scratch, ...);
-the LLaMA-2 tokenizer every VGR ships is under the Llama 2 licence whatever the weights' (`--tokenizer-license`).
+the tokenizer's is its family's whatever the weights' (`--tokenizer-license`): the LLaMA-2 tokenizer every VGR ships
+is under the Llama 2 licence, VGR-Qwen's Qwen2.5 tokenizer under Qwen2.5-VL-7B's Apache 2.0.
 OUT may be CHECKPOINT itself: the folder is written aside and its files moved in.
 """
 
 import argparse
 import json
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from transformers import AutoModel, AutoProcessor
+
 from .cli import HelpFormatter
 from .image_processing_vgr import to_rgb_image
 from .modeling_vgr import VGRForConditionalGeneration
-from .processing_vgr import REASONING_PROMPT, VGRProcessor
+from .modeling_vgr_qwen import VGRQwenForConditionalGeneration
+from .processing_vgr import REASONING_PROMPT
 
 
 # What the card says of each licence it may name; any other id is named as it is.
@@ -52,27 +59,48 @@ LIMITATIONS = [
     "Boxes are read from the generated text: a malformed box is not replayed and generation goes on (each "
     "`ReplayRecord` says why); at most `config.max_replays` replays and `config.max_replay_tokens` replayed tokens "
     "per answer.",
-    "Greedy decoding and sampling are supported; beam search and `num_return_sequences > 1` are not.",
+    "Greedy decoding and sampling (`num_return_sequences` samples an answer each) are supported; beam search is not.",
 ]
 MAX_NEW_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a model card says differently for each model family (by `model_type`)."""
+
+    tag: str  # the backbone's hub tag
+    tokenizer_license: str  # hub license id of the tokenizer every checkpoint of the family ships
+    tokenizer: str  # what that tokenizer is
+    code: str  # the remote code's file names
+
+
+FAMILIES = {
+    "vgr": Family("llava-next", "llama2", "the LLaMA-2 / Vicuna-v1.5 tokenizer with `<image>`, `<sot>` and `<eot>` added",
+                  "`*_vgr.py`"),
+    "vgr_qwen": Family("qwen2_5_vl", "apache-2.0", "the Qwen2.5 tokenizer (Qwen2.5-VL's) with `<sot>` and `<eot>` "
+                       "added", "`*_vgr.py` and `*_vgr_qwen.py`"),
+}
 
 
 def export(checkpoint: Path, output: Path, repo_id: str, max_shard_size: str = "5GB", license: str | None = None,
            base_model: str | None = None, datasets: list[str] | None = None, example_image: Path | None = None,
            question: str | None = None, training_data: str | None = None, limitations: list[str] | None = None,
-           tokenizer_license: str = "llama2", space: Path | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Path:
+           tokenizer_license: str | None = None, space: Path | None = None,
+           max_new_tokens: int = MAX_NEW_TOKENS) -> Path:
     """Writes the hub-ready folder and returns it. `license` is the weights' hub license id; without one (the Python
     API allows it for local folders) the card states no license and says so, it is never guessed. The example image
     and question are required (from the arguments or CHECKPOINT's `example.png` / `example.json`): the card's
     snippets run on them, with `max_new_tokens`. `training_data` (markdown) and `limitations` (extra items) describe
-    the checkpoint."""
+    the checkpoint. `tokenizer_license` defaults to the family's (`FAMILIES`)."""
     checkpoint, output = Path(checkpoint), Path(output)
     for name, value in (("license", license), ("tokenizer_license", tokenizer_license)):
         if value is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", value):
             raise ValueError(f"{name} must be a hub license id such as 'llama2' or 'apache-2.0', got {value!r}")
     example = read_example(checkpoint, example_image, question)
-    model = VGRForConditionalGeneration.from_pretrained(checkpoint)
-    processor = VGRProcessor.from_pretrained(checkpoint)
+    model = AutoModel.from_pretrained(checkpoint)
+    if not isinstance(model, (VGRForConditionalGeneration, VGRQwenForConditionalGeneration)):
+        raise ValueError(f"{checkpoint} holds a {type(model).__name__}, not a VGR or VGR-Qwen model")
+    processor = AutoProcessor.from_pretrained(checkpoint)
     check_tokens(model.config, processor)
     model.config.update(processor.box_token_table())
     tokenizer = processor.tokenizer
@@ -144,18 +172,16 @@ def check_tokens(config, processor) -> None:
 
 def model_card(model, processor, repo_id: str, license: str | None, base_model: str | None, datasets: list[str],
                example: dict, evaluation: dict | None = None, training_data: str | None = None,
-               training_log: dict | None = None, limitations: list[str] = (), tokenizer_license: str = "llama2",
+               training_log: dict | None = None, limitations: list[str] = (), tokenizer_license: str | None = None,
                max_new_tokens: int = MAX_NEW_TOKENS) -> str:
     """The README.md of an exported folder. Its two snippets run as written once the folder is on the hub as
     `repo_id` (or in the local Hugging Face cache under that id)."""
-    config = model.config
-    geometry = config.geometry()
-    most = max(geometry.prompt_tokens((h, w)).total for h, w in geometry.resolutions)
+    family = FAMILIES[model.config.model_type]
     parameters = sum(p.numel() for p in model.parameters())
     name = repo_id.split("/")[-1]
     front = ["---"] + ([f"license: {license}"] if license else [])
     front += ["library_name: transformers", "pipeline_tag: image-text-to-text", "tags:"]
-    front += [f"  - {tag}" for tag in ("vgr", "visual-grounded-reasoning", "llava-next", "multimodal", "custom_code")]
+    front += [f"  - {tag}" for tag in ("vgr", "visual-grounded-reasoning", family.tag, "multimodal", "custom_code")]
     if datasets:
         front += ["datasets:"] + [f"  - {dataset}" for dataset in datasets]
     if base_model:
@@ -176,14 +202,7 @@ repository).{note}
 
 ## Model details
 
-- Vision: {type(model.model.vision_tower).__name__}, {geometry.crop_size}-px crops, patch {geometry.patch_size}; AnyRes
-  over every grid of up to {config.max_crops} crops; snapshot pooled {config.snapshot_pool}x{config.snapshot_pool},
-  crops {config.crop_pool}x{config.crop_pool}: at most {most} visual tokens per image.
-- Replay: the box's region of the unpooled feature memory, pooled {config.replay_pool}x{config.replay_pool}; at most
-  {config.max_replays} replays per answer.
-- Language model: LLaMA, {config.text_config.num_hidden_layers} layers, width {config.text_config.hidden_size},
-  vocabulary {config.text_config.vocab_size}.""" + (f"\n- Started from [{base_model}](https://huggingface.co/{base_model})."
-                                                      if base_model else ""),
+{model_details(model)}""" + (f"\n- Started from [{base_model}](https://huggingface.co/{base_model})." if base_model else ""),
         f"""## How to use
 
 The example image ships in this repository (`example.png`), with the question the model answers about it
@@ -241,11 +260,33 @@ Prompts follow the chat template shipped here (`chat_template.jinja`); ask in th
     sections.append(f"""## Licences
 
 - Weights: {license_name(license) if license else "no license stated (see above)"}.
-- Tokenizer (`tokenizer.json`, `tokenizer_config.json`): {license_name(tokenizer_license)}; it is the LLaMA-2 /
-  Vicuna-v1.5 tokenizer with `<image>`, `<sot>` and `<eot>` added.
-- Code (`*_vgr.py`): the Apache License 2.0 (transformers-vgr).""")
+- Tokenizer (`tokenizer.json`, `tokenizer_config.json`): {license_name(tokenizer_license or family.tokenizer_license)};
+  it is {family.tokenizer}.
+- Code ({family.code}): the Apache License 2.0 (transformers-vgr).""")
     sections.append(f"## Citation\n\n```bibtex\n{CITATION}\n```")
     return "\n\n".join(sections) + "\n"
+
+
+def model_details(model) -> str:
+    """The card's list of what the model is: its vision tower and geometry, its replay, its language model."""
+    config, text = model.config, model.config.text_config
+    geometry = config.geometry()
+    if config.model_type == "vgr_qwen":
+        vision, side = config.vision_config, math.isqrt(config.max_pixels)
+        return f"""- Vision: Qwen2.5-VL's ViT ({vision.depth} layers, width {vision.hidden_size}) at native resolution, the image \
+resized to {config.min_pixels:,} to {config.max_pixels:,} pixels; its merged {geometry.cell}-px cells are the feature memory S, and \
+the prompt holds S pooled {config.prompt_pool}x{config.prompt_pool}: {geometry.prompt_tokens((side, side))} visual tokens for a square image at the most pixels.
+- Replay: the box's region of S, pooled {config.replay_pool}x{config.replay_pool}, fed as an image at its place (M-RoPE) between \
+the vision start and end tokens; at most {config.max_replays} replays per answer.
+- Language model: Qwen2, {text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary {text.vocab_size}."""
+    most = max(geometry.prompt_tokens((h, w)).total for h, w in geometry.resolutions)
+    return f"""- Vision: {type(model.model.vision_tower).__name__}, {geometry.crop_size}-px crops, patch {geometry.patch_size}; AnyRes
+  over every grid of up to {config.max_crops} crops; snapshot pooled {config.snapshot_pool}x{config.snapshot_pool},
+  crops {config.crop_pool}x{config.crop_pool}: at most {most} visual tokens per image.
+- Replay: the box's region of the unpooled feature memory, pooled {config.replay_pool}x{config.replay_pool}; at most
+  {config.max_replays} replays per answer.
+- Language model: LLaMA, {text.num_hidden_layers} layers, width {text.hidden_size},
+  vocabulary {text.vocab_size}."""
 
 
 def license_name(license: str) -> str:
@@ -309,8 +350,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--license", required=True,
                         help="hub license id of the weights: llama2 for weights from Vicuna / LLaMA-2, apache-2.0 for "
                         "weights trained from scratch, ... (the tokenizer's is --tokenizer-license)")
-    parser.add_argument("--tokenizer-license", default="llama2",
-                        help="hub license id of the tokenizer shipped (VGR's is LLaMA-2's, under the Llama 2 licence)")
+    parser.add_argument("--tokenizer-license",
+                        help="hub license id of the tokenizer shipped (default: the family's: llama2 for VGR's LLaMA-2 "
+                        "tokenizer, apache-2.0 for VGR-Qwen's Qwen2.5 tokenizer)")
     parser.add_argument("--example-image", type=Path,
                         help="the image the card's snippets ask about, shipped as example.png (default: CHECKPOINT's "
                         "example.png)")
@@ -329,7 +371,7 @@ def main(argv=None) -> None:
     export(args.checkpoint, args.output, args.repo_id, args.max_shard_size, args.license, args.base_model,
            args.dataset, args.example_image, args.question, args.training_data, tokenizer_license=args.tokenizer_license,
            space=args.space)
-    print(f"wrote a hub-ready VGR folder to {args.output}" + (f" and a Gradio Space to {args.space}" if args.space else ""))
+    print(f"wrote a hub-ready folder to {args.output}" + (f" and a Gradio Space to {args.space}" if args.space else ""))
 
 
 if __name__ == "__main__":
