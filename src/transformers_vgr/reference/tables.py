@@ -93,6 +93,11 @@ ROWS = {
     "vgr_no_detection": Row("VGR without the detection loss", "Table 6b", {**VGR_GEOMETRY, **NO_DETECTION}),
     "vgr_reencode": Row("VGR re-encoding the box's crop instead of replaying S", "Table 7",
                         {**VGR_GEOMETRY, **DETECTION, "replay_source": "crop"}),
+    # The paper's VGR replays at its LLaVA-NeXT's density: 20 crops 2x2-pooled against 4 crops unpooled, both 28 px of
+    # a large image a token. Here every row's crops see the image at full resolution, so the same density is unpooled.
+    "vgr_full_replay": Row("VGR replaying S unpooled (full-token LLaVA-NeXT's density)",
+                           "the paper's replay density against its LLaVA-NeXT",
+                           {**VGR_GEOMETRY, "replay_pool": 1, **DETECTION}),
 }
 
 
