@@ -210,4 +210,15 @@ def test_the_rl_proof_table_compares_the_start_with_the_policy(tmp_path):
     assert "| SFT start | 12.5% |" in table and "| after GRPO | 25.0% |" in table and "0.625" in table
     assert "changed by +12.5 points" in table
     assert json.loads((tmp_path / "results" / "rl.json").read_text())["rows"]["after GRPO"]["accuracy"] == 0.25
+    # several runs from one start, by name, from the command line
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({**columns, "accuracy": 0.125, "replayed_tokens_per_answer": 10.0}))
+    log = tmp_path / "log.json"
+    log.write_text(json.dumps({"steps": 7, "train_runtime_seconds": 120.0, "logs": []}))
+    rl_proof.main(["report", "--before", str(before), "--after", f"accuracy={after}", f"cost={cost}",
+                   "--log", f"cost={log}", "--results", str(tmp_path / "two")])
+    table = (tmp_path / "two" / "rl.md").read_text()
+    assert "| accuracy | 25.0% |" in table and "| cost | 12.5% |" in table
+    assert "cost: held-out accuracy changed by +0.0 points; replayed tokens per answer 10.0 against 0.0." in table
+    assert json.loads((tmp_path / "two" / "rl.json").read_text())["grpo"] == {"cost": {"steps": 7, "minutes": 2.0}}
     assert rl_proof.moving_average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]

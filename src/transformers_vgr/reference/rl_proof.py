@@ -7,6 +7,9 @@
         --output results/rl/curves.png
     python -m transformers_vgr.reference.rl_proof report --before outputs/rl/eval/sft/summary.json \\
         --after outputs/rl/eval/grpo/summary.json --results results/rl
+    # several GRPO runs from one start, each named
+    python -m transformers_vgr.reference.rl_proof report --before START.json --after accuracy=A.json cost=C.json \\
+        --log accuracy=A/training_log.json cost=C/training_log.json --results results/rl/from-vgr
 
 docs/reinforcement-learning.md has the whole sequence of commands and what they measured.
 """
@@ -73,20 +76,31 @@ def plot(log_file: Path, output: Path, held_out: dict[int, float] | None = None)
     return output
 
 
-def report(before: Path, after: Path, results: Path, log_file: Path | None = None) -> str:
-    """`results/rl.{json,md}`: the SFT start and the GRPO policy scored the same way, and the run's size."""
-    rows = {"SFT start": json.loads(Path(before).read_text()), "after GRPO": json.loads(Path(after).read_text())}
+AFTER = "after GRPO"  # the name of a run given without one
+
+
+def report(before: Path, after: Path | dict[str, Path], results: Path,
+           log_file: Path | dict[str, Path] | None = None) -> str:
+    """`results/rl.{json,md}`: the SFT start and the GRPO policies (`after`: one summary, or one per run by name)
+    scored the same way, and each run's size (`log_file`: its training_log.json, likewise)."""
+    runs = after if isinstance(after, dict) else {AFTER: after}
+    logs = log_file if isinstance(log_file, dict) else ({} if log_file is None else {AFTER: log_file})
+    start = json.loads(Path(before).read_text())
+    rows = {"SFT start": start, **{name: json.loads(Path(path).read_text()) for name, path in runs.items()}}
     summary = {"rows": rows}
-    if log_file is not None:
-        log = json.loads(Path(log_file).read_text())
-        summary["grpo"] = {"steps": log["steps"], "minutes": log["train_runtime_seconds"] / 60}
+    for name, path in logs.items():
+        log = json.loads(Path(path).read_text())
+        summary.setdefault("grpo", {})[name] = {"steps": log["steps"], "minutes": log["train_runtime_seconds"] / 60}
     lines = ["| model | " + " | ".join(heading for _, heading, _ in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(form.format(row[key]) for key, _, form in COLUMNS) + " |")
-    change = rows["after GRPO"]["accuracy"] - rows["SFT start"]["accuracy"]
     lines.append("")
-    lines.append(f"Held-out accuracy changed by {change * 100:+.1f} points.")
+    for name in runs:
+        change = rows[name]["accuracy"] - start["accuracy"]
+        tokens = rows[name]["replayed_tokens_per_answer"], start["replayed_tokens_per_answer"]
+        lines.append(f"{name}: held-out accuracy changed by {change * 100:+.1f} points; replayed tokens per answer "
+                     f"{tokens[0]:.1f} against {tokens[1]:.1f}.")
     table = "\n".join(lines) + "\n"
     results.mkdir(parents=True, exist_ok=True)
     (results / "rl.json").write_text(json.dumps(summary, indent=1))
@@ -104,8 +118,10 @@ def parser() -> argparse.ArgumentParser:
                         help="held-out accuracies to draw as points: a step and a `tables evaluate` summary.json")
     table = commands.add_parser("report", help="before / after table", formatter_class=HelpFormatter)
     table.add_argument("--before", type=Path, required=True, help="`tables evaluate`'s summary.json of the SFT start")
-    table.add_argument("--after", type=Path, required=True, help="the same for the GRPO policy")
-    table.add_argument("--log", type=Path, help="the GRPO run's training_log.json (its steps and minutes)")
+    table.add_argument("--after", nargs="+", required=True, metavar="[NAME=]SUMMARY",
+                       help="the same for the GRPO policy, or for each of several runs by name")
+    table.add_argument("--log", nargs="*", default=[], metavar="[NAME=]LOG",
+                       help="each GRPO run's training_log.json (its steps and minutes), named as in --after")
     table.add_argument("--results", type=Path, required=True, help="where rl.json and rl.md go")
     return parser
 
@@ -121,7 +137,16 @@ def main(argv=None) -> None:
             held_out[int(step)] = json.loads(Path(summary).read_text())["accuracy"]
         print(plot(args.log, args.output, held_out))
     else:
-        print(report(args.before, args.after, args.results, args.log))
+        print(report(args.before, named_paths(args.after), args.results, named_paths(args.log)))
+
+
+def named_paths(values: list[str]) -> dict[str, Path]:
+    """`NAME=PATH` arguments by name; a bare `PATH` is the one run's (`AFTER`)."""
+    named = {}
+    for value in values:
+        name, _, path = value.rpartition("=")
+        named[name or AFTER] = Path(path)
+    return named
 
 
 if __name__ == "__main__":
