@@ -4,11 +4,14 @@
     python examples/train_grpo.py --model outputs/sft --data train.jsonl --image_root data/ --output_dir outputs/grpo \\
         --rewards accuracy iou format replay_cost --reward_weights 1 0.5 0.2 0.001 --num_generations 8 --lora \\
         --max_minutes 60   # a wall-time budget instead of (or before) --max_steps
+    torchrun --nproc_per_node 2 examples/train_grpo.py --per_device_train_batch_size 1 --seeded_rollouts ...
 
 Every `VGRGRPOConfig` field is a flag: the `TrainingArguments` ones (`--learning_rate`, `--max_steps`,
 `--per_device_train_batch_size`, `--gradient_accumulation_steps`, ...) and GRPO's (`--num_generations`,
 `--max_completion_length`, `--temperature`, `--epsilon`, `--beta`, `--loss_type`, `--reward_weights`). The policy and
-its processor are saved in the output folder, which loads with `AutoModel.from_pretrained(output_dir,
+its processor are saved in the output folder (by the first process under `torchrun`: DDP keeps every process's
+policy the same; each process samples its own prompts' rollouts, and with `--seeded_rollouts` they are the same
+whatever the number of processes), which loads with `AutoModel.from_pretrained(output_dir,
 trust_remote_code=True)`; `training_log.json` beside it holds every logged step (the loss, the reward and each
 reward function's mean, completion length, replays per sample).
 
@@ -103,6 +106,8 @@ def main(argv=None) -> None:
     script_args, args = parser().parse_args_into_dataclasses(argv)
     trainer = build_trainer(script_args, args)
     result = trainer.train()
+    if not trainer.is_world_process_zero():  # under torchrun every process holds the same policy: one writes it
+        return
     model = trainer.model.merge_and_unload() if script_args.lora else trainer.model
     model.save_pretrained(args.output_dir)
     trainer.processing_class.save_pretrained(args.output_dir)

@@ -3,6 +3,10 @@ a tiny VGR's sampled completions (replays teacher-forced) that changes no weight
 same reward."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -10,6 +14,7 @@ import torch
 
 from transformers_vgr import VGRForConditionalGeneration
 from transformers_vgr.reference import rl_proof
+from transformers_vgr.reference.synthetic import make_split
 from transformers_vgr.training.grpo import group_advantages, grpo_loss
 from transformers_vgr.training.rollouts import completion_logprobs, policy_inputs
 
@@ -43,6 +48,8 @@ def test_loss_normalizations_by_hand():
         assert loss.item() == pytest.approx(value), loss_type
     loss, _ = grpo_loss(logprobs, None, advantages, mask, loss_type="dapo", num_items_in_batch=6)
     assert loss.item() == pytest.approx(1 / 6)  # the step's tokens, across gradient accumulation
+    loss, _ = grpo_loss(logprobs, None, advantages, mask, loss_type="dr_grpo", max_completion_length=10)
+    assert loss.item() == pytest.approx(1 / 20)  # TRL's constant: batch x the config's max_completion_length
     loss, _ = grpo_loss(logprobs, None, advantages, mask, loss_type="bnpo")
     loss.backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-1 / 3, -1 / 3, 0.0], [1.0, 0.0, 0.0]]))
@@ -222,3 +229,41 @@ def test_the_rl_proof_table_compares_the_start_with_the_policy(tmp_path):
     assert "cost: held-out accuracy changed by +0.0 points; replayed tokens per answer 10.0 against 0.0." in table
     assert json.loads((tmp_path / "two" / "rl.json").read_text())["grpo"] == {"cost": {"steps": 7, "minutes": 2.0}}
     assert rl_proof.moving_average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+
+
+def test_two_processes_match_one(tmp_path):
+    """`torchrun` with 2 processes of 1 prompt each against 1 process of both prompts, same global batch and seed:
+    with `--seeded_rollouts` every prompt gets the same samples in both runs, so the same rewards; the loss (dapo,
+    normalized over both processes' tokens), the logged means (over both processes' samples) and the policy after
+    three updates are the same too."""
+    make_split(tmp_path / "data", "train", 6)
+    script = ROOT / "examples" / "train_grpo.py"
+    common = ["--data", str(tmp_path / "data" / "train.jsonl"), "--image_root", str(tmp_path / "data"),
+              "--max_steps", "3", "--train_sampling_strategy", "sequential", "--seeded_rollouts",
+              "--num_generations", "4", "--max_completion_length", "48", "--temperature", "1.0",
+              "--learning_rate", "1e-4", "--rewards", "accuracy", "iou", "format", "--logging_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(script), "--output_dir", str(tmp_path / "one"),
+                             "--per_device_train_batch_size", "2", *common],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    double = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29519", str(script),
+                             "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "1", *common],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    steps = {run: [entry for entry in json.loads((tmp_path / run / "training_log.json").read_text())["logs"]
+                   if "loss" in entry] for run in ("one", "two")}
+    assert len(steps["one"]) == len(steps["two"]) == 3
+    for a, b in zip(steps["one"], steps["two"]):
+        for name in ("reward", "rewards/accuracy_reward", "rewards/iou_reward", "rewards/format_reward",
+                     "completion_length", "replays"):
+            assert b[name] == pytest.approx(a[name], abs=1e-4), name  # the same samples
+        for name in ("loss", "grad_norm"):  # the loss is about 0 (one update per rollout: the ratio is 1)
+            assert b[name] == pytest.approx(a[name], rel=2e-3, abs=1e-6), name
+    assert sum(entry["grad_norm"] > 0 for entry in steps["one"]) >= 2  # steps where a group's rewards differed
+    one, two = (VGRForConditionalGeneration.from_pretrained(tmp_path / run).state_dict() for run in ("one", "two"))
+    start = VGRForConditionalGeneration.from_pretrained(ROOT / "checkpoints" / "vgr-tiny").state_dict()
+    assert any(not torch.equal(one[name], start[name]) for name in start)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-5)

@@ -12,6 +12,7 @@ and its rollouts keep only the tokens of `generate`'s output, not its replays. R
 """
 
 import copy
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True)
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, epsilon_low: float = 0.2, epsilon_high: float = 0.2, beta: float = 0.0,
               ref_logprobs: torch.Tensor | None = None, loss_type: str = "dapo",
-              num_items_in_batch: int | None = None) -> tuple[torch.Tensor, dict]:
+              num_items_in_batch: int | float | torch.Tensor | None = None,
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
     """The clipped objective over completion tokens.
 
     Args:
@@ -55,8 +57,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
         advantages: `(batch,)`, from `group_advantages`.
         mask: `(batch, max_completion)`, 1 on real completion tokens.
         loss_type: how token losses become one number: `"grpo"` (mean per sequence, then over sequences), `"bnpo"`
-            (mean over the batch's tokens), `"dr_grpo"` (sum over batch x max_completion) or `"dapo"` (sum over
-            `num_items_in_batch`, the tokens of the whole step across gradient accumulation; the batch's without it).
+            (mean over the batch's tokens), `"dr_grpo"` (sum over batch x `max_completion_length`) or `"dapo"` (sum
+            over `num_items_in_batch`: the tokens of the step's whole batch, across processes divided by their number
+            as TRL does, since DDP averages their gradients; the batch's own without it).
+        max_completion_length: `dr_grpo`'s constant length (the config's); the batch's longest without it.
 
     Returns:
         The loss and its logged pieces (`clip_ratio`, `kl` when `beta` > 0).
@@ -82,7 +86,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advanta
     elif loss_type == "bnpo":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+        loss = (per_token * mask).sum() / (mask.shape[0] * (max_completion_length or mask.shape[1]))
     else:
         count = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
         loss = (per_token * mask).sum() / count
@@ -104,6 +108,11 @@ class VGRGRPOConfig(TrainingArguments):
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's standard deviation"})
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "one weight per reward function, in order (default: 1 each)"})
+    seeded_rollouts: bool = field(
+        default=False, metadata={"help": "draw each prompt's samples from a seed of its own (the run's seed, the "
+                                         "rollout batch and the prompt's place in the step's batch across processes): "
+                                         "the same rollouts whatever the number of processes, at one generate call per "
+                                         "prompt"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "the collator reads whole records"})
 
     def __post_init__(self):
@@ -150,6 +159,15 @@ class GRPOCollator:
 PROMPT_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
 
 
+def prompt_of(inputs: dict, index: int) -> dict:
+    """The `index`-th prompt of a `GRPOCollator` batch alone: its real tokens (no padding) and its image."""
+    real = inputs["attention_mask"][index].bool()
+    return {"input_ids": inputs["input_ids"][index][real][None],
+            "attention_mask": inputs["attention_mask"][index][real][None],
+            "pixel_values": inputs["pixel_values"][index : index + 1],
+            "image_sizes": inputs["image_sizes"][index : index + 1]}
+
+
 class VGRGRPOTrainer(Trainer):
     """GRPO for VGR on the stock `Trainer`: each step samples `num_generations` answers per prompt with VGR's own
     `generate` (each with its replays; the prompt's images encoded once), scores them with the reward functions, and
@@ -184,6 +202,7 @@ class VGRGRPOTrainer(Trainer):
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         self._metrics = defaultdict(list)
+        self._rollout_batches = 0
 
     def _get_collator_with_removed_columns(self, data_collator, description=None):
         return data_collator  # GRPOCollator reads whole records
@@ -210,9 +229,13 @@ class VGRGRPOTrainer(Trainer):
             with torch.no_grad():
                 ref_logprobs = self._logprobs(self.ref_model, self.ref_model, inputs, batch)
         mask = batch["completion_mask"].to(logprobs.device)
+        tokens = None
+        if args.loss_type == "dapo":  # the tokens of every process's batch, as TRL normalizes
+            tokens = self.accelerator.reduce(mask.sum(), reduction="sum") / self.accelerator.num_processes
         loss, pieces = grpo_loss(logprobs, None, advantages.to(logprobs.device), mask, args.epsilon,
                                  args.epsilon_high if args.epsilon_high is not None else args.epsilon, args.beta,
-                                 ref_logprobs, args.loss_type)
+                                 ref_logprobs, args.loss_type, num_items_in_batch=tokens,
+                                 max_completion_length=args.max_completion_length)
         self._record(rewards, values, replays, mask, pieces)
         return loss
 
@@ -220,30 +243,46 @@ class VGRGRPOTrainer(Trainer):
         """`num_generations` sampled answers per prompt, with their replays: the prompts' real tokens, each sample's
         completion (its own tokens, up to and with its eos) and its `ReplayRecord`s."""
         args = self.args
+        settings = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p,
+                        num_return_sequences=args.num_generations, max_new_tokens=args.max_completion_length,
+                        pad_token_id=self._pad_token_id(policy), return_dict_in_generate=True)
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        completions, replays = [], []
         training = policy.training
         policy.eval()
         try:
             with torch.no_grad():
-                output = policy.generate(
-                    **inputs, do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                    num_return_sequences=args.num_generations, max_new_tokens=args.max_completion_length,
-                    pad_token_id=self._pad_token_id(policy), return_dict_in_generate=True,
-                )
+                if not args.seeded_rollouts:
+                    self._collect(policy, policy.generate(**inputs, **settings), inputs, completions, replays)
+                for index in range(len(prompts) if args.seeded_rollouts else 0):
+                    one = prompt_of(inputs, index)
+                    with torch.random.fork_rng(devices=[]):  # the trainer's own random state is left as it was
+                        torch.manual_seed(self._rollout_seed(index))
+                        self._collect(policy, policy.generate(**one, **settings), one, completions, replays)
         finally:
             policy.train(training)
+        self._rollout_batches += 1
+        return prompts, completions, replays
+
+    def _collect(self, policy, output, inputs, completions: list, replays: list) -> None:
+        """Appends each sample of `output` (its tokens up to and with its eos) and its replays made before its end."""
         prompt_length = inputs["input_ids"].shape[1]
-        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
         eos, pad = set(_as_list(policy.generation_config.eos_token_id)), self._pad_token_id(policy)
-        completions = []
-        for tokens, reason in zip(output.sequences[:, prompt_length:].tolist(), output.finish_reasons):
+        for tokens, reason, records in zip(output.sequences[:, prompt_length:].tolist(), output.finish_reasons,
+                                           output.replays):
             end = next((index + 1 for index, token in enumerate(tokens) if token in eos), len(tokens))
             if end == len(tokens) and reason not in (None, "length"):  # stopped otherwise: pads follow its last token
                 while end > 0 and tokens[end - 1] == pad:
                     end -= 1
             completions.append(tokens[:end])
-        replays = [[record for record in records if record.step < len(tokens)]
-                   for records, tokens in zip(output.replays, completions)]
-        return prompts, completions, replays
+            replays.append([record for record in records if record.step < end])
+
+    def _rollout_seed(self, index: int) -> int:
+        """The seed of the `index`-th prompt of this process's batch: the run's seed, the rollout batch, and the
+        prompt's place in the batch of all processes (each process gets the next `per_device_train_batch_size`)."""
+        place = self.accelerator.process_index * self.args.per_device_train_batch_size + index
+        key = f"{self.args.seed}/{self._rollout_batches}/{place}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
 
     def _logprobs(self, model, unwrapped, inputs, batch) -> torch.Tensor:
         """`completion_logprobs` of the samples in `batch`, each prompt's images encoded once for its samples."""
@@ -256,15 +295,22 @@ class VGRGRPOTrainer(Trainer):
         return pad if pad is not None else policy.config.text_config.pad_token_id or 0
 
     def _record(self, rewards, values, replays, mask, pieces) -> None:
-        self._metrics["reward"].append(sum(rewards) / len(rewards))
+        """This step's means over the samples of every process (each process's own under one)."""
+        def mean(values: list) -> float | None:  # None: not applicable anywhere
+            known = [float(value) for value in values if value is not None]
+            total, count = self.accelerator.reduce(
+                torch.tensor([sum(known), len(known)], dtype=torch.float64, device=self.args.device), reduction="sum")
+            return (total / count).item() if count > 0 else None
+
+        self._metrics["reward"].append(mean(rewards))
         for name, scores in values.items():
-            applicable = [score for score in scores if score is not None]
-            if applicable:
-                self._metrics[f"rewards/{name}"].append(sum(applicable) / len(applicable))
-        self._metrics["completion_length"].append(mask.sum(-1).float().mean().item())
-        self._metrics["replays"].append(sum(sum(r.valid for r in records) for records in replays) / len(replays))
+            applicable = mean(scores)
+            if applicable is not None:
+                self._metrics[f"rewards/{name}"].append(applicable)
+        self._metrics["completion_length"].append(mean(mask.sum(-1).tolist()))
+        self._metrics["replays"].append(mean([sum(record.valid for record in records) for records in replays]))
         for name, value in pieces.items():
-            self._metrics[name].append(value.item())
+            self._metrics[name].append(self.accelerator.reduce(value, reduction="mean").item())
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._metrics:
