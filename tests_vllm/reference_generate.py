@@ -3,6 +3,8 @@ prints one JSON line.
 
     python reference_generate.py forced OUT_DIR            # a random tiny VGR saved to OUT_DIR, forced replays
     python reference_generate.py synthetic OUT_DIR COUNT   # checkpoints/vgr-tiny on COUNT held-out test images
+    python reference_generate.py perturbed OUT_DIR COUNT   # VGR-Tiny's weights moved by seeded noise, saved to
+                                                           # OUT_DIR/model, on the same images
 """
 
 import json
@@ -112,14 +114,32 @@ def forced(out_dir: Path) -> dict:
     return {"model": str(out_dir), "requests": requests}
 
 
-def synthetic(out_dir: Path, count: int, batch_size: int = 8, max_new_tokens: int = 64) -> dict:
+PERTURBATION = 0.15  # the noise of `perturbed`, in standard deviations of each weight tensor
+
+
+def perturbed(out_dir: Path) -> Path:
+    """VGR-Tiny with every weight tensor moved by seeded Gaussian noise of `PERTURBATION` times its own standard
+    deviation (the vision tower too: a replay's S must come from the new weights), saved to `out_dir / "model"`."""
+    torch.manual_seed(0)
+    model = VGRForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1:
+                parameter.add_(torch.randn_like(parameter) * parameter.std() * PERTURBATION)
+    model.save_pretrained(out_dir / "model")
+    VGRProcessor.from_pretrained(CHECKPOINT).save_pretrained(out_dir / "model")
+    return out_dir / "model"
+
+
+def synthetic(out_dir: Path, count: int, batch_size: int = 8, max_new_tokens: int = 64,
+              checkpoint: Path = CHECKPOINT) -> dict:
     from transformers_vgr.reference.synthetic import make_split
 
     split = make_split(out_dir, "test", count)
     records = [json.loads(line) for line in split.read_text().splitlines()]
-    processor = VGRProcessor.from_pretrained(CHECKPOINT)
+    processor = VGRProcessor.from_pretrained(checkpoint)
     processor.tokenizer.padding_side = "left"
-    model = VGRForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
+    model = VGRForConditionalGeneration.from_pretrained(checkpoint).eval()
     image_token = model.config.image_token_id
     results = []
     for start in range(0, len(records), batch_size):
@@ -153,5 +173,10 @@ def synthetic(out_dir: Path, count: int, batch_size: int = 8, max_new_tokens: in
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    result = forced(out) if mode == "forced" else synthetic(out, int(sys.argv[3]))
+    if mode == "forced":
+        result = forced(out)
+    elif mode == "perturbed":
+        result = {**synthetic(out, int(sys.argv[3]), checkpoint=perturbed(out)), "model": str(out / "model")}
+    else:
+        result = synthetic(out, int(sys.argv[3]))
     print(json.dumps(result))

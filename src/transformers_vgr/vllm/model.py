@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 from transformers import BatchFeature
@@ -440,7 +441,20 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
 
 
 class VGRWorkerExtension:
-    """`worker_extension_cls` for measurements: `engine.collective_rpc("vgr_stats")`."""
+    """`worker_extension_cls`: measurements (`engine.collective_rpc("vgr_stats")`) and new weights for a running
+    engine (`vgr_load_weights`, what `VGRLLM.update_weights` calls)."""
+
+    def vgr_load_weights(self, serialized: bytes) -> int:
+        """Load weights (a safetensors file's bytes, the checkpoint's names) into the running model through vLLM's
+        in-place reload (which processes them again as after the first load: the CPU kernels repack their linear
+        weights), and forget every S the old vision tower made. Returns the number of tensors given. Bytes rather
+        than tensors: vLLM's engine core hands tensors to its workers as views it cannot pickle."""
+        weights = safetensors.torch.load(serialized)
+        self.model_runner.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)
+        model = self.model_runner.get_model()
+        process_shared_weights_again(model)
+        model.feature_memory.clear()
+        return len(weights)
 
     def vgr_stats(self) -> dict:
         """Vision-tower runs per image whose S is held (by image key) and in all, and the feature memory's state."""
@@ -460,6 +474,19 @@ class VGRWorkerExtension:
     def vgr_clear_feature_memory(self) -> None:
         """Forget every S and its run record (to exercise the re-encoding path)."""
         self.model_runner.get_model().feature_memory.clear()
+
+
+def process_shared_weights_again(model: nn.Module) -> None:
+    """Process again every layer whose weight another layer shares. vLLM's in-place reload processes a shared weight
+    for one of its layers only (a documented limitation): on CPU an LM head tied to the embeddings would keep the GEMM
+    it packed from the old weights, and answer with them."""
+    sharing = {}
+    for module in model.modules():
+        if hasattr(module, "quant_method") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            sharing.setdefault(id(module.weight), []).append(module)
+    for modules in sharing.values():
+        for module in modules if len(modules) > 1 else ():
+            module.quant_method.process_weights_after_loading(module)
 
 
 def _as_flat(pixel_values) -> torch.Tensor:

@@ -11,6 +11,7 @@ import asyncio
 import threading
 import uuid
 
+import safetensors.torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -118,6 +119,23 @@ class VGRLLM:
 
     def clear_feature_memory(self) -> None:
         self._run(self.engine.collective_rpc("vgr_clear_feature_memory"))
+
+    def update_weights(self, weights) -> None:
+        """Load new weights into the running engine, without a restart: the next `generate` runs on them (what RL
+        needs after each update of the policy).
+
+        Args:
+            weights: `(name, tensor)` pairs in the checkpoint's names, as `model.state_dict().items()` gives them (a
+                subset is fine: the others stay). Weights the engine does not use (the detection head) are skipped.
+
+        Every cache that holds what the old weights computed is cleared: the prefix cache's KV blocks, the encoder
+        cache and the feature memory S. Call it between `generate` calls, not during one.
+        """
+        serialized = safetensors.torch.save({name: tensor.detach().to("cpu").clone() for name, tensor in weights})
+        self._run(self.engine.collective_rpc("vgr_load_weights", args=(serialized,)))
+        self._run(self.engine.reset_prefix_cache())
+        self._run(self.engine.reset_mm_cache())
+        self._run(self.engine.reset_encoder_cache())
 
     def close(self) -> None:
         if self.engine is not None:
