@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,7 @@ import openai
 import PIL.Image
 import pytest
 
-from conftest import CHECKPOINT, ENGINE
+from conftest import CHECKPOINT, ENGINE, reference
 
 
 STARTUP_SECONDS = 300
@@ -49,17 +50,23 @@ def server(server_log):
              f"--block-size={ENGINE['block_size']}", "--enforce-eager", "--enable-log-requests",
              f"--max-body-bytes={MAX_BODY_BYTES}", f"--additional-config={json.dumps(FEATURE_MEMORY)}"]
     command = [sys.executable, "-m", "transformers_vgr.serve", "--model", str(CHECKPOINT), "--port", str(port), *flags]
-    with started_server(command, port, server_log, {**os.environ, "VGR_API_KEY": API_KEY}) as base_url:
+    with started_server(command, port, server_log, {**os.environ, "VGR_API_KEY": API_KEY},
+                        processes=SERVER_PROCESSES) as base_url:
         yield base_url
 
 
+SERVER_PROCESSES = []  # the module server's process (under `timeout`), for its memory
+
+
 @contextlib.contextmanager
-def started_server(command: list[str], port: int, log_file, env: dict, cwd=None):
+def started_server(command: list[str], port: int, log_file, env: dict, cwd=None, processes: list | None = None):
     """The server `command` started under `timeout` (it stops by itself even if the test run dies), its base URL once
-    /health answers; stopped on exit."""
+    /health answers; stopped on exit. `processes` gets the started process."""
     log = open(log_file, "w")
     process = subprocess.Popen(["timeout", str(SERVER_LIFETIME_SECONDS), *command], stdout=log,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env, cwd=cwd)
+    if processes is not None:
+        processes.append(process)
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -314,3 +321,129 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+# The load and fault test: good requests on held-out images whose greedy answer has no near-tie (generate's top-1 minus
+# top-2 logit at least CLEAR_MARGIN at every token: batching may round a near-tie either way), among hostile ones.
+LOAD_REQUESTS, LOAD_CONCURRENCY, HOSTILE_SHARE = 200, 32, 0.1
+REQUEST_TIMEOUT = 180  # seconds: a request that takes longer counts as hung
+CLEAR_MARGIN = 0.05
+RSS_GROWTH_BOUND = 256 * 2**20  # bytes the server's processes may grow by over the whole run
+JUNK_URL = "data:image/png;base64," + base64.b64encode(b"\x89PNG this is not an image" * 40).decode()
+# What each hostile request does and the status it must get (None: the client goes away; nothing to receive).
+HOSTILE = {
+    "junk image": 400, "pixel bomb": 400, "max_tokens -5": 400, "temperature 9": 400, "unknown model": 404,
+    "body over the limit": 413, "not JSON": 415, "hang up mid-stream": None, "abort before the answer": None,
+}
+
+
+def tree_rss(process) -> int:
+    """Resident bytes of `process` and every process under it (the API server and the engine's)."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    return sum(member.memory_info().rss for member in [root, *root.children(recursive=True)])
+
+
+def engine_gauge(text: str, name: str) -> float:
+    """A vLLM gauge summed over its labels (`vllm:num_requests_running{engine="0",model_name=...} 0.0`)."""
+    return sum(float(value) for value in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text,
+                                                     re.MULTILINE))
+
+
+def hostile_request(server: str, kind: str, example_url: str):
+    """Sends one hostile request of `kind`; returns its status (None when the client went away on purpose)."""
+    url = f"{server}/v1/chat/completions"
+    good = {"model": str(CHECKPOINT), "messages": messages(example_url), "max_tokens": 64}
+    bodies = {"junk image": {**good, "messages": messages(JUNK_URL)},
+              "pixel bomb": {**good, "messages": messages(png_url(12000, 12000))},
+              "max_tokens -5": {**good, "max_tokens": -5}, "temperature 9": {**good, "temperature": 9},
+              "unknown model": {**good, "model": "gpt-4"},
+              "body over the limit": {**good, "padding": "x" * MAX_BODY_BYTES}}
+    if kind in bodies:
+        return httpx.post(url, json=bodies[kind], headers=AUTHORIZED, timeout=REQUEST_TIMEOUT).status_code
+    if kind == "not JSON":
+        return httpx.post(url, content=b"max_tokens=5", timeout=REQUEST_TIMEOUT,
+                          headers={**AUTHORIZED, "Content-Type": "application/x-www-form-urlencoded"}).status_code
+    if kind == "hang up mid-stream":
+        body = {**good, "max_tokens": 1500, "temperature": 1.5, "seed": 5, "stream": True}
+        with httpx.stream("POST", url, json=body, headers=AUTHORIZED, timeout=REQUEST_TIMEOUT) as response:
+            lines = response.iter_lines()
+            for _ in range(4):  # a few chunks, then the client goes away
+                next(lines)
+        return None
+    assert kind == "abort before the answer"
+    try:  # the client gives up waiting (10 ms: no answer comes that fast) and closes its connection
+        answered = httpx.post(url, json={**good, "max_tokens": 1500, "temperature": 1.5, "seed": 3},
+                              headers=AUTHORIZED, timeout=httpx.Timeout(REQUEST_TIMEOUT, read=0.01))
+    except httpx.ReadTimeout:
+        return None
+    return answered.status_code, answered.text[:300]
+
+
+def test_200_requests_at_concurrency_32_among_hostile_ones(server, client, example_url, tmp_path):
+    """200 requests through the openai client at concurrency 32, a tenth of them hostile (junk images, a pixel bomb,
+    bad parameters, an unknown model, an oversize body, a form body, clients that hang up mid-stream or give up
+    before the answer): every good answer is generate's, every bad request its 4xx, none hangs (a timeout each), the
+    engine ends with no request left running or waiting, the server's memory (after a first warm batch) grows by less
+    than a bound, and /health and /metrics answer throughout."""
+    expected = [item for item in reference("synthetic", tmp_path / "synthetic", 24)["results"]
+                if min(item["margins"]) >= CLEAR_MARGIN]
+    assert len(expected) >= 12, "too few held-out images without a near-tie"
+    urls = {item["image"]: data_url(PIL.Image.open(item["image"]).convert("RGB")) for item in expected}
+    hostile_count = int(LOAD_REQUESTS * HOSTILE_SHARE)
+    jobs = [("good", expected[index % len(expected)]) for index in range(LOAD_REQUESTS - hostile_count)]
+    jobs += [("hostile", list(HOSTILE)[index % len(HOSTILE)]) for index in range(hostile_count)]
+    random.Random(0).shuffle(jobs)
+
+    def run(job):
+        kind, what = job
+        if kind == "hostile":
+            return hostile_request(server, what, example_url)
+        reply = client.chat.completions.create(model=str(CHECKPOINT), messages=messages(urls[what["image"]],
+                                                                                         what["question"]),
+                                               max_tokens=64, temperature=0.0, timeout=REQUEST_TIMEOUT)
+        return reply.choices[0].message.content
+
+    (process,) = SERVER_PROCESSES
+    with ThreadPoolExecutor(max_workers=LOAD_CONCURRENCY) as pool:  # warm: the allocations a first batch makes
+        list(pool.map(run, [("good", item) for item in expected] * 2))
+    rss_before = tree_rss(process)
+    probes, finished = [], threading.Event()
+
+    def probe():  # /health and /metrics all along, and the most memory the server held
+        most = rss_before
+        while not finished.is_set():
+            health = httpx.get(f"{server}/health", timeout=30).status_code
+            metrics = httpx.get(f"{server}/metrics", headers=AUTHORIZED, timeout=30).status_code
+            most = max(most, tree_rss(process))
+            probes.append((health, metrics, most))
+            time.sleep(0.5)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with ThreadPoolExecutor(max_workers=LOAD_CONCURRENCY) as pool:
+            results = list(pool.map(run, jobs))
+    finally:
+        finished.set()
+        prober.join()
+
+    wrong = [(what["image"], answer, what["text"]) for (kind, what), answer in zip(jobs, results)
+             if kind == "good" and answer != what["text"]]
+    assert not wrong, wrong[:3]
+    statuses = [(what, status, HOSTILE[what]) for (kind, what), status in zip(jobs, results) if kind == "hostile"]
+    assert len(statuses) == hostile_count
+    assert not [entry for entry in statuses if entry[1] != entry[2]], [entry[:2] for entry in statuses]
+    assert len(probes) >= 5 and all(probe[:2] == (200, 200) for probe in probes), probes
+    deadline = time.monotonic() + 60  # aborted requests leave the engine too
+    while True:
+        text = httpx.get(f"{server}/metrics", headers=AUTHORIZED).text
+        left = engine_gauge(text, "vllm:num_requests_running") + engine_gauge(text, "vllm:num_requests_waiting")
+        if left == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert left == 0, "requests left in the engine"
+    rss_most = max(probe[2] for probe in probes)
+    print(f"\nload: server RSS {rss_before / 2**20:.0f} MiB before, at most {rss_most / 2**20:.0f} MiB during")
+    assert rss_most - rss_before <= RSS_GROWTH_BOUND
