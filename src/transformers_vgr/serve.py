@@ -369,11 +369,6 @@ def size_cpu_kv_cache(engine_args) -> None:
                    100 * CPU_KV_CACHE_SHARE, available / 2**30, node)
 
 
-# uvicorn's default (5 s) equals httpx's pool expiry: under load a client then reuses a connection the server is
-# closing, and its request is lost ("Server disconnected without sending a response"; measured, 200 requests).
-KEEP_ALIVE_SECONDS = 30.0
-
-
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
     """The server's own flags; their defaults are `RequestLimits()`'s (a test keeps the two equal)."""
     server = parser.add_argument_group("server")
@@ -391,7 +386,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
                         help="images per request (default: the engine's --limit-mm-per-prompt for images)")
     server.add_argument("--max-tokens-cap", type=int, default=None,
                         help="the largest max_tokens a request may ask (default: the engine's max_model_len)")
-    server.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_SECONDS,
+    # uvicorn's default keep-alive (5 s) equals httpx's pool expiry: under load a client then reuses a connection the
+    # server is closing, and its request is lost ("Server disconnected without sending a response"; measured).
+    server.add_argument("--timeout-keep-alive", type=float, default=30.0,
                         help="seconds an idle connection is kept open; longer than clients keep theirs (httpx and "
                              "the openai client: 5), so that no client sends on a connection the server is closing")
 
