@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source .venv/bin/activate
 while [ ! -f outputs/rl/eval/sft/summary.json ]; do sleep 10; done   # `tables evaluate --row vgr --model outputs/rl/sft --output outputs/rl/eval/sft`
-# GRPO from it on the task's training prompts: 1 prompt x 8 samples a step, accuracy + IoU + format rewards,
+# GRPO from it on the task's training prompts: 8 prompts x 8 samples a step (per_device_train_batch_size counts prompts), accuracy + IoU + format rewards,
 # 45 minutes of wall time
 OMP_NUM_THREADS=2 python examples/train_grpo.py --model outputs/rl/sft --data data/fine-detail/train.jsonl \
     --image_root data/fine-detail --output_dir outputs/rl/grpo --max_steps 1000 --max_minutes 45 \
