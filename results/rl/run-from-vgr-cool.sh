@@ -17,5 +17,10 @@ OMP_NUM_THREADS=1 python -m transformers_vgr.reference.tables evaluate --row vgr
     --output $OUT/eval/cool > $OUT/logs/eval-cool.log 2>&1
 STEPS=$(python -c "import json; print(json.load(open('$OUT/cool/training_log.json'))['steps'])")
 python -m transformers_vgr.reference.rl_proof plot --log $OUT/cool/training_log.json \
-    --output results/rl/from-vgr-cool-curves.png --held-out 0=outputs/tables-grounded/eval/vgr/summary.json \
+    --output results/rl/from-vgr/from-vgr-cool-curves.png --held-out 0=outputs/tables-grounded/eval/vgr/summary.json \
     "$STEPS=$OUT/eval/cool/summary.json"
+# then the table of the three runs against their start:
+# python -m transformers_vgr.reference.rl_proof report --before outputs/tables-grounded/eval/vgr/summary.json \
+#     --after accuracy=$OUT/eval/accuracy/summary.json cost=$OUT/eval/cost/summary.json cool=$OUT/eval/cool/summary.json \
+#     --log accuracy=$OUT/accuracy/training_log.json cost=$OUT/cost/training_log.json cool=$OUT/cool/training_log.json \
+#     --results results/rl/from-vgr

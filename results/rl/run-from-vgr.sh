@@ -28,6 +28,6 @@ wait
 for name in accuracy cost; do
     STEPS=$(python -c "import json; print(json.load(open('$OUT/$name/training_log.json'))['steps'])")
     python -m transformers_vgr.reference.rl_proof plot --log $OUT/$name/training_log.json \
-        --output results/rl/from-vgr-$name-curves.png --held-out 0=outputs/tables-grounded/eval/vgr/summary.json \
+        --output results/rl/from-vgr/from-vgr-$name-curves.png --held-out 0=outputs/tables-grounded/eval/vgr/summary.json \
         "$STEPS=$OUT/eval/$name/summary.json"
 done
