@@ -4,12 +4,13 @@
         --example-image chart.png --question "..." [--base-model llava-hf/llava-v1.6-vicuna-7b-hf] [--dataset ...]
 
 CHECKPOINT is a folder with a VGR or VGR-Qwen model and its processor (from `convert`, training or `save_pretrained`).
-The output holds safetensors shards, the config with `auto_map` and the box-token table, the generation config, the processor,
-tokenizer and chat template, the remote code (the flat `*_vgr.py` modules, and `*_vgr_qwen.py` for VGR-Qwen), the example (`example.png`,
-`example.json`) and a model card in the style of llava-hf's: usage snippets that load the model by repo id with
-`trust_remote_code=True` and fetch the example with `hf_hub_download`, the evaluation table when CHECKPOINT has an
-`evaluation.json` (from `reference.evaluate --output`), training data, limitations, licences and citation.
-`--space DIR` also writes a Gradio Space (app.py, requirements.txt, README.md) that runs the model by repo id.
+The output holds safetensors shards, the config with `auto_map` and the box-token table, the generation config, the
+processor, tokenizer and chat template, the remote code (the flat `*_vgr.py` modules, and `*_vgr_qwen.py` for
+VGR-Qwen), the example (`example.png`, `example.json`) and a model card in the style of llava-hf's: usage snippets
+that load the model by repo id with `trust_remote_code=True` and fetch the example with `hf_hub_download`, the
+evaluation table when CHECKPOINT has an `evaluation.json` (from `reference.evaluate --output`), training data,
+limitations, licences and citation. `--space DIR` also writes a Gradio Space (app.py, requirements.txt, README.md)
+that runs the model by repo id.
 
 The example comes from the flags or else from CHECKPOINT's own `example.png` and `example.json` (`question`, and
 `answer` when known): the card asks the model the question it was made to answer, in the form it was trained on.
@@ -75,8 +76,8 @@ class Family:
 
 
 FAMILIES = {
-    "vgr": Family("llava-next", "llama2", "the LLaMA-2 / Vicuna-v1.5 tokenizer with `<image>`, `<sot>` and `<eot>` added",
-                  "`*_vgr.py`"),
+    "vgr": Family("llava-next", "llama2",
+                  "the LLaMA-2 / Vicuna-v1.5 tokenizer with `<image>`, `<sot>` and `<eot>` added", "`*_vgr.py`"),
     "vgr_qwen": Family("qwen2_5_vl", "apache-2.0", "the Qwen2.5 tokenizer (Qwen2.5-VL's) with `<sot>` and `<eot>` "
                        "added", "`*_vgr.py` and `*_vgr_qwen.py`"),
 }
@@ -202,7 +203,8 @@ repository).{note}
 
 ## Model details
 
-{model_details(model)}""" + (f"\n- Started from [{base_model}](https://huggingface.co/{base_model})." if base_model else ""),
+{model_details(model)}""" + (f"\n- Started from [{base_model}](https://huggingface.co/{base_model})."
+                            if base_model else ""),
         f"""## How to use
 
 The example image ships in this repository (`example.png`), with the question the model answers about it
@@ -273,11 +275,14 @@ def model_details(model) -> str:
     geometry = config.geometry()
     if config.model_type == "vgr_qwen":
         vision, side = config.vision_config, math.isqrt(config.max_pixels)
-        return f"""- Vision: Qwen2.5-VL's ViT ({vision.depth} layers, width {vision.hidden_size}) at native resolution, the image \
-resized to {config.min_pixels:,} to {config.max_pixels:,} pixels; its merged {geometry.cell}-px cells are the feature memory S, and \
-the prompt holds S pooled {config.prompt_pool}x{config.prompt_pool}: {geometry.prompt_tokens((side, side))} visual tokens for a square image at the most pixels.
-- Replay: the box's region of S, pooled {config.replay_pool}x{config.replay_pool}, fed as an image at its place (M-RoPE) between \
-the vision start and end tokens; at most {config.max_replays} replays per answer.
+        prompt, replay = f"{config.prompt_pool}x{config.prompt_pool}", f"{config.replay_pool}x{config.replay_pool}"
+        pixels = f"{config.min_pixels:,} to {config.max_pixels:,} pixels"
+        tokens = geometry.prompt_tokens((side, side))
+        return f"""- Vision: Qwen2.5-VL's ViT ({vision.depth} layers, width {vision.hidden_size}) at native resolution, the \
+image resized to {pixels}; its merged {geometry.cell}-px cells are the feature memory S, and the prompt \
+holds S pooled {prompt}: {tokens} visual tokens for a square image at the most pixels.
+- Replay: the box's region of S, pooled {replay}, fed as an image at its place (M-RoPE) between the vision start and \
+end tokens; at most {config.max_replays} replays per answer.
 - Language model: Qwen2, {text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary {text.vocab_size}."""
     most = max(geometry.prompt_tokens((h, w)).total for h, w in geometry.resolutions)
     return f"""- Vision: {type(model.model.vision_tower).__name__}, {geometry.crop_size}-px crops, patch {geometry.patch_size}; AnyRes

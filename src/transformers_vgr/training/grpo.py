@@ -252,13 +252,14 @@ class VGRGRPOTrainer(Trainer):
         policy.eval()
         try:
             with torch.no_grad():
-                if not args.seeded_rollouts:
+                if args.seeded_rollouts:  # one generate call per prompt, from the prompt's own seed
+                    for index in range(len(prompts)):
+                        one = prompt_of(inputs, index)
+                        with torch.random.fork_rng(devices=[]):  # the trainer's own random state is left as it was
+                            torch.manual_seed(self._rollout_seed(index))
+                            self._collect(policy, policy.generate(**one, **settings), one, completions, replays)
+                else:
                     self._collect(policy, policy.generate(**inputs, **settings), inputs, completions, replays)
-                for index in range(len(prompts) if args.seeded_rollouts else 0):
-                    one = prompt_of(inputs, index)
-                    with torch.random.fork_rng(devices=[]):  # the trainer's own random state is left as it was
-                        torch.manual_seed(self._rollout_seed(index))
-                        self._collect(policy, policy.generate(**one, **settings), one, completions, replays)
         finally:
             policy.train(training)
         self._rollout_batches += 1
