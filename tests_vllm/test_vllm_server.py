@@ -366,7 +366,7 @@ def hostile_request(server: str, kind: str, example_url: str):
         return httpx.post(url, content=b"max_tokens=5", timeout=REQUEST_TIMEOUT,
                           headers={**AUTHORIZED, "Content-Type": "application/x-www-form-urlencoded"}).status_code
     if kind == "hang up mid-stream":
-        body = {**good, "max_tokens": 1500, "temperature": 1.5, "seed": 5, "stream": True}
+        body = {**good, "max_tokens": 1500, "temperature": 2.0, "seed": 0, "stream": True}  # long: see below
         with httpx.stream("POST", url, json=body, headers=AUTHORIZED, timeout=REQUEST_TIMEOUT) as response:
             lines = response.iter_lines()
             for _ in range(4):  # a few chunks, then the client goes away
@@ -374,8 +374,9 @@ def hostile_request(server: str, kind: str, example_url: str):
         return None
     assert kind == "abort before the answer"
     # the client sends its request and closes the connection without waiting for the answer (a read timeout is not
-    # enough: the answer can come first)
-    body = json.dumps({**good, "max_tokens": 1500, "temperature": 1.5, "seed": 3}).encode()
+    # enough: the answer can come first); at temperature 2 and seed 0 VGR-Tiny writes all 1,500 tokens, so the server
+    # sees the client gone long before it is done
+    body = json.dumps({**good, "max_tokens": 1500, "temperature": 2.0, "seed": 0}).encode()
     address = httpx.URL(server)
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.host}:{address.port}\r\n"
             f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
