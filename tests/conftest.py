@@ -38,12 +38,12 @@ def cache_as_repo(folder: Path, hf_home: Path, repo_id: str) -> None:
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
 
 
-def run_isolated(code: str, hf_home: Path, cwd: Path) -> str:
-    """Run `code` in a fresh Python that cannot import transformers_vgr, offline, with its own HF cache."""
+def run_isolated(code: str, hf_home: Path, cwd: Path, timeout: int = 600) -> str:
+    """Run `code` in a fresh Python that cannot import transformers_vgr, offline, with its own HF cache; its output."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
     result = subprocess.run([sys.executable, "-c", ISOLATION + textwrap.dedent(code)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 

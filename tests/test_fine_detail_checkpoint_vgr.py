@@ -3,15 +3,11 @@ hub layout and size, its card carrying the table, and its own two-region example
 replayed, loaded as remote code in a process that cannot import transformers_vgr."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 from transformers_vgr import extract_final_answer, parse_boxes
 from transformers_vgr.reference.evaluate import box_iou
 
-from conftest import ROOT
+from conftest import ROOT, run_isolated
 
 CHECKPOINT = ROOT / "checkpoints" / "vgr-fine-detail"
 
@@ -34,8 +30,6 @@ def test_the_checkpoint_is_a_small_hub_folder_with_the_table():
 def test_it_answers_its_two_region_example_with_both_replays(tmp_path):
     example = json.loads((CHECKPOINT / "example.json").read_text())
     code = f"""
-        import sys
-        sys.modules["transformers_vgr"] = None  # only the checkpoint's remote code
         import json, torch
         from PIL import Image
         from transformers import AutoModel, AutoProcessor
@@ -50,12 +44,8 @@ def test_it_answers_its_two_region_example_with_both_replays(tmp_path):
         text = processor.decode(output.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         print(json.dumps({{"text": text, "replayed": [list(r.box) for r in output.replays[0] if r.valid]}}))
     """
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=600, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    printed = run_isolated(code, tmp_path / "hf", tmp_path)  # only the checkpoint's remote code
+    answer = json.loads(printed.strip().splitlines()[-1])
     assert extract_final_answer(answer["text"]) == example["answer"], answer["text"]
     assert len(answer["replayed"]) == 2 and parse_boxes(answer["text"]) == [tuple(box) for box in answer["replayed"]]
     # each replayed box on its tag: the true boxes are listed left to right, as the answers ground them

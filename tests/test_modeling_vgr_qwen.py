@@ -2,10 +2,6 @@
 tokens); with pooling its prompt tokens are Qwen2.5-VL's merged features average-pooled, laid out under M-RoPE as an
 image of the pooled grid; a replay span is the box's merged cells fed as an image of their grid at its place."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import PIL.Image
@@ -20,7 +16,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers_vgr.configuration_vgr_qwen import VGRQwenConfig
 from transformers_vgr.modeling_vgr_qwen import VGRQwenForConditionalGeneration
 
-from conftest import QWEN_TEXT, QWEN_VISION
+from conftest import QWEN_TEXT, QWEN_VISION, run_isolated
 
 # The upstream tests' tiny shapes (DESIGN section 7), a vocabulary with room for <sot> / <eot>.
 VISION = QWEN_VISION
@@ -334,9 +330,7 @@ def test_a_saved_folder_loads_as_remote_code_in_a_fresh_process(replaying, image
     torch.save(inputs, tmp_path / "inputs.pt")
     with torch.no_grad():
         torch.save(model(**inputs).logits, tmp_path / "logits.pt")
-    code = textwrap.dedent(f"""
-        import sys
-        sys.modules["transformers_vgr"] = None  # only the folder's remote code
+    code = f"""
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path / "vgr-qwen")!r}, trust_remote_code=True).eval()
@@ -345,12 +339,8 @@ def test_a_saved_folder_loads_as_remote_code_in_a_fresh_process(replaying, image
             logits = model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits
         torch.testing.assert_close(logits, torch.load({str(tmp_path / "logits.pt")!r}))
         print("same logits")
-    """)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "same logits" in result.stdout, result.stderr[-3000:]
+    """
+    assert "same logits" in run_isolated(code, tmp_path / "hf_home", tmp_path)  # only the folder's remote code
 
 
 def test_several_samples_each_replay_from_their_rows_image(replaying, images):

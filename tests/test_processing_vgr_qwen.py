@@ -1,10 +1,6 @@
 """VGR-Qwen's processor and training path, against transformers' Qwen2.5-VL processor, the real Qwen2.5 tokenizer,
 Qwen2.5-VL-Instruct's chat template and a teacher-forced `generate`."""
 
-import os
-import subprocess
-import sys
-import textwrap
 from unittest import mock
 
 import numpy as np
@@ -17,11 +13,11 @@ from transformers.processing_utils import ProcessorMixin
 
 from transformers_vgr import VGRQwenConfig, VGRQwenForConditionalGeneration
 from transformers_vgr.image_processing_vgr_qwen import VGRQwenImageProcessor
-from transformers_vgr.processing_vgr_qwen import QWEN2_5_VL_CHAT_TEMPLATE, VGRQwenProcessor
+from transformers_vgr.processing_vgr_qwen import VGRQwenProcessor
 from transformers_vgr.training import VGRDataCollator, VGRSFTDataset, VGRTrainer, add_lora, encode_conversation
 from transformers_vgr.training.sample_data import make_sample
 
-from conftest import QWEN_TEXT, QWEN_VISION, qwen2_5_tokenizer
+from conftest import QWEN_TEXT, QWEN_VISION, qwen2_5_tokenizer, run_isolated
 from test_modeling_vgr_qwen import ForceIds
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 48
@@ -277,9 +273,7 @@ def test_a_saved_folder_is_a_pipeline_with_remote_code(images, tmp_path):
     assert [record.box for record in output.replays[0]] == [(0.1, 0.2, 0.5, 0.6)]
     expected = ours.decode(output.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert box in expected
-    code = textwrap.dedent(f"""
-        import sys
-        sys.modules["transformers_vgr"] = None  # only the folder's remote code
+    code = f"""
         from PIL import Image
         from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList, pipeline
 
@@ -304,10 +298,6 @@ def test_a_saved_folder_is_a_pipeline_with_remote_code(images, tmp_path):
         messages = [{{"role": "user", "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "Where is it?"}}]}}]
         chat = pipe(text=messages, max_new_tokens=40, generate_kwargs={{"logits_processor": LogitsProcessorList([force]), "do_sample": False}})
         print(repr(chat[0]["generated_text"][-1]["content"]))
-    """)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == repr(expected)
+    """
+    printed = run_isolated(code, tmp_path / "hf_home", tmp_path)  # only the folder's remote code
+    assert printed.strip().splitlines()[-1] == repr(expected)

@@ -3,11 +3,6 @@ answers in VGR's form with the right box, a replay and the right digit, which it
 pieces its training rests on: the data's lattice against the snapshot's tokens, the vision tower's position table."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -18,7 +13,7 @@ from transformers_vgr.reference.synthetic import LATTICE, SIZES, cell_box, make_
 from transformers_vgr.reference.train import CHAT_TEMPLATE, init_vision_positions, sincos_position_table, tiny_config
 from transformers_vgr.training.data import read_records
 
-from conftest import ROOT
+from conftest import ROOT, run_isolated
 
 
 CHECKPOINT = ROOT / "checkpoints" / "vgr-tiny"
@@ -81,8 +76,6 @@ def test_held_out_answers_ground_and_replay(tmp_path):
     (chance: 1 in 16) and the right digit (chance: 1 in 10). On the whole test split: 98.0% (docs/vgr-tiny.md)."""
     make_split(tmp_path, "test", 20)
     code = f"""
-        import sys
-        sys.modules["transformers_vgr"] = None
         import json, torch
         from PIL import Image
         from transformers import AutoModel, AutoProcessor
@@ -99,12 +92,7 @@ def test_held_out_answers_ground_and_replay(tmp_path):
         texts = processor.batch_decode(output.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         print(json.dumps([{{"text": t, "replayed": sum(r.valid for r in rs)}} for t, rs in zip(texts, output.replays)]))
     """
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                            timeout=900, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    answers = json.loads(run_isolated(code, tmp_path / "hf", tmp_path, timeout=900).strip().splitlines()[-1])
     from transformers_vgr import extract_final_answer, parse_boxes
 
     assert len(answers) == 20
