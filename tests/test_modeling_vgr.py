@@ -12,7 +12,7 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
-from transformers_vgr import VGRForConditionalGeneration, VGRImageProcessor, VGRProcessor, format_grounded_box
+from transformers_vgr import VGRConfig, VGRForConditionalGeneration, VGRImageProcessor, VGRProcessor, format_grounded_box
 from transformers_vgr.geometry_vgr import unpadded_span
 
 from conftest import LLAVA_NEXT_PINPOINTS, _chart, llama2_tokenizer, tiny_config, tiny_processor
@@ -290,6 +290,35 @@ class TestLosses:
         torch.testing.assert_close(out.lm_loss, full.lm_loss)
         torch.testing.assert_close(out.box_l1_loss, full.box_l1_loss)
 
+    def test_the_loss_backpropagates_through_supervised_positions_only(self, setup):
+        """With every position's logits kept (the default), the LM head's backward covers the supervised positions
+        only; the gradient equals the one of a loss over the full logits."""
+        model, inputs = setup
+        ids = inputs["input_ids"]
+        backward_rows = []
+
+        def on_output(module, args, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: backward_rows.append(grad.shape[:-1].numel()))
+
+        hook = model.lm_head.register_forward_hook(on_output)
+        try:
+            model.zero_grad(set_to_none=True)
+            out = model(**inputs, labels=ids)
+            out.lm_loss.backward()
+        finally:
+            hook.remove()
+        grad = model.lm_head.weight.grad.clone()
+        targets = torch.nn.functional.pad(ids[0, 1:].masked_fill(ids[0, 1:] == model.config.image_token_id, -100),
+                                          (0, 1), value=-100)
+        assert out.logits.shape[1] == ids.shape[1] and backward_rows == [int((targets != -100).sum())]
+        model.zero_grad(set_to_none=True)
+        by_hand = torch.nn.functional.cross_entropy(model(**inputs).logits[0], targets, ignore_index=-100)
+        by_hand.backward()
+        torch.testing.assert_close(out.lm_loss, by_hand)
+        torch.testing.assert_close(grad, model.lm_head.weight.grad)
+        model.zero_grad(set_to_none=True)
+
     def test_detection_loss_is_zero_for_a_perfect_box(self, setup):
         model, inputs = setup
         with torch.no_grad():
@@ -393,6 +422,75 @@ class TestDetectionHeadInit:
             torch.nn.init.zeros_(layer.bias)
         fan_in_l1, small_l1 = l1_after_40_adam_steps(model.box_head), l1_after_40_adam_steps(small)
         assert fan_in_l1 < 0.3 < small_l1
+
+
+class TestVisionChunks:
+    """The vision tower runs over a request's crops in chunks of `config.crops_per_vision_call`; features, hidden
+    states, attentions, losses and gradients are those of one call over all crops."""
+
+    def test_crops_per_call_from_the_byte_budget(self):
+        config = VGRConfig.vgr_7b()  # CLIP-L/14-336: 577 tokens x MLP 4096, 9.45 MB a crop in fp32
+        assert config.crops_per_vision_call(4) == 5 and config.crops_per_vision_call(2) == 10
+        assert VGRConfig.vgr_7b(vision_chunk_bytes=1).crops_per_vision_call(4) == 1  # at least one crop
+        assert VGRConfig.vgr_7b(vision_chunk_bytes=0).crops_per_vision_call(4) is None  # all in one call
+        with pytest.raises(ValueError, match="vision_chunk_bytes"):
+            VGRConfig.vgr_7b(vision_chunk_bytes=-1)
+
+    @staticmethod
+    def tower_calls(model):
+        calls = []
+        handle = model.model.vision_tower.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+        return calls, handle
+
+    def test_chunked_equals_one_call(self, images):
+        torch.manual_seed(0)
+        whole = VGRForConditionalGeneration(tiny_config(vision_chunk_bytes=0)).eval()
+        per_crop = 65 * 64 * 4  # tiny_config: (112 / 14)^2 + 1 tokens x MLP 64, fp32
+        chunked = VGRForConditionalGeneration(tiny_config(vision_chunk_bytes=3 * per_crop)).eval()
+        chunked.load_state_dict(whole.state_dict())
+        processor = tiny_processor(whole.config)
+        inputs = processor(images=[images["rocket_640x427"], images["chelsea_451x300"]], text=[chat(), chat()],
+                           return_tensors="pt", padding=True)
+        outputs, calls = {}, {}
+        for name, model in (("whole", whole), ("chunked", chunked)):
+            calls[name], handle = self.tower_calls(model)
+            with torch.no_grad():
+                outputs[name] = model.model.encode_images(inputs["pixel_values"], inputs["image_sizes"],
+                                                          output_hidden_states=True, output_attentions=True)
+            handle.remove()
+        crops = sum(calls["whole"])
+        assert len(calls["whole"]) == 1 and crops > 6
+        assert calls["chunked"] == [3] * (crops // 3) + ([crops % 3] if crops % 3 else [])
+        (whole_out, whole_memories), (chunked_out, chunked_memories) = outputs["whole"], outputs["chunked"]
+        for a, b in zip(whole_out.pooler_output, chunked_out.pooler_output):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(whole_memories, chunked_memories):
+            torch.testing.assert_close(a.features, b.features, rtol=1e-5, atol=1e-5)
+        for field in ("hidden_states", "attentions"):
+            assert len(getattr(whole_out, field)) == len(getattr(chunked_out, field))
+            for a, b in zip(getattr(whole_out, field), getattr(chunked_out, field)):
+                assert a.shape[0] == crops
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(whole_out.last_hidden_state, chunked_out.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+    def test_chunked_training_step_equals_one_call(self, images):
+        torch.manual_seed(0)
+        whole = VGRForConditionalGeneration(tiny_config(vision_chunk_bytes=0))
+        chunked = VGRForConditionalGeneration(tiny_config(vision_chunk_bytes=1))  # one crop a call
+        chunked.load_state_dict(whole.state_dict())
+        processor = tiny_processor(whole.config)
+        inputs = processor(images=images["rocket_640x427"],
+                           text=chat(answer="A <sot>[0.1, 0.2, 0.5, 0.6]<eot><image> B"), return_tensors="pt")
+        labels = inputs["input_ids"].clone()
+        losses, grads = {}, {}
+        for name, model in (("whole", whole), ("chunked", chunked)):
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
+            losses[name] = loss.detach()
+            grads[name] = model.model.vision_tower.embeddings.patch_embedding.weight.grad
+        torch.testing.assert_close(losses["whole"], losses["chunked"], rtol=1e-5, atol=1e-5)
+        assert grads["whole"].abs().sum() > 0
+        torch.testing.assert_close(grads["whole"], grads["chunked"], rtol=1e-4, atol=1e-6)
 
 
 class TestAttentionAndDtypes:

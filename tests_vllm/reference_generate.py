@@ -75,6 +75,7 @@ def forced(out_dir: Path) -> dict:
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=32064, max_position_embeddings=2048,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2),
         max_crops=9, max_replays=3,
+        vision_chunk_bytes=3 * 65 * 64 * 4,  # 3 crops a vision-tower call (65 tokens x MLP 64, fp32): chunked
     )
     processor = VGRProcessor(VGRImageProcessor.from_model_config(config), tokenizer)
     config.update(processor.box_token_table())

@@ -88,6 +88,12 @@ class VGRConfig(PreTrainedConfig):
             Hidden layer of the vision tower whose features are used.
         vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
             `"default"` drops the CLS token, `"full"` keeps it.
+        vision_chunk_bytes (`int`, *optional*, defaults to 50000000):
+            The vision tower runs over the crops in chunks of as many crops as keep its largest activation (a crop's
+            tokens times the tower's MLP width, in the tower's dtype) within this many bytes, at least one crop a
+            chunk; 0 runs all crops in one call. One large batch costs a CPU more per crop than its FLOPs (its
+            activations are mapped afresh at every layer: `benchmarks/bench_paper.py`); the default holds five
+            CLIP-L/14-336 crops, LLaVA-NeXT's own batch. Features are the same either way.
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
             Activation of the 2-layer MLP projector (LLaVA's `mlp2x_gelu`).
         multimodal_projector_bias (`bool`, *optional*, defaults to `True`):
@@ -113,8 +119,8 @@ class VGRConfig(PreTrainedConfig):
         ValueError: When the crops, pools and pinpoints do not fit together (a pool that does not divide the crop's
             feature grid, `max_crops` below 1), a token id is outside the language model's vocabulary or two of them
             are equal, `max_replays` or `max_replay_tokens` is negative, `box_token_ids` and `box_token_texts` are
-            not given together with one text per id, or `vision_feature_layer` is not a layer of the vision tower.
-            The message names the field.
+            not given together with one text per id, `vision_feature_layer` is not a layer of the vision tower, or
+            `vision_chunk_bytes` is negative. The message names the field.
 
     Example:
 
@@ -158,6 +164,7 @@ class VGRConfig(PreTrainedConfig):
     image_layout: Literal["vgr", "llava_next"] = "vgr"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
+    vision_chunk_bytes: int = 50_000_000
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
     box_l1_weight: float = 1.0
@@ -180,6 +187,8 @@ class VGRConfig(PreTrainedConfig):
                 f"vision_feature_layer={self.vision_feature_layer} is outside the vision tower's "
                 f"{num_layers} layers (hidden states -{num_layers + 1}..{num_layers})"
             )
+        if self.vision_chunk_bytes < 0:
+            raise ValueError(f"vision_chunk_bytes={self.vision_chunk_bytes} must not be negative (0: one call)")
 
     def _build_sub_configs(self) -> None:
         """What `sub_configs_defaults` does in transformers >= 5.20: a dict or `None` becomes the sub-config."""
@@ -192,6 +201,15 @@ class VGRConfig(PreTrainedConfig):
             elif isinstance(value, dict):
                 value = CONFIG_MAPPING[value.get("model_type", model_type)](**value)
             setattr(self, name, value)
+
+    def crops_per_vision_call(self, element_size: int) -> int | None:
+        """How many crops one vision-tower call takes (`vision_chunk_bytes`), the tower's parameters `element_size`
+        bytes each; `None`: all of them."""
+        if self.vision_chunk_bytes == 0:
+            return None
+        vision = self.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # the patches and a CLS token
+        return max(1, self.vision_chunk_bytes // (tokens * vision.intermediate_size * element_size))
 
     def geometry(self) -> VGRGeometry:
         """The tiling and token-count rules this config implies (shared with the image processor)."""

@@ -54,11 +54,11 @@ class VGRHeadsMixin:
     """The heads' outputs and losses of a VGR model (`self.lm_head`, `self.box_head`, `self.config` with
     `eot_token_id`, `image_token_id` and the box-loss weights), from the language model's last hidden states."""
 
-    def heads_and_losses(self, hidden_states, token_ids, logits, kept, labels=None, shift_labels=None,
-                         box_targets=None, num_items_in_batch=None) -> dict:
-        """`eot_boxes` (the detection head's box at each `<eot>` of `token_ids`, row-major, corners) and, with
-        targets, `lm_loss`, `box_l1_loss`, `box_giou_loss` and their weighted sum `loss`. `logits` are the LM head's
-        over the `kept` positions of `hidden_states` `(batch, seq, hidden)`."""
+    def heads_and_losses(self, hidden_states, token_ids, kept, labels=None, shift_labels=None, box_targets=None,
+                         num_items_in_batch=None) -> dict:
+        """The LM head's `logits` over the `kept` positions of `hidden_states` `(batch, seq, hidden)`, `eot_boxes`
+        (the detection head's box at each `<eot>` of `token_ids`, row-major, corners) and, with targets, `lm_loss`,
+        `box_l1_loss`, `box_giou_loss` and their weighted sum `loss`."""
         eot_boxes = eot_predictions = None
         if token_ids.shape == hidden_states.shape[:2]:
             eot_mask = token_ids == self.config.eot_token_id
@@ -69,14 +69,16 @@ class VGRHeadsMixin:
         lm_loss = box_l1_loss = box_giou_loss = None
         if labels is not None or shift_labels is not None:
             targets = self.next_token_targets(token_ids, labels, shift_labels, hidden_states.shape[:2])
-            lm_loss = self.language_modeling_loss(hidden_states, logits, kept, targets, num_items_in_batch)
+            logits, lm_loss = self.logits_and_language_modeling_loss(hidden_states, kept, targets, num_items_in_batch)
+        else:
+            logits = self.lm_head(hidden_states[:, kept, :])  # (batch, kept, vocab)
         if box_targets is not None:
             box_l1_loss, box_giou_loss = self.box_losses(token_ids, hidden_states, box_targets, eot_predictions)
 
         pieces = [(lm_loss, 1.0), (box_l1_loss, self.config.box_l1_weight), (box_giou_loss, self.config.box_giou_weight)]
         present = [weight * piece for piece, weight in pieces if piece is not None]
         return {"loss": sum(present) if present else None, "lm_loss": lm_loss, "box_l1_loss": box_l1_loss,
-                "box_giou_loss": box_giou_loss, "eot_boxes": eot_boxes}
+                "box_giou_loss": box_giou_loss, "logits": logits, "eot_boxes": eot_boxes}
 
     def next_token_targets(self, token_ids, labels, shift_labels, shape) -> torch.Tensor:
         """The token each position predicts, `(batch, seq)`, -100 where none: `labels` shifted by one, or
@@ -96,29 +98,31 @@ class VGRHeadsMixin:
         labels = labels.masked_fill(token_ids == self.config.image_token_id, -100)
         return F.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts token p + 1
 
-    def language_modeling_loss(self, hidden_states, logits, kept, targets, num_items_in_batch=None) -> torch.Tensor:
-        """Next-token cross-entropy, with the LM head run once per position: a supervised position among the `kept`
-        ones (`logits` `(batch, kept, vocab)`, all positions by default) is read from `logits`, the others (when the
-        Trainer keeps one position, most of them) get the head here. Most positions of a VGR sequence (prompt, image
-        and replay tokens) have no target, and the head over the vocabulary is the costliest part of a small model's
-        training step. `targets` `(batch, seq)` are already shifted (`next_token_targets`). The mean over targets, or
-        their sum over `num_items_in_batch`."""
+    def logits_and_language_modeling_loss(self, hidden_states, kept, targets, num_items_in_batch=None) -> tuple:
+        """The logits of the `kept` positions `(batch, kept, vocab)` and the next-token cross-entropy, with the LM
+        head run once per position and the loss's gradient through the supervised positions only.
+
+        Most positions of a VGR sequence (prompt, image and replay tokens) have no target, and the head over the
+        vocabulary is the costliest part of a small model's training step: the head runs on the supervised positions
+        (the loss reads them) and on the kept ones that are not supervised; a kept supervised position's logits are
+        the loss's. Training that needs no logits keeps one position (`VGRTrainer`). `targets` `(batch, seq)` are
+        already shifted (`next_token_targets`). The loss is the mean over targets, or their sum over
+        `num_items_in_batch`."""
         rows, positions = (targets != -100).nonzero(as_tuple=True)  # (num_targets,) each
-        # The column of `logits` that holds each position, -1 for a position not kept.
-        column = torch.full((targets.shape[1],), -1, dtype=torch.long, device=targets.device)
-        column[torch.arange(targets.shape[1], device=targets.device)[kept]] = torch.arange(
-            logits.shape[1], device=targets.device)
-        columns = column[positions]
-        inside = columns >= 0
-        outside = ~inside
-        target_logits = torch.cat([
-            logits[rows[inside], columns[inside]],
-            self.lm_head(hidden_states[rows[outside], positions[outside]]),
-        ]).float()  # (num_targets, vocab), those read from `logits` first
-        target_ids = torch.cat([targets[rows[inside], positions[inside]], targets[rows[outside], positions[outside]]])
-        loss = F.cross_entropy(target_logits, target_ids, reduction="sum")
+        supervised = self.lm_head(hidden_states[rows, positions])  # (num_targets, vocab)
+        loss = F.cross_entropy(supervised.float(), targets[rows, positions], reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else rows.numel()
-        return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+
+        # Each kept position's row of `supervised`, -1 where it is not supervised.
+        target_row = torch.full(targets.shape, -1, dtype=torch.long, device=targets.device)
+        target_row[rows, positions] = torch.arange(rows.numel(), device=targets.device)
+        kept_row = target_row[:, kept]  # (batch, kept)
+        from_head = kept_row < 0
+        logits = supervised.new_empty((*kept_row.shape, supervised.shape[-1]))  # (batch, kept, vocab)
+        logits[from_head] = self.lm_head(hidden_states[:, kept][from_head])
+        logits[~from_head] = supervised[kept_row[~from_head]]
+        return logits, loss
 
     def box_losses(self, input_ids, hidden_states, box_targets,
                    eot_predictions=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -215,7 +215,9 @@ class VGRModel(VGRPreTrainedModel):
         num_patches = [1 + tile.num_crops for tile in tiles]
         pixel_values = self._flatten_patches(pixel_values, num_patches)
 
-        features, vision_outputs = self.crop_features(pixel_values, output_attentions)  # (patches, side, side, hidden)
+        features, vision_outputs = self.crop_features(  # (patches, side, side, hidden)
+            pixel_values, output_attentions, output_hidden_states
+        )
 
         prompt_tokens, memories = [], []
         for tile, image_features, image_pixels in zip(
@@ -233,14 +235,23 @@ class VGRModel(VGRPreTrainedModel):
         )
         return image_outputs, memories
 
-    def crop_features(self, pixel_values: torch.Tensor, output_attentions: bool = False):
+    def crop_features(self, pixel_values: torch.Tensor, output_attentions: bool = False,
+                      output_hidden_states: bool = False):
         """Projected features of crops `(num_crops, 3, crop, crop)`: `(num_crops, side, side, hidden)`, with the
-        vision tower's output."""
-        # The feature layer is a hidden state, so the tower always returns them; they are kept only when asked for.
-        vision_outputs = self.vision_tower(
-            pixel_values, output_hidden_states=True, output_attentions=output_attentions, return_dict=True
-        )
-        features = vision_outputs.hidden_states[self.config.vision_feature_layer]
+        vision tower's output (its hidden states and attentions only when asked for). The tower runs over the crops in
+        chunks (`config.vision_chunk_bytes`)."""
+        chunk = self.config.crops_per_vision_call(pixel_values.element_size()) or pixel_values.shape[0]
+        features, chunk_outputs = [], []
+        for chunk_pixels in torch.split(pixel_values, chunk):
+            # The feature layer is a hidden state, so the tower always returns them; they are kept only when asked for.
+            vision_outputs = self.vision_tower(
+                chunk_pixels, output_hidden_states=True, output_attentions=output_attentions, return_dict=True
+            )
+            features.append(vision_outputs.hidden_states[self.config.vision_feature_layer])
+            chunk_outputs.append(vision_outputs if output_hidden_states else vision_outputs.__class__(
+                last_hidden_state=vision_outputs.last_hidden_state, attentions=vision_outputs.attentions
+            ))
+        features = torch.cat(features)  # (num_crops, tokens, vision_hidden)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]  # drop CLS
         side = self.geometry.crop_side
@@ -251,7 +262,7 @@ class VGRModel(VGRPreTrainedModel):
                 "vision_feature_select_strategy ('default' drops a CLS token, 'full' keeps every token)"
             )
         features = self.multi_modal_projector(features)  # (num_crops, side * side, hidden)
-        return features.view(features.shape[0], side, side, -1), vision_outputs  # (num_crops, side, side, hidden)
+        return features.view(features.shape[0], side, side, -1), _concatenated(chunk_outputs)
 
     def replay_tokens(self, memory: ImageMemory, box) -> torch.Tensor:
         """The tokens a replay of `box` feeds to the LLM, row-major `(K, hidden)`: its cells of S, `replay_pool`-pooled;
@@ -567,9 +578,10 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRHeadsMixin, VGRGenerati
                 Whether to return the key/value cache.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute the logits of the last `logits_to_keep` positions only (0: all), or of the given indices.
-                With `labels`, the LM head still runs once per position: the loss reads the kept logits and runs
-                the head on the supervised positions that are not kept. Training that does not need the logits
-                passes 1 (as `VGRTrainer` does), so that the head runs on little more than the supervised positions.
+                With `labels`, the LM head still runs once per position: on the supervised positions (the loss's
+                gradient goes through them only) and on the kept ones that are not. Training that does not need the
+                logits passes 1 (as `VGRTrainer` does), so that the head runs on little more than the supervised
+                positions.
             **kwargs:
                 `output_hidden_states`, `output_attentions`, `return_dict`, `num_items_in_batch` (the Trainer's count
                 of label tokens, for gradient accumulation) and `shift_labels`.
@@ -604,19 +616,32 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRHeadsMixin, VGRGenerati
         )
         hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, kept, :])  # (batch, kept, vocab)
         token_ids = self.model.placeholder_ids(input_ids, inputs_embeds)  # (batch, seq)
-        heads = self.heads_and_losses(hidden_states, token_ids, logits, kept, labels, shift_labels, box_targets,
+        heads = self.heads_and_losses(hidden_states, token_ids, kept, labels, shift_labels, box_targets,
                                       num_items_in_batch)
         return VGRCausalLMOutputWithPast(
             **heads,
-            logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             feature_memory=outputs.feature_memory,
             image_outputs=outputs.image_outputs,
         )
+
+
+def _concatenated(outputs: list[BaseModelOutputWithPooling]) -> BaseModelOutputWithPooling:
+    """The vision tower's outputs of consecutive chunks of crops as one output over all of them."""
+    if len(outputs) == 1:
+        return outputs[0]
+
+    def cat(field):
+        values = [getattr(output, field) for output in outputs]
+        if isinstance(values[0], tuple):  # hidden states or attentions: one tensor per layer
+            return tuple(torch.cat(layer) for layer in zip(*values))
+        return torch.cat(values)
+
+    return outputs[0].__class__(**{field: cat(field) for field in outputs[0].keys()})
+
 
 def _is_prefill(cache) -> bool:
     return cache is None or cache.get_seq_length() == 0

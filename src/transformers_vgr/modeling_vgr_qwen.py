@@ -327,12 +327,11 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRHeadsMixin, VGR
         )
         hidden_states = outputs.last_hidden_state  # (batch, seq, hidden)
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, kept, :])  # (batch, kept, vocab)
         token_ids = input_ids if input_ids is not None else torch.full(hidden_states.shape[:2], -1)
-        heads = self.heads_and_losses(hidden_states, token_ids.to(hidden_states.device), logits, kept, labels,
+        heads = self.heads_and_losses(hidden_states, token_ids.to(hidden_states.device), kept, labels,
                                       shift_labels, box_targets, num_items_in_batch)
         return VGRCausalLMOutputWithPast(
-            **heads, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            **heads, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, image_outputs=outputs.image_outputs, feature_memory=outputs.feature_memory,
         )
 
