@@ -5,6 +5,8 @@ prints one JSON line.
     python reference_generate.py synthetic OUT_DIR COUNT   # checkpoints/vgr-tiny on COUNT held-out test images
     python reference_generate.py perturbed OUT_DIR COUNT   # VGR-Tiny's weights moved by seeded noise, saved to
                                                            # OUT_DIR/model, on the same images
+    python reference_generate.py lora OUT_DIR COUNT        # a seeded LoRA adapter of VGR-Tiny's language model in
+                                                           # OUT_DIR/adapter; VGR-Tiny with it merged, on the images
 """
 
 import json
@@ -132,6 +134,31 @@ def perturbed(out_dir: Path) -> Path:
     return out_dir / "model"
 
 
+LORA_RANK = 8
+LORA_NOISE = 0.08  # the std of the adapter's B matrices: changes most answers of VGR-Tiny, keeps most of its replays
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora(out_dir: Path) -> Path:
+    """A LoRA adapter (PEFT) on VGR-Tiny's language-model projections, its B matrices seeded noise (PEFT starts them
+    at zero, which would change nothing), saved to `out_dir / "adapter"`; VGR-Tiny with it merged is saved to
+    `out_dir / "merged"`, which is returned."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = VGRForConditionalGeneration.from_pretrained(CHECKPOINT).eval()
+    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=LORA_TARGETS))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, LORA_NOISE)
+    peft_model.save_pretrained(out_dir / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out_dir / "merged")
+    VGRProcessor.from_pretrained(CHECKPOINT).save_pretrained(out_dir / "merged")
+    return out_dir / "merged"
+
+
 def synthetic(out_dir: Path, count: int, batch_size: int = 8, max_new_tokens: int = 64,
               checkpoint: Path = CHECKPOINT) -> dict:
     from transformers_vgr.reference.synthetic import make_split
@@ -178,6 +205,8 @@ if __name__ == "__main__":
         result = forced(out)
     elif mode == "perturbed":
         result = {**synthetic(out, int(sys.argv[3]), checkpoint=perturbed(out)), "model": str(out / "model")}
+    elif mode == "lora":
+        result = {**synthetic(out, int(sys.argv[3]), checkpoint=lora(out)), "adapter": str(out / "adapter")}
     else:
         result = synthetic(out, int(sys.argv[3]))
     print(json.dumps(result))

@@ -23,6 +23,7 @@ item. vLLM's prefix cache then reuses every full KV block of the prefix.
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated
 
 import numpy as np
 import safetensors.torch
@@ -34,7 +35,8 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.models.clip import CLIPVisionModel
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal, SupportsPP
+from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     WeightsMapper,
@@ -60,6 +62,7 @@ from vllm.multimodal.processing import (
     PromptUpdateDetails,
 )
 from vllm.sequence import IntermediateTensors
+from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from ..image_processing_vgr import VGRImageProcessor, to_rgb_image
 from ..replay_vgr import ImageMemory, image_tokens_and_memory, replay_features
@@ -222,7 +225,8 @@ class VGRMultiModalProcessor(BaseMultiModalProcessor[VGRProcessingInfo]):
 
 
 class VGRMultiModalProjector(nn.Module):
-    """LLaVA's `mlp2x_gelu` with vLLM's tensor-parallel linear layers."""
+    """LLaVA's `mlp2x_gelu` with vLLM's tensor-parallel linear layers. vLLM's own `LlavaMultiModalProjector` is this
+    module, but its file imports Pixtral's, which needs torchvision (absent from a CPU build of vLLM)."""
 
     def __init__(self, config, quant_config, prefix: str):
         super().__init__()
@@ -237,6 +241,41 @@ class VGRMultiModalProjector(nn.Module):
         hidden, _ = self.linear_1(features)
         hidden, _ = self.linear_2(self.act(hidden))
         return hidden
+
+
+class VGRImageInputs(TensorSchema):
+    """An `"image"` group's tensors, as `VGRMultiModalProcessor` makes them. Dimensions:
+        - p: crops of all the group's images (each image's snapshot and grid), concatenated
+        - bn: images
+        - h, w: the crop size
+    """
+
+    pixel_values: Annotated[torch.Tensor, TensorShape("p", 3, "h", "w")]
+    num_patches: Annotated[torch.Tensor, TensorShape("bn")]
+    image_sizes: Annotated[torch.Tensor, TensorShape("bn", 2)]  # (height, width)
+    image_keys: Annotated[torch.Tensor, TensorShape("bn")]
+
+
+class VGRRegionInputs(VGRImageInputs):
+    """A `"region"` group's tensors: each replay's picture (as an image's) and its normalized box."""
+
+    boxes: Annotated[torch.Tensor, TensorShape("bn", 4)]  # (x1, y1, x2, y2)
+
+
+def parse_inputs(kwargs: Mapping[str, object], prefix: str, crop_size: int) -> VGRImageInputs | VGRRegionInputs:
+    """The image (`prefix=""`) or region (`"region_"`) tensors of `embed_multimodal`'s keyword arguments, checked as
+    vLLM's own models check theirs (`TensorSchema`): a `ValueError` naming the field when a shape is off, or when the
+    crops do not add up to the images' `num_patches`."""
+    fields = {name: kwargs[f"{prefix}{name}"] for name in ("pixel_values", "num_patches", "image_sizes", "image_keys")}
+    fields["pixel_values"] = _as_flat(fields["pixel_values"])
+    schema = VGRImageInputs
+    if prefix:
+        schema, fields["boxes"] = VGRRegionInputs, kwargs[f"{prefix}boxes"]
+    inputs = schema(**fields, resolve_bindings={"h": crop_size, "w": crop_size})
+    if int(inputs.num_patches.sum()) != inputs.pixel_values.shape[0]:
+        raise ValueError(f"{prefix}pixel_values holds {inputs.pixel_values.shape[0]} crops but {prefix}num_patches "
+                         f"adds up to {int(inputs.num_patches.sum())}")
+    return inputs
 
 
 class FeatureMemoryCache:
@@ -289,8 +328,14 @@ def _num_bytes(memory: ImageMemory) -> int:
 @MULTIMODAL_REGISTRY.register_processor(
     VGRMultiModalProcessor, info=VGRProcessingInfo, dummy_inputs=VGRDummyInputsBuilder
 )
-class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
-    """VGR on vLLM's CLIP and LLaMA: the checkpoint `export` writes loads as is."""
+class VGRForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
+    """VGR on vLLM's CLIP and LLaMA: the checkpoint `export` writes loads as is. Pipeline parallelism and LoRA
+    adapters on the language model are vLLM's LLaMA's, as for vLLM's LLaVA-NeXT."""
+
+    packed_modules_mapping = {  # vLLM's LLaMA fuses these projections
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
 
     hf_to_vllm_mapper = WeightsMapper(
         orig_to_new_prefix={
@@ -358,13 +403,15 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
     # -- vision
 
     def _encode(self, pixel_values: torch.Tensor, num_patches: list[int], image_sizes, keys) -> list[torch.Tensor]:
-        """One vision-tower run over every crop of the given images; stores each image's S and returns its prompt
-        tokens `(snapshot + crop tokens, hidden)`."""
+        """The vision tower over every crop of the given images, in chunks as `generate` runs it (`vision_chunk_bytes`);
+        stores each image's S and returns its prompt tokens `(snapshot + crop tokens, hidden)`."""
         side = self.geometry.crop_side
-        features = self.vision_tower(
-            pixel_values.to(self.vision_tower.dtype),
-            feature_select_strategy=self.config.vision_feature_select_strategy,
-        )  # (total_patches, side * side, vision_hidden)
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        chunk = self.config.crops_per_vision_call(pixel_values.element_size()) or pixel_values.shape[0]
+        features = torch.cat([
+            self.vision_tower(chunk_pixels, feature_select_strategy=self.config.vision_feature_select_strategy)
+            for chunk_pixels in torch.split(pixel_values, chunk)
+        ])  # (total_patches, side * side, vision_hidden)
         features = self.multi_modal_projector(features).view(features.shape[0], side, side, -1)
         prompt_tokens = []
         for size, key, image_features in zip(image_sizes, keys, torch.split(features, num_patches)):
@@ -376,38 +423,32 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
             prompt_tokens.append(tokens)
         return prompt_tokens
 
-    def _embed_images(self, pixel_values, num_patches, image_sizes, image_keys) -> list[torch.Tensor]:
-        return self._encode(
-            _as_flat(pixel_values), num_patches.tolist(), _as_sizes(image_sizes), image_keys.tolist()
-        )
+    def _embed_images(self, inputs: VGRImageInputs) -> list[torch.Tensor]:
+        return self._encode(inputs.pixel_values, inputs.num_patches.tolist(), _as_sizes(inputs.image_sizes),
+                            inputs.image_keys.tolist())
 
-    def _embed_regions(self, region_pixel_values, region_num_patches, region_image_sizes, region_image_keys,
-                       region_boxes) -> list[torch.Tensor]:
-        pixel_values = _as_flat(region_pixel_values)
-        num_patches = region_num_patches.tolist()
-        sizes, keys = _as_sizes(region_image_sizes), region_image_keys.tolist()
+    def _embed_regions(self, inputs: VGRRegionInputs) -> list[torch.Tensor]:
+        num_patches = inputs.num_patches.tolist()
         starts = np.cumsum([0] + num_patches)
         embeddings = []
-        for index, (size, key, box) in enumerate(zip(sizes, keys, region_boxes.tolist())):
+        for index, (size, key, box) in enumerate(zip(_as_sizes(inputs.image_sizes), inputs.image_keys.tolist(),
+                                                     inputs.boxes.tolist())):
             memory = self.feature_memory.get(key)
             if memory is None:  # evicted, or the prefix cache skipped this image's encoder in this worker
                 self.feature_memory_misses += 1
-                self._encode(pixel_values[starts[index] : starts[index + 1]], [num_patches[index]], [size], [key])
+                self._encode(inputs.pixel_values[starts[index] : starts[index + 1]], [num_patches[index]], [size],
+                             [key])
                 memory = self.feature_memory.get(key)
             embeddings.append(replay_features(memory.features, memory.grid, box, self.config.replay_pool))  # (K, hidden)
         return embeddings
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         # vLLM calls this once per modality group.
+        crop_size = self.geometry.crop_size
         if kwargs.get("pixel_values") is not None:
-            return self._embed_images(
-                kwargs["pixel_values"], kwargs["num_patches"], kwargs["image_sizes"], kwargs["image_keys"]
-            )
+            return self._embed_images(parse_inputs(kwargs, "", crop_size))
         if kwargs.get("region_boxes") is not None:
-            return self._embed_regions(
-                kwargs["region_pixel_values"], kwargs["region_num_patches"], kwargs["region_image_sizes"],
-                kwargs["region_image_keys"], kwargs["region_boxes"],
-            )
+            return self._embed_regions(parse_inputs(kwargs, "region_", crop_size))
         return []
 
     # -- language model
@@ -430,6 +471,12 @@ class VGRForConditionalGeneration(nn.Module, SupportsMultiModal):
             # The model never writes <image>: placeholders are the prompt's and the replays' (as in `generate`).
             logits[..., self.config.image_token_id] = -float("inf")
         return logits
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        """Where the language model, the connector and the tower are (vLLM's LoRA keeps to the language model)."""
+        return MultiModelKeys.from_string_field(
+            language_model="language_model", connector="multi_modal_projector", tower_model="vision_tower"
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The detection head's box is a by-product of `generate`, not computed here; the features come from a layer

@@ -76,7 +76,8 @@ class VGRLLM:
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def generate(self, requests, sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[VGROutput]:
+    def generate(self, requests, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request=None) -> list[VGROutput]:
         """Answer every request, each with its replay loop.
 
         Args:
@@ -85,6 +86,9 @@ class VGRLLM:
                 `{"type": "image", "image": PIL image or path}`), or one conversation.
             sampling_params (`vllm.SamplingParams` or a list of them, *optional*):
                 One for all requests or one per request; greedy with 256 new tokens by default. `n` must be 1.
+            lora_request (`vllm.lora.request.LoRARequest`, *optional*):
+                A LoRA adapter of the language model (PEFT's folder, as vLLM's LLaMA loads it) for every request and
+                every segment of its replay loop; the engine needs `enable_lora=True`.
 
         Returns:
             `list[VGROutput]`: one per request, in order.
@@ -102,7 +106,8 @@ class VGRLLM:
         if len(params) != len(requests):
             raise ValueError(f"{len(params)} sampling parameters for {len(requests)} requests")
         prepared = [self.frontend.prepare(messages) for messages in requests]
-        sessions = [self.frontend.session(request, p, uuid.uuid4().hex) for request, p in zip(prepared, params)]
+        sessions = [self.frontend.session(request, p, uuid.uuid4().hex, lora_request)
+                    for request, p in zip(prepared, params)]
         return self._run(self._generate_all(sessions))
 
     async def _generate_all(self, sessions) -> list[VGROutput]:

@@ -158,21 +158,25 @@ class VGRFrontend:
     def decode(self, token_ids: list[int]) -> str:
         return self.processor.decode(token_ids, skip_special_tokens=True)
 
-    def session(self, request: PreparedRequest, params: SamplingParams, request_id: str | None = None):
-        return ReplaySession(self, request, params, request_id or uuid.uuid4().hex)
+    def session(self, request: PreparedRequest, params: SamplingParams, request_id: str | None = None,
+                lora_request=None):
+        return ReplaySession(self, request, params, request_id or uuid.uuid4().hex, lora_request)
 
 
 class ReplaySession:
     """The segments of one VGR request: `next_segment()` gives the next vLLM prompt and sampling parameters (or
-    `None` when the request is done), `finish_segment(output)` takes that segment's final `RequestOutput`."""
+    `None` when the request is done), `finish_segment(output)` takes that segment's final `RequestOutput`. Every
+    segment runs with the request's `lora_request` (a vLLM `LoRARequest`, or None)."""
 
-    def __init__(self, frontend: VGRFrontend, request: PreparedRequest, params: SamplingParams, request_id: str):
+    def __init__(self, frontend: VGRFrontend, request: PreparedRequest, params: SamplingParams, request_id: str,
+                 lora_request=None):
         if params.n != 1:
             raise ValueError("VGR's replay loop runs one sequence per request: n must be 1")
         self.frontend = frontend
         self.request = request
         self.params = params
         self.request_id = request_id
+        self.lora_request = lora_request
         self.context_ids = list(request.prompt_ids)  # prompt + output so far, with `<image>` after replayed <eot>s
         self.regions: list[dict] = []
         self.generated: list[int] = []
@@ -284,7 +288,7 @@ async def run_session(engine, session: ReplaySession):
     while (segment := session.next_segment()) is not None:
         prompt, params, segment_id = segment
         final = None
-        async for output in engine.generate(prompt, params, segment_id):
+        async for output in engine.generate(prompt, params, segment_id, lora_request=session.lora_request):
             final = output
             yield session.generated + list(output.outputs[0].token_ids)
         session.finish_segment(final)
