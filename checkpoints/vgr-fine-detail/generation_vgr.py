@@ -476,6 +476,9 @@ class VGRGenerationMixin(GenerationMixin):
         )
         if isinstance(output, GenerateDecoderOnlyOutput):
             if output.cache is not None:
+                # The cache is what transformers' convention hands back to continue (`generate(input_ids=
+                # out.sequences, past_key_values=out.cache)`), so it carries what its positions hold beyond the ids
+                # (replayed positions, the feature memory), as transformers itself marks a cache (`_is_user_defined`).
                 output.cache.vgr_conversation = state.cached_conversation(output.sequences)
             output = VGRGenerateOutput(**output, replays=state.ledger.records,
                                        finish_reasons=state.ledger.finish_reasons)

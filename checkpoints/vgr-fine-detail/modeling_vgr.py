@@ -402,6 +402,23 @@ class VGRModel(VGRPreTrainedModel):
             next_image += 1
         return images
 
+    def _prompt_images(self, pixel_values, image_sizes, mm_encoder_outputs, **kwargs) -> VGRImageOutput | None:
+        """The prompt's images encoded: as `generate` passed them (`mm_encoder_outputs`), or `pixel_values` through
+        the vision tower; None without images."""
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            return mm_encoder_outputs["image"]
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return None
+        if image_sizes is None:
+            raise ValueError("pixel_values were given without image_sizes")
+        return self.encode_images(
+            pixel_values, image_sizes,
+            output_hidden_states=kwargs.get("output_hidden_states", self.config.output_hidden_states),
+            output_attentions=kwargs.get("output_attentions", self.config.output_attentions),
+        )[0]
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -433,22 +450,11 @@ class VGRModel(VGRPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         token_ids = self.placeholder_ids(input_ids, inputs_embeds)  # (batch, seq)
 
-        if pixel_values is not None and mm_encoder_outputs is not None:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        image_outputs, prompt_tokens = (mm_encoder_outputs or {}).get("image"), ()
-        if image_outputs is not None:
-            image_memories = image_outputs.feature_memory.images
-        elif pixel_values is not None and pixel_values.shape[0] > 0:
-            if image_sizes is None:
-                raise ValueError("pixel_values were given without image_sizes")
-            image_outputs, image_memories = self.encode_images(
-                pixel_values, image_sizes,
-                output_hidden_states=kwargs.get("output_hidden_states", self.config.output_hidden_states),
-                output_attentions=kwargs.get("output_attentions", self.config.output_attentions),
-            )
+        image_outputs = self._prompt_images(pixel_values, image_sizes, mm_encoder_outputs, **kwargs)
+        prompt_tokens = ()
         if image_outputs is not None:
             prompt_tokens = image_outputs.pooler_output
-            feature_memory = FeatureMemory(list(image_memories), [None] * token_ids.shape[0])
+            feature_memory = FeatureMemory(list(image_outputs.feature_memory.images), [None] * token_ids.shape[0])
         # Without images (and a memory), placeholders are embedded as the ids they are, as in LLaVA-NeXT; generate
         # refuses them.
 
@@ -628,6 +634,7 @@ class VGRForConditionalGeneration(VGRPreTrainedModel, VGRHeadsMixin, VGRGenerati
             image_outputs=outputs.image_outputs,
         )
 
+
 def _concatenated(outputs: list[BaseModelOutputWithPooling]) -> BaseModelOutputWithPooling:
     """The vision tower's outputs of consecutive chunks of crops as one output over all of them."""
     if len(outputs) == 1:
@@ -635,8 +642,6 @@ def _concatenated(outputs: list[BaseModelOutputWithPooling]) -> BaseModelOutputW
 
     def cat(field):
         values = [getattr(output, field) for output in outputs]
-        if values[0] is None:
-            return None
         if isinstance(values[0], tuple):  # hidden states or attentions: one tensor per layer
             return tuple(torch.cat(layer) for layer in zip(*values))
         return torch.cat(values)
