@@ -10,7 +10,8 @@ feature memory S; an invalid one continues with prompt + output only. vLLM's pre
 of that prefix, and the picture's own placeholders are cached, so its encoder does not run again: what a replay
 recomputes is the partial last block, counted per replay (`recomputed_tokens`).
 
-Requests are independent: a replay is one request's new segment and pads no other request of the batch.
+Requests are independent: a replay is one request's new segment and pads no other request of the batch. Stop strings
+are matched here over the whole answer, across replays.
 """
 
 import base64
@@ -39,6 +40,10 @@ from ..replay_vgr import (
     replay_image,
 )
 
+
+# Tokens the answer's text skips (special ones, such as `</s>`) that a stop string's reach may span besides its
+# characters.
+STOP_WINDOW_SPECIAL_TOKENS = 8
 
 @dataclass
 class VGROutput:
@@ -183,7 +188,8 @@ class ReplaySession:
         self.records: list[ReplayRecord] = []
         self.recomputed: list[int | None] = []
         self.finish_reason: str | None = None
-        self.stop_text: str | None = None
+        self.stop_text: str | None = None  # the stop string the answer reached
+        self.checked_tokens = 0  # generated tokens already searched for stop strings
         self.prompt_tokens = 0
         self.segments = 0
         self.pending_replay = 0  # K of the replay the next segment starts with
@@ -203,7 +209,9 @@ class ReplaySession:
         params = self.params.clone()
         params.max_tokens = self.max_tokens - len(self.generated)
         params.stop_token_ids = list(self.params.stop_token_ids or []) + [self.frontend.config.eot_token_id]
-        params.detokenize = bool(self.params.stop)  # stop strings need vLLM's text; the reply text is ours
+        # Stop strings are matched here, over the whole answer (`stop_string_in`): vLLM would see one segment's text
+        # and miss a string across a replay. The reply text is ours too.
+        params.stop, params.detokenize = [], False
         # Where this segment starts among the request's generated tokens, for per-request logits processors.
         params.extra_args = {**(self.params.extra_args or {}), "vgr_generated_before": len(self.generated)}
         if self.params.seed is not None:
@@ -212,8 +220,25 @@ class ReplaySession:
         self.segments += 1
         return prompt, params, f"{self.request_id}-{self.segments}"
 
+    def stop_string_in(self, token_ids: list[int]) -> bool:
+        """Whether the answer so far (`token_ids`, every segment's) holds one of the request's stop strings; if so it
+        is kept as `stop_text`. Only the tail that new tokens can complete is decoded: the answer before it held none
+        (it was checked when it came)."""
+        if not self.params.stop:
+            return False
+        longest = max(len(text) for text in self.params.stop)
+        new = len(token_ids) - self.checked_tokens
+        self.checked_tokens = len(token_ids)
+        # Every token but a skipped special one is a character or more: this many cover the string's reach.
+        tail = self.frontend.decode(token_ids[-(new + longest + STOP_WINDOW_SPECIAL_TOKENS):])
+        found = [text for text in self.params.stop if text in tail]
+        if found:
+            self.stop_text = min(found, key=tail.index)
+        return bool(found)
+
     def finish_segment(self, output) -> None:
-        """Record a finished segment (a vLLM `RequestOutput`) and decide what comes next."""
+        """Record a finished segment (a vLLM `RequestOutput`) and decide what comes next; a segment the front end
+        ended on a stop string (`stop_string_in`) ends the request."""
         completion = output.outputs[0]
         segment_ids = list(completion.token_ids)
         prompt_length = len(output.prompt_token_ids)
@@ -230,12 +255,12 @@ class ReplaySession:
 
         eot = self.frontend.config.eot_token_id
         ended_on_eot = completion.finish_reason == "stop" and segment_ids[-1:] == [eot] and completion.stop_reason == eot
-        if completion.finish_reason == "abort":
+        if self.stop_text is not None:
+            self.finish_reason = "stop"
+        elif completion.finish_reason == "abort":
             self.finish_reason = "abort"
         elif not ended_on_eot:
             self.finish_reason = completion.finish_reason or "stop"
-            if isinstance(completion.stop_reason, str):
-                self.stop_text = completion.stop_reason
         elif len(self.generated) >= self.max_tokens:
             self.records.append(ended_record(len(self.generated) - 1))
             self.recomputed.append(None)
@@ -267,7 +292,7 @@ class ReplaySession:
     def result(self) -> VGROutput:
         text = self.frontend.decode(self.generated)
         if self.stop_text and self.stop_text in text:
-            text = text[: text.rindex(self.stop_text)]  # OpenAI's semantics: the stop string is not returned
+            text = text[: text.index(self.stop_text)]  # OpenAI's semantics: the stop string is not returned
         return VGROutput(
             request_id=self.request_id,
             text=text,
@@ -288,9 +313,16 @@ async def run_session(engine, session: ReplaySession):
     while (segment := session.next_segment()) is not None:
         prompt, params, segment_id = segment
         final = None
-        async for output in engine.generate(prompt, params, segment_id, lora_request=session.lora_request):
-            final = output
-            yield session.generated + list(output.outputs[0].token_ids)
+        outputs = engine.generate(prompt, params, segment_id, lora_request=session.lora_request)
+        try:
+            async for output in outputs:
+                final = output
+                so_far = session.generated + list(output.outputs[0].token_ids)
+                if session.stop_string_in(so_far):
+                    break  # closing `outputs` aborts the segment's engine request
+                yield so_far
+        finally:
+            await outputs.aclose()
         session.finish_segment(final)
     yield session.result()
 
