@@ -33,8 +33,8 @@ torch's FLOP counter), and for decode the ratio the bytes read per step predict 
 steps on a CPU wait on memory, not arithmetic. A time model adds both: the FLOPs at the fp32 matmul rate measured in
 the same run, the one-token steps' bytes at the measured weight-streaming bandwidth.
 
-Three diagnostics for the gaps: one CLIP-L layer over VGR's 21 crops in one batch against the same crops in batches
-of 5 (page faults and kernel CPU time included); one-token steps of the decoder layers at each model's mean decode
+Three diagnostics for the gaps: one CLIP-L layer over VGR's 21 crops in one batch against the same crops in VGR's
+chunks (`vision_chunk_bytes`: 5 crops a call; page faults and kernel CPU time included); one-token steps of the decoder layers at each model's mean decode
 context with a DynamicCache against a StaticCache (and, inside `generate`, the page faults and kernel CPU time of each
 one-token step); and the same matmuls as a decoder layer's MLP (prompt-sized and one-token) in fp32 and bf16,
 interleaved, which also says what bf16 would change on this CPU.
@@ -345,9 +345,9 @@ def time_model(chart: dict, rate: dict) -> dict:
 
 
 def vision_batch_effect(vgr, crops: int, chunk: int, rounds: int) -> dict:
-    """One CLIP-L layer over `crops` crops' hidden states in one batch (as VGR's single vision-tower call runs them)
-    against the same crops in batches of `chunk` (LLaVA-NeXT's crop count), interleaved: milliseconds per crop, kernel
-    CPU time and page faults. Says how much of VGR's vision time comes from the batch size rather than the crops."""
+    """One CLIP-L layer over `crops` crops' hidden states in one batch (one vision-tower call, `vision_chunk_bytes=0`)
+    against the same crops in batches of `chunk` (VGR's chunks), interleaved: milliseconds per crop, kernel CPU time
+    and page faults. Says what running the tower in chunks saves."""
     layer = vgr.model.vision_tower.encoder.layers[0]
     config = vgr.config.vision_config
     tokens = (config.image_size // config.patch_size) ** 2 + 1
@@ -514,8 +514,8 @@ def run(args) -> dict:
 
     rates = matmul_rates(chart["info"]["vgr"]["prompt_tokens"], rounds=3)
     chart["time_model"] = time_model(chart, rates["fp32"])
-    batch_effect = vision_batch_effect(vgr, chart["info"]["vgr"]["crops"], chart["info"]["llava_next"]["crops"],
-                                       rounds=3)
+    vgr_chunk = vgr.config.crops_per_vision_call(next(vgr.parameters()).element_size())
+    batch_effect = vision_batch_effect(vgr, chart["info"]["vgr"]["crops"], vgr_chunk, rounds=3)
     for clock in clocks.values():
         for hook in clock.hooks:
             hook.remove()
@@ -664,9 +664,9 @@ def markdown(result) -> str:
     one, chunked = f"batch {b['crops']}", f"batches of {b['chunk']}"
     lines += [
         "",
-        f"Vision tower, batch size alone: one CLIP-L layer over {b['crops']} crops in one batch (VGR's single call) "
-        f"{b[one]['ms_per_crop']:.0f} ms per crop ({b[one]['kernel_cpu_s']:.2f} s kernel CPU, "
-        f"{b[one]['minor_faults'] / 1e3:.0f} k page faults), in {chunked} (LLaVA-NeXT's crop count) "
+        f"Vision tower, batch size alone: one CLIP-L layer over {b['crops']} crops in one batch (one call, "
+        f"`vision_chunk_bytes=0`) {b[one]['ms_per_crop']:.0f} ms per crop ({b[one]['kernel_cpu_s']:.2f} s kernel CPU, "
+        f"{b[one]['minor_faults'] / 1e3:.0f} k page faults), in {chunked} (VGR's chunks, `vision_chunk_bytes`) "
         f"{b[chunked]['ms_per_crop']:.0f} ms per crop ({b[chunked]['kernel_cpu_s']:.2f} s, "
         f"{b[chunked]['minor_faults'] / 1e3:.0f} k): one batch / chunks **{b['one_batch_over_chunks']:.2f}**.",
     ]

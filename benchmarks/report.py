@@ -11,6 +11,7 @@ TITLES = {
     "image_processing": "5. Image processing throughput",
     "size_latency": "Latency against image size (time to first token)",
     "batch": "6. Batch scaling with replays at different steps",
+    "training": "7. A training step: the LM head once per position",
 }
 
 
@@ -79,6 +80,14 @@ def summary(results) -> str:
         text = ", ".join(f"b{row['batch']} {row['decode_tokens_per_s']:.0f}" for row in rows_b)
         no = ", ".join(f"b{row['batch']} {row['no_replay_decode_tokens_per_s']:.0f}" for row in rows_b)
         rows.append(("6. decoding tokens/s with one replay per row", text, f"without replays: {no}"))
+    if "training" in b:
+        by = {row["method"]: row for row in b["training"]["rows"]}
+        text = ", ".join(f"{method} {row['seconds']:.2f} s ({row['peak_over_before_mb']:.0f} MB)"
+                         for method, row in by.items())
+        versus = f"trainer / plain **{by['trainer']['vs_plain']:.2f}**"
+        if "before" in by:
+            versus += f", before / plain **{by['before']['vs_plain']:.2f}**"
+        rows.append(("7. training step, mid-size, s (peak over the loaded model)", text, versus))
     lines = ["| benchmark | measured | expectation / comparison |", "|---|---|---|"]
     lines += [f"| {a} | {b_} | {c} |" for a, b_, c in rows]
     return "\n".join(lines)
@@ -101,7 +110,7 @@ def markdown(results, modules) -> str:
         c = results["mid_config"]
         parts += [
             "",
-            f"Mid-size configuration (benchmarks 2 to 6): CLIP hidden {c['vision']['hidden_size']} x "
+            f"Mid-size configuration (benchmarks 2 to 7): CLIP hidden {c['vision']['hidden_size']} x "
             f"{c['vision']['num_hidden_layers']} layers at {c['vision'].get('image_size', 336)} px, patch "
             f"{c['vision'].get('patch_size', 14)} + LLaMA hidden {c['text']['hidden_size']} x "
             f"{c['text']['num_hidden_layers']} layers (intermediate {c['text']['intermediate_size']}, vocabulary "

@@ -49,6 +49,7 @@ BENCHMARKS = {
     "e2e": "bench_e2e",
     "size_latency": "bench_size_latency",
     "batch": "bench_batch",
+    "training": "bench_training",
 }
 
 
