@@ -135,7 +135,7 @@ def test_a_converted_vgr_qwen_exports_for_the_hub_and_its_card_runs(qwen_checkpo
     question = "What is written here?"
     exported = export(tmp_path / "converted", tmp_path / "export", REPO_ID, max_shard_size="20MB",
                       license="apache-2.0", base_model="Qwen/Qwen2.5-VL-7B-Instruct", example_image=image,
-                      question=question)
+                      question=question, space=tmp_path / "space")
     names = {path.name for path in exported.iterdir()}
     assert {"configuration_vgr_qwen.py", "modeling_vgr_qwen.py", "processing_vgr_qwen.py", "geometry_vgr_qwen.py",
             "image_processing_vgr_qwen.py", "replay_vgr.py", "model.safetensors.index.json", "example.png"} <= names
@@ -165,3 +165,19 @@ def test_a_converted_vgr_qwen_exports_for_the_hub_and_its_card_runs(qwen_checkpo
     assert f"final answer: {expected['final_answer']}\n" in printed
     printed = run_isolated(pipeline_snippet, hf_home, tmp_path)
     assert printed.strip() == expected["text"].strip()
+
+    # The Gradio Space's app, by repo id without the package: the answer, a follow-up from its cache, the drawing.
+    printed = run_isolated(f"""
+        import json, runpy
+        import PIL.Image
+        app = runpy.run_path({str(tmp_path / "space" / "app.py")!r})
+        model, processor = app["load"]({REPO_ID!r})
+        conversation = app["Conversation"](image=PIL.Image.open({str(image)!r}).convert("RGB"))
+        *_, first = app["answer_stream"](model, processor, conversation, {question!r}, {MAX_NEW_TOKENS})
+        *_, second = app["answer_stream"](model, processor, conversation, "And then?", {MAX_NEW_TOKENS})
+        boxes = app["replayed_boxes"](processor, first, conversation.turns[0].replayed)
+        drawn = processor.draw_boxes(conversation.image, boxes)
+        print(json.dumps({{"first": first, "turns": len(conversation.turns), "size": list(drawn.size)}}))
+    """, hf_home, tmp_path)
+    app_answer = json.loads(printed.strip().splitlines()[-1])
+    assert app_answer == {"first": expected["text"], "turns": 2, "size": [451, 300]}

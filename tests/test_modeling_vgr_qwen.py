@@ -8,7 +8,13 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessor, LogitsProcessorList, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    SuppressTokensLogitsProcessor,
+)
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -279,8 +285,36 @@ def test_generate_with_replays_equals_the_teacher_forced_forward(replaying, imag
     generated = torch.stack(output.logits, dim=1)  # (batch, steps, vocab)
     for row in range(2):
         torch.testing.assert_close(generated[row], expected[row], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="not supported for VGR-Qwen yet"):
-        model.generate(input_ids=output.sequences, cache=output.cache, max_new_tokens=2)
+
+
+def test_the_returned_cache_continues_the_answer_as_one_call_would(replaying, images):
+    """transformers' returned-cache convention under M-RoPE: `generate(input_ids=out.sequences, cache=out.cache)` goes
+    on from each row's last position (an image's tokens take fewer positions than tokens). 36 + 36 tokens equal 72 in
+    one call: two left-padded rows, each replaying in the first part, row 1 again in the second, then ending."""
+    model = replaying
+    inputs = encode(images, model.config)
+    part = 36  # a box is 26 tokens: <sot>, 24 characters, <eot>
+    end = 3  # an end-of-answer id of the tiny vocabulary
+    first_plan = [(0, 1, box_ids("[0.10, 0.20, 0.50, 0.60]")), (1, 4, box_ids("[0.55, 0.05, 0.95, 0.45]"))]
+    second_plan = [(1, 2, box_ids("[0.00, 0.00, 1.00, 1.00]")), (1, 30, [end])]
+
+    def generate(plan, length, **kwargs):
+        forcing = LogitsProcessorList([SuppressTokensLogitsProcessor([end]),  # written only where forced
+                                       ForceIds(kwargs["input_ids"].shape[1], plan)])
+        return model.generate(**kwargs, logits_processor=forcing, max_new_tokens=length, do_sample=False,
+                              pad_token_id=0, eos_token_id=end, return_dict_in_generate=True, output_logits=True)
+
+    first = generate(first_plan, part, **inputs)
+    second = generate(second_plan, part, input_ids=first.sequences, cache=first.cache)
+    whole = generate(first_plan + [(row, part + step, ids) for row, step, ids in second_plan], 2 * part, **inputs)
+    assert [[r.valid for r in row] for row in whole.replays] == [[True], [True, True]]
+    assert torch.equal(second.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(first.logits + second.logits), torch.stack(whole.logits),
+                               rtol=1e-4, atol=1e-4)
+    for row in range(2):
+        parts = [(r.box, r.num_tokens, r.valid) for r in first.replays[row] + second.replays[row]]
+        assert parts == [(r.box, r.num_tokens, r.valid) for r in whole.replays[row]]
+    assert whole.finish_reasons == ["length", "stop"]
 
 
 def test_losses_and_the_detection_head(replaying, images):

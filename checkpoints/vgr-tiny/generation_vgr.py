@@ -94,6 +94,7 @@ class CachedConversation:
     cache_mask: torch.Tensor  # (batch, cache_length): 1 where a later token attends (pads after a row's end are 0)
     last_is_real: torch.Tensor  # (batch,): whether the last token of `sequences` (never fed) is real, not a pad
     feature_memory: object  # FeatureMemory of the conversation's images, or None
+    next_position: torch.Tensor  # (batch,): the position id after each row's last real token (the position model's)
 
 
 @dataclass(frozen=True)
@@ -221,13 +222,15 @@ class CacheLayout:
         prompt_start = sequences.shape[1] - covered - 1  # columns of sequences before this call's text (continuing)
         cache_mask = self.cache_mask.clone()
         last_is_real = torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
+        next_position = self.next_position.clone()
         for row, last_real in enumerate(last_real_column):
             if last_real is None:
                 continue
             pads = text_slots[row, last_real + 1 - prompt_start :]  # fed after the row's end
             cache_mask[row, pads] = 0
+            next_position[row] -= pads.numel()  # each took a text position
             last_is_real[row] = last_real == sequences.shape[1] - 1
-        return CachedConversation(sequences[:, :-1], cache_mask, last_is_real, feature_memory)
+        return CachedConversation(sequences[:, :-1], cache_mask, last_is_real, feature_memory, next_position)
 
 
 @dataclass
@@ -626,8 +629,8 @@ class VGRGenerationMixin(GenerationMixin):
             new_mask = attention_mask[:, covered:].clone()
         new_mask[:, 0] = conversation.last_is_real.to(new_mask.dtype)  # a pad if the row had ended before
         full_mask = torch.cat([conversation.cache_mask.to(new_mask.dtype), new_mask], dim=-1)
-        # Real positions count on from the real positions the cache holds (replays included, pads not).
-        positions = state.layout.positions.chunk(conversation.cache_mask.sum(-1), new_mask, [None] * len(new_mask))
+        # Positions go on from each row's last real one (replays included, pads not), in the family's position model.
+        positions = state.layout.positions.chunk(conversation.next_position, new_mask, [None] * len(new_mask))
         state.start(new_ids, full_mask, positions, prompt_length=input_ids.shape[1])
         model_inputs = super().prepare_inputs_for_generation(
             new_ids, next_sequence_length=new_ids.shape[1], cache=cache, attention_mask=full_mask,

@@ -282,11 +282,6 @@ class VGRQwenForConditionalGeneration(VGRQwenPreTrainedModel, VGRHeadsMixin, VGR
             model_kwargs["mm_token_type_ids"] = (input_ids == self.config.image_token_id).int()
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
-    def _continue_conversation(self, state, cache, inputs, kwargs):
-        # The cached conversation counts LLaMA's 1-D positions (one per real token); M-RoPE's next position differs.
-        raise ValueError("continuing a conversation from a returned cache is not supported for VGR-Qwen yet: pass the "
-                         "whole conversation again")
-
     def save_pretrained(self, save_directory, *args, **kwargs):
         add_pipeline_auto_map(self)
         return super().save_pretrained(save_directory, *args, **kwargs)
