@@ -402,22 +402,23 @@ class VGRModel(VGRPreTrainedModel):
             next_image += 1
         return images
 
-    def _prompt_images(self, pixel_values, image_sizes, mm_encoder_outputs, **kwargs) -> VGRImageOutput | None:
-        """The prompt's images encoded: as `generate` passed them (`mm_encoder_outputs`), or `pixel_values` through
-        the vision tower; None without images."""
+    def _prompt_images(self, pixel_values, image_sizes, mm_encoder_outputs, **kwargs) -> tuple:
+        """`(image outputs, feature memories)` of the prompt's images: as `generate` passed them
+        (`mm_encoder_outputs`), or `pixel_values` through the vision tower (`encode_images`); `(None, [])` without
+        images."""
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
         if mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            return mm_encoder_outputs["image"]
+            return mm_encoder_outputs["image"], mm_encoder_outputs["image"].feature_memory.images
         if pixel_values is None or pixel_values.shape[0] == 0:
-            return None
+            return None, []
         if image_sizes is None:
             raise ValueError("pixel_values were given without image_sizes")
         return self.encode_images(
             pixel_values, image_sizes,
             output_hidden_states=kwargs.get("output_hidden_states", self.config.output_hidden_states),
             output_attentions=kwargs.get("output_attentions", self.config.output_attentions),
-        )[0]
+        )
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -450,11 +451,11 @@ class VGRModel(VGRPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         token_ids = self.placeholder_ids(input_ids, inputs_embeds)  # (batch, seq)
 
-        image_outputs = self._prompt_images(pixel_values, image_sizes, mm_encoder_outputs, **kwargs)
+        image_outputs, image_memories = self._prompt_images(pixel_values, image_sizes, mm_encoder_outputs, **kwargs)
         prompt_tokens = ()
         if image_outputs is not None:
             prompt_tokens = image_outputs.pooler_output
-            feature_memory = FeatureMemory(list(image_outputs.feature_memory.images), [None] * token_ids.shape[0])
+            feature_memory = FeatureMemory(list(image_memories), [None] * token_ids.shape[0])
         # Without images (and a memory), placeholders are embedded as the ids they are, as in LLaVA-NeXT; generate
         # refuses them.
 
