@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from common import (
+    memory_status,
     ForceTokens,
     Timestamps,
     build_vgr,
@@ -192,11 +192,6 @@ def flops_estimates(config, vgr_info: dict, llava_info: dict, vgr_crops: int, ll
 # ---------------------------------------------------------------------------------------------------- peak memory
 
 
-def _status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {key: int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
-
-
 def memory_probe(method: str) -> dict:
     """In a fresh process: build only what `method` needs, reset the peak-RSS mark, run it once (cold)."""
     setup_torch()
@@ -212,10 +207,10 @@ def memory_probe(method: str) -> dict:
     model = vgr if vgr is not None else llava
     gc.collect()
     with torch.inference_mode():
-        before = _status()["VmRSS"]
+        before = memory_status()["VmRSS"]
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         method_runner(method, vgr, llava, setup)()
-        after = _status()
+        after = memory_status()
     return {
         "method": method,
         "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,

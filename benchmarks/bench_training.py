@@ -17,17 +17,23 @@ counted with a forward hook. Time ratios are medians of per-round ratios.
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import transformers_vgr
-from common import build_vgr, llama2_tokenizer, paired_ratios, setup_torch, synthetic_image, vgr_config, vgr_processor
+from common import (
+    build_vgr,
+    llama2_tokenizer,
+    memory_status,
+    paired_ratios,
+    setup_torch,
+    synthetic_image,
+    vgr_config,
+    vgr_processor,
+)
 
 
 METHODS = ("plain", "trainer", "before")
@@ -55,11 +61,6 @@ def batch(processor, folder: Path) -> dict:
     return VGRDataCollator(processor)([dataset[0], dataset[1]])
 
 
-def _status() -> dict[str, int]:
-    text = Path("/proc/self/status").read_text()
-    return {key: int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
-
-
 def probe(method: str) -> dict:
     """In a fresh process: one warm-up step, then one measured training step of `method`."""
     setup_torch()
@@ -81,12 +82,12 @@ def probe(method: str) -> dict:
 
     step()
     head_positions.clear()
-    before = _status()["VmRSS"]
+    before = memory_status()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
     loss = step()
     seconds = time.perf_counter() - start
-    after = _status()
+    after = memory_status()
     return {
         "method": method, "package": str(Path(transformers_vgr.__file__).parent), "seconds": seconds, "loss": loss,
         "sequence_positions": int(inputs["input_ids"].numel()),

@@ -8,6 +8,7 @@ import gc
 import io
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -375,6 +376,13 @@ def medians(samples: dict[str, list[float]]) -> dict[str, float]:
 def paired_ratios(samples_a: list[float], samples_b: list[float]) -> float:
     """Median of the per-round ratios a/b: each round's A and B ran next to each other."""
     return statistics.median(a / b for a, b in zip(samples_a, samples_b))
+
+
+def memory_status() -> dict[str, int]:
+    """This process's resident set size now (`VmRSS`) and at its peak since the last reset (`VmHWM`: writing 5 to
+    `/proc/self/clear_refs` resets it), in bytes."""
+    text = Path("/proc/self/status").read_text()
+    return {key: int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
 
 
 def timed(fn) -> tuple[object, float]:
