@@ -10,7 +10,8 @@ timed in the same rounds. A, B and the reference are interleaved; times are medi
 prefill is the median of the per-round ratios (each round's replay extra over that round's prefill).
 
 Vision tower: a forward hook counts its calls and the crops it encodes during a generate with replays (one image, and
-a batch of two images): each image must be encoded once, in the prefill, however many replays follow.
+a batch of two images): each image must be encoded once, in the prefill, however many replays follow (its crops in
+as many calls as `vision_chunk_bytes` cuts them into).
 """
 
 import statistics
@@ -205,9 +206,9 @@ def markdown(result) -> str:
         f"against {result['sum_of_prefills_s']:.2f} s for the "
         "same chunks as prefills.",
         "",
-        f"Vision tower during generate: one image, 4 replays: {one['vision_tower_calls']} call, "
-        f"{one['crops_encoded']} crops encoded (the image has {one['crops_of_the_image']}); batch of 2 images, "
-        f"{two['replays']} replays: {two['vision_tower_calls']} call, {two['crops_encoded']} crops "
-        f"(the images have {' + '.join(str(v) for v in two['crops_of_the_images'])}).",
+        f"Vision tower during generate: one image, 4 replays: {one['crops_encoded']} crops encoded (the image has "
+        f"{one['crops_of_the_image']}) in {one['vision_tower_calls']} call(s) (`vision_chunk_bytes`); batch of 2 "
+        f"images, {two['replays']} replays: {two['crops_encoded']} crops (the images have "
+        f"{' + '.join(str(v) for v in two['crops_of_the_images'])}) in {two['vision_tower_calls']} call(s).",
     ]
     return "\n".join(lines)

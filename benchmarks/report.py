@@ -6,7 +6,7 @@ import datetime
 TITLES = {
     "tokens": "1. Visual tokens per image: VGR (20 crops) against LLaVA-NeXT",
     "decode": "2. Decode overhead: VGR without replay against `LlamaForCausalLM.generate`, same weights and context",
-    "replay": "3. Replay cost against a K-token prefill at the same position; vision-tower calls",
+    "replay": "3. Replay cost against a K-token prefill at the same position; vision-tower passes",
     "e2e": "4. End to end against LLaVA-NeXT on the same weights (mid-size, fp32)",
     "image_processing": "5. Image processing throughput",
     "size_latency": "Latency against image size (time to first token)",
@@ -53,9 +53,10 @@ def summary(results) -> str:
             "about 1 (a prefill of K tokens, no prefix recomputed)",
         ))
         rows.append((
-            "3. vision-tower calls in a generate with 4 replays",
-            f"**{one['vision_tower_calls']}** ({one['crops_encoded']} crops = the image's {one['crops_of_the_image']})",
-            "one per image",
+            "3. crops through the vision tower in a generate with 4 replays",
+            f"**{one['crops_encoded']}** = the image's {one['crops_of_the_image']} (in {one['vision_tower_calls']} "
+            "call(s) of `vision_chunk_bytes`)",
+            "each image once",
         ))
     if "e2e" in b:
         by = {row["method"]: row for row in b["e2e"]["rows"]}
