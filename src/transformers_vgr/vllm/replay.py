@@ -45,6 +45,7 @@ from ..replay_vgr import (
 # characters.
 STOP_WINDOW_SPECIAL_TOKENS = 8
 
+
 @dataclass
 class VGROutput:
     """One finished VGR request.
