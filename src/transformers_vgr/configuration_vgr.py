@@ -207,9 +207,8 @@ class VGRConfig(PreTrainedConfig):
         bytes each; `None`: all of them."""
         if self.vision_chunk_bytes == 0:
             return None
-        vision = self.vision_config
-        tokens = (vision.image_size // vision.patch_size) ** 2 + 1  # the patches and a CLS token
-        return max(1, self.vision_chunk_bytes // (tokens * vision.intermediate_size * element_size))
+        tokens = self.geometry().crop_side ** 2 + 1  # a crop's patches and a CLS token
+        return max(1, self.vision_chunk_bytes // (tokens * self.vision_config.intermediate_size * element_size))
 
     def geometry(self) -> VGRGeometry:
         """The tiling and token-count rules this config implies (shared with the image processor)."""
