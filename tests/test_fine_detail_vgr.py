@@ -303,6 +303,31 @@ class TestScoring:
         assert best_mean_iou([a], [a, b]) == 0.5
         assert best_mean_iou([], [a]) == 0.0
 
+    def test_accuracy_by_box_bins_answers_by_the_written_boxs_iou(self, data, tmp_path):
+        """Hand-made one-region answers: the true box (IoU 1) and the number right; the true box and one digit
+        wrong; a box half off its tag (IoU 1/3) and both digits wrong; no box and the number right."""
+        ones = [record for record in read_records(data / "test.jsonl") if record["kind"] == "one"][:4]
+        assert len(ones) == 4
+        log = tmp_path / "vgr"
+        log.mkdir()
+        samples = []
+        for doc_id, record in enumerate(ones):
+            truth, number = record["boxes"][0], record["answer"]
+            width = truth[2] - truth[0]
+            box = (truth[0] + width / 2, truth[1], truth[2] + width / 2, truth[3]) if doc_id == 2 else truth
+            written = "" if doc_id == 3 else f"<sot>[{', '.join(f'{v:.4f}' for v in box)}]<eot>"
+            answer = {1: number[0] + str((int(number[-1]) + 1) % 10),
+                      2: "".join(str((int(d) + 1) % 10) for d in number)}.get(doc_id, number)
+            samples.append({"doc_id": doc_id, "text": f"Here {written} it reads {answer}. Final answer: {answer}"})
+        (log / "vgr_samples_fine_detail_one.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+        result = tables.accuracy_by_box(log, data)
+        assert result["answers"] == 4
+        bins = result["accuracy_by_iou"]
+        assert bins[">=0.8"] == {"answers": 2, "accuracy": 0.5}
+        assert bins["<0.5"] == {"answers": 2, "accuracy": 0.5}
+        assert bins["0.5-0.6"] == {"answers": 0, "accuracy": None}
+        assert result["digits_right"] == {"none": 1, "one": 1, "both": 2}
+
     def test_the_report_adds_a_row_to_those_an_earlier_checkout_ran(self, tmp_path):
         """outputs/ is not committed: a row trained now joins the rows the results already hold, which stay as they
         were; a row in neither is listed as not run."""

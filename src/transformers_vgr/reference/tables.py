@@ -40,7 +40,7 @@ from ..image_processing_vgr import VGRImageProcessor
 from ..processing_vgr import VGRProcessor
 from ..replay_vgr import pool_grid
 from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer
-from ..lmms_eval.metrics import best_mean_iou, box_iou
+from ..lmms_eval.metrics import answer_of, best_mean_iou, box_iou, exact_match
 from ..lmms_eval.tasks.fine_detail import KINDS, TASKS, write_fine_detail_tasks
 from ..training.data import read_records
 from .evaluate import answer_all
@@ -263,6 +263,35 @@ def summarize(results_file: Path, log_dir: Path, data: Path, count: int | None =
         answers=len(costs),
     )
     return summary
+
+
+# Bins of a written box's IoU with its tag's box, `(label, lowest IoU)`, for `accuracy_by_box`.
+IOU_BINS = (("<0.5", 0.0), ("0.5-0.6", 0.5), ("0.6-0.7", 0.6), ("0.7-0.8", 0.7), (">=0.8", 0.8))
+
+
+def accuracy_by_box(log_dir: Path, data: Path, count: int | None = None) -> dict:
+    """Whether a row's one-region answers go wrong at the box or at the reading: from an `evaluate` run's sample log,
+    accuracy by how well the written box covers the tag (IoU bins, `IOU_BINS`), and how many of the number's two
+    digits are right. A row whose accuracy climbs with IoU loses answers to its boxes; one flat at every IoU loses
+    them in what the replay carries."""
+    records = [record for record in read_records(data / "test.jsonl")[:count] if record["kind"] == "one"]
+    samples = [json.loads(line) for line in (log_dir / "vgr_samples_fine_detail_one.jsonl").read_text().splitlines()]
+    bins = {label: [0, 0] for label, _ in IOU_BINS}
+    digits_right = [0, 0, 0]
+    for sample in samples:
+        record = records[sample["doc_id"]]
+        boxes = [box.box for box in find_boxes(sample["text"]) if box.valid]
+        iou = box_iou(boxes[0], record["boxes"][0]) if boxes else 0.0
+        label = [label for label, lowest in IOU_BINS if iou >= lowest][-1]
+        bins[label][0] += 1
+        answer = answer_of(sample["text"])  # what the backend returns and the task scores
+        bins[label][1] += exact_match(answer, record["answer"])
+        written, truth = answer.rjust(2), record["answer"].rjust(2)
+        digits_right[sum(a == b for a, b in zip(written[-2:], truth[-2:]))] += 1
+    return {"answers": len(samples),
+            "accuracy_by_iou": {label: {"answers": n, "accuracy": right / n if n else None}
+                                for label, (n, right) in bins.items()},
+            "digits_right": dict(zip(("none", "one", "both"), digits_right))}
 
 
 def evaluate_row(name: str, checkpoint: Path, data: Path, output: Path, batch_size: int,
@@ -706,6 +735,13 @@ def parser() -> argparse.ArgumentParser:
     grounding.add_argument("--records", type=int, default=100, help="the first N validation records")
     grounding.add_argument("--tokenizer", type=Path, default=TOKENIZER_FILE,
                            help="the LLaMA-2 tokenizer.json that `make assets` fetches")
+    boxes = commands.add_parser("boxes", help="a scored row's one-region accuracy by how well its written box covers "
+                                "the tag, and its digits right, from the evaluation's sample log",
+                                formatter_class=HelpFormatter)
+    boxes.add_argument("--row", required=True, choices=sorted(ROWS), help="which row")
+    boxes.add_argument("--eval", type=Path, help="the row's `evaluate` output (default: outputs/tables/eval/ROW)")
+    boxes.add_argument("--data", type=Path, default=ROOT / "data" / "fine-detail", help="the fine-detail splits")
+    boxes.add_argument("--records", type=int, help="the first N held-out records, as evaluated (default: all)")
     summary = commands.add_parser("report", help="the table of every row run so far", formatter_class=HelpFormatter)
     summary.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "tables", help="where rows were run")
     summary.add_argument("--results", type=Path, default=ROOT / "results", help="where to write the table")
@@ -750,6 +786,9 @@ def main(argv=None) -> None:
         print(json.dumps(segment_losses(args.row, model, args.data, args.records), indent=1))
     elif args.command == "grounding":
         print(json.dumps(grounding_quality(args.model, args.data, args.records, args.tokenizer), indent=1))
+    elif args.command == "boxes":
+        output = args.eval or ROOT / "outputs" / "tables" / "eval" / args.row
+        print(json.dumps({"row": args.row, **accuracy_by_box(output / "vgr", args.data, args.records)}, indent=1))
     elif args.command == "report":
         print(report(args.outputs, args.results))
 
