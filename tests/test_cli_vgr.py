@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from transformers_vgr import app, convert, export
-from transformers_vgr.reference import evaluate, synthetic, train
+from transformers_vgr.reference import evaluate, synthetic, train, train_qwen
 from transformers_vgr.training import sample_data
 
 from conftest import ROOT
@@ -29,6 +29,7 @@ PARSERS = {
     "reference.evaluate": evaluate.parser,
     "reference.synthetic": synthetic.parser,
     "reference.train": train.parser,
+    "reference.train_qwen": train_qwen.parser,
     "training.sample_data": sample_data.parser,
     "examples/demo.py": lambda: load_example("demo").parser(),
     "examples/train_sft.py": lambda: load_example("train_sft").parser(),

@@ -8,7 +8,8 @@
 The same weights answer every question twice: with replay, and with replay switched off at inference
 (`max_replays=0`: every `<eot>` is plain text). Reported: answer accuracy; mean IoU against the true box of the box
 the model writes and of the detection head's box; the rate of valid boxes; replays and replayed tokens per answer;
-prompt visual tokens against LLaVA-NeXT's count for the same images.
+prompt visual tokens against the base model's count for the same images (LLaVA-NeXT's, or Qwen2.5-VL's for a
+VGR-Qwen).
 
 Then where the digit is read from (`replay_swap`): each answer is fed, teacher-forced, up to its digit twice with the
 same text, once replaying the true box and once replaying, in its place, a grey box with another digit and as many
@@ -17,6 +18,7 @@ digit both times; one that reads it from the replay does not the second time.
 """
 
 import argparse
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -29,6 +31,7 @@ from ..box_text_vgr import extract_final_answer, parse_boxes
 from ..cli import HelpFormatter
 from ..costs import answer_cost, cost_columns
 from ..geometry_vgr import llava_next_prompt_tokens
+from ..geometry_vgr_qwen import VGRQwenGeometry
 from ..image_processing_vgr import to_rgb_image
 from ..lmms_eval.metrics import box_iou
 from ..training.collator import VGRDataCollator
@@ -66,6 +69,18 @@ def answer_all(model, processor, records, root: Path, batch_size: int, max_new_t
     return results
 
 
+# The base model each family is compared with: the key of its prompt token count in the metrics, and its name.
+BASE_MODELS = {"llava_next_prompt_tokens": "LLaVA-NeXT", "qwen2_5_vl_prompt_tokens": "Qwen2.5-VL"}
+
+
+def base_prompt_tokens(geometry, image_size) -> tuple[str, int]:
+    """The base model's own prompt visual tokens for the same image, under its key in `BASE_MODELS`: Qwen2.5-VL's (the
+    same merged grid, unpooled) for a VGR-Qwen, LLaVA-NeXT's otherwise."""
+    if isinstance(geometry, VGRQwenGeometry):
+        return "qwen2_5_vl_prompt_tokens", dataclasses.replace(geometry, prompt_pool=1).num_prompt_tokens(image_size)
+    return "llava_next_prompt_tokens", llava_next_prompt_tokens(image_size)
+
+
 def score(results, geometry) -> dict:
     n = len(results)
     correct = text_iou = head_iou = 0.0
@@ -76,7 +91,7 @@ def score(results, geometry) -> dict:
         text_iou += box_iou(boxes[0], truth) if boxes else 0.0
         head = next((r.head_box for r in result["replays"] if r.head_box is not None), None)
         head_iou += box_iou(head, truth) if head is not None else 0.0
-    sizes = [result["image_size"] for result in results]
+    base = [base_prompt_tokens(geometry, result["image_size"]) for result in results]
     costs = cost_columns([answer_cost(result["replays"], [result["image_size"]], geometry) for result in results])
     return {
         "examples": n,
@@ -84,7 +99,7 @@ def score(results, geometry) -> dict:
         "text_box_mean_iou": text_iou / n,
         "head_box_mean_iou": head_iou / n,
         **costs,
-        "llava_next_prompt_tokens": sum(llava_next_prompt_tokens(s) for s in sizes) / n,
+        base[0][0]: sum(count for _, count in base) / n,
     }
 
 
@@ -163,8 +178,9 @@ def table(metrics: dict) -> str:
         ("replays per answer", "replays_per_answer", "{:.2f}"),
         ("replayed tokens per answer", "replayed_tokens_per_answer", "{:.1f}"),
         ("prompt visual tokens (VGR)", "prompt_visual_tokens", "{:.1f}"),
-        ("prompt visual tokens (LLaVA-NeXT, same images)", "llava_next_prompt_tokens", "{:.1f}"),
     ]
+    rows += [(f"prompt visual tokens ({name}, same images)", key, "{:.1f}") for key, name in BASE_MODELS.items()
+             if key in metrics["with_replay"]]
     lines = ["| | with replay | replay off |", "|---|---|---|"]
     for label, key, fmt in rows:
         lines.append(f"| {label} | {fmt.format(metrics['with_replay'][key])} | "
