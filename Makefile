@@ -169,6 +169,12 @@ bench: $(STAMP) $(VLLM_STAMP) $(TOKENIZER) $(QWEN_TOKENIZER) $(CHECKPOINT)/token
 bench-paper: $(STAMP) $(TOKENIZER)
 	$(PY) benchmarks/bench_paper.py
 
+# VGR-Qwen against Qwen2.5-VL at Qwen2.5-VL-7B's layer shapes (2 of 32 vision blocks and 2 of 28 decoder layers run
+# and scaled): time to first token side by side, qwen-ttft.json and qwen-ttft.md in benchmarks/results/.
+.PHONY: bench-qwen
+bench-qwen: $(STAMP) $(QWEN_TOKENIZER)
+	$(PY) benchmarks/bench_qwen_ttft.py
+
 # One CUDA GPU, VGR-7B in bf16 (all 32 layers; under 5 min): gpu.json and gpu.md in benchmarks/results/.
 .PHONY: bench-gpu
 bench-gpu: $(STAMP) $(TOKENIZER)

@@ -21,15 +21,12 @@ requests/s (random weights write no boxes there, so nothing is replayed). Otherw
 
 import argparse
 import gc
-import json
 import re
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import transformers
 
 from transformers_vgr import VGRConfig, VGRForConditionalGeneration
 
@@ -41,11 +38,10 @@ from common import (
     interleaved,
     llama2_tokenizer,
     llava_processor,
-    machine,
     medians,
     num_parameters,
     paired_ratios,
-    setup_torch,
+    run_standalone,
     shared_llava_next,
     vgr_config,
     vgr_processor,
@@ -294,15 +290,8 @@ def main(argv=None) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here: use --device cpu --size tiny to try the code")
 
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    setup_torch()
-    started = time.perf_counter()
-    result = run(args)
-    result["seconds"] = time.perf_counter() - started
-    results = {"machine": machine(), "benchmark": result}
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "gpu.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    results = run_standalone(run, args, "gpu")
+    result = results["benchmark"]
     text = "\n".join([
         "# VGR against LLaVA-NeXT on one GPU (VGR-7B shape, random weights)",
         "",

@@ -41,11 +41,9 @@ interleaved, which also says what bf16 would change on this CPU.
 """
 
 import argparse
-import json
 import resource
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -64,12 +62,11 @@ from common import (
     interleaved,
     llama2_tokenizer,
     llava_processor,
-    machine,
     medians,
     num_parameters,
     paired_ratios,
     real_images,
-    setup_torch,
+    run_standalone,
     shared_llava_next,
     synthetic_image,
     vgr_config,
@@ -714,17 +711,8 @@ def main(argv=None) -> None:
     if not 1 <= args.layers <= FULL_LAYERS:
         parser.error(f"--layers must be between 1 and {FULL_LAYERS}")
 
-    warnings.filterwarnings("ignore")
-    transformers.logging.set_verbosity_error()
-    setup_torch()
-    started = time.perf_counter()
-    result = run(args)
-    result["seconds"] = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # against 2 x the wall time: how busy the machine was
-    results = {"machine": machine(), "benchmark": result}
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "paper.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    results = run_standalone(run, args, "paper")
+    result = results["benchmark"]
     text = "\n".join([
         "# Paper-shape benchmark: VGR against LLaVA-NeXT at CLIP-L/14-336 + LLaMA-7B layer shapes",
         "",

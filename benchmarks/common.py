@@ -6,11 +6,14 @@ Nothing here asserts anything about time: benchmarks measure and report, the tes
 
 import gc
 import io
+import json
 import os
 import platform
 import re
+import resource
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +392,20 @@ def timed(fn) -> tuple[object, float]:
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
+
+
+def run_standalone(run, args, name: str) -> dict:
+    """A benchmark with its own target (bench_paper, bench_gpu, bench_qwen_ttft): `run(args)` with quiet logs and
+    torch set up, timed, written as `args.output / NAME.json` beside the machine's description; returns that."""
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    setup_torch()
+    started = time.perf_counter()
+    result = run(args)
+    result["seconds"] = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # against 2 x the wall time: how busy the machine was
+    results = {"machine": machine(), "benchmark": result}
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / f"{name}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return results

@@ -124,7 +124,7 @@ ratios 1:2 to 2:1, holds 3 to 5 boxes on a 4 x 4 lattice of cells over a noisy b
 others grey, each with a digit. The question is "Which digit is written in the <colour> box?" and the answer
 "The <colour> box is here <sot>[x1, y1, x2, y2]<eot> and the digit in it is 7. Final answer: 7", with the box's region
 replayed after `<eot>` (teacher-forced in training). Trained from scratch, vision tower included, with
-transformers-vgr's `VGRTrainer`; prompts use Vicuna-v1 without a system prompt (`chat_template.jinja`)."""
+transformers-vgr's `VGRTrainer`; prompts use {chat_template} (`chat_template.jinja`)."""
 TINY_LIMITATIONS = [
     "VGR-Tiny shows the mechanism at a size that runs anywhere; it knows one task. It answers \"Which digit is "
     "written in the <colour> box?\" about images like the example; any other image or question gets a "
@@ -163,23 +163,24 @@ def export_tiny(checkpoint: Path, output: Path) -> Path:
     """VGR-Tiny's hub folder from a trained `checkpoint` (model, processor, example.png and example.json, and
     evaluation.json / training_log.json when there): what `checkpoints/vgr-tiny` holds, card included."""
     return export(checkpoint, output, REPO_ID, license="apache-2.0", datasets=["synthetic-vgr-tiny"],
-                  training_data=TRAINING_DATA, limitations=TINY_LIMITATIONS)
+                  training_data=TRAINING_DATA.format(chat_template="Vicuna-v1 without a system prompt"),
+                  limitations=TINY_LIMITATIONS)
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+def recipe_parser(description: str, name: str, output: Path, tokenizer: Path, tokenizer_help: str,
+                  max_steps: int) -> argparse.ArgumentParser:
+    """The command line of a reference recipe on the synthetic task (VGR-Tiny's, VGR-Qwen-Tiny's)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "vgr-tiny",
                         help="the synthetic splits (made here when missing)")
-    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "vgr-tiny",
-                        help="the hub-ready folder to write; the committed checkpoint is checkpoints/vgr-tiny")
+    parser.add_argument("--output", type=Path, default=output, help="the hub-ready folder to write")
     parser.add_argument("--overwrite", action="store_true", help="write over a checkpoint already in --output")
     parser.add_argument("--export-from", type=Path,
-                        help="no training: export this trained VGR-Tiny folder again (card, remote code) to --output")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "llama2-tokenizer.json",
-                        help="the LLaMA-2 tokenizer.json that `make assets` fetches")
+                        help=f"no training: export this trained {name} folder again (card, remote code) to --output")
+    parser.add_argument("--tokenizer", type=Path, default=tokenizer, help=tokenizer_help)
     parser.add_argument("--train-records", type=int, default=SPLIT_SIZES["train"],
                         help="training images, when the splits are made here")
-    parser.add_argument("--max-steps", type=int, default=4000, help="optimizer steps")
+    parser.add_argument("--max-steps", type=int, default=max_steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
     # With the vision tower at the full rate the box was found from step 3,300 at 2e-3, 1,700 at 1e-3, 2,250 at 5e-4,
     # and only at 5e-4 did the digit start (docs/vgr-tiny.md); kept with the tower at 0.1x.
@@ -188,25 +189,40 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> None:
-    cli = parser()
+def parser() -> argparse.ArgumentParser:
+    return recipe_parser(__doc__, "VGR-Tiny", ROOT / "outputs" / "vgr-tiny",
+                         ROOT / "assets" / "llama2-tokenizer.json",
+                         "the LLaMA-2 tokenizer.json that `make assets` fetches", max_steps=4000)
+
+
+def build_tiny(tokenizer_file: Path) -> tuple[VGRForConditionalGeneration, VGRProcessor]:
+    """VGR-Tiny as it starts: random weights, the vision tower's positions from the 2D sin-cos table."""
+    tokenizer = llama2_tokenizer(tokenizer_file)
+    config = tiny_config()
+    processor = VGRProcessor(VGRImageProcessor.from_model_config(config), tokenizer, chat_template=CHAT_TEMPLATE)
+    config.update(processor.box_token_table())
+    model = VGRForConditionalGeneration(config)
+    init_vision_positions(model)
+    return model, processor
+
+
+def run_recipe(cli: argparse.ArgumentParser, argv, build, export_folder) -> None:
+    """A reference recipe's command: `build(tokenizer_file)` gives the untrained `(model, processor)`, trained on the
+    synthetic task's training split with the reference recipe (`training_arguments`, the vision tower at 0.1x), saved
+    with its processor, the first held-out example and the training log, and exported to `--output` by
+    `export_folder(checkpoint, output)`; with `--export-from`, only the export."""
     args = cli.parse_args(argv)
     if (args.output / "config.json").exists() and not args.overwrite:
         cli.error(f"{args.output} already holds a checkpoint: give another --output, or --overwrite to replace it")
     if args.export_from is not None:
-        export_tiny(args.export_from, args.output)
+        export_folder(args.export_from, args.output)
         print(f"exported {args.export_from} to {args.output}")
         return
 
     if not (args.data / "train.jsonl").exists():
         make_dataset(args.data, train=args.train_records)
     set_seed(args.seed)
-    tokenizer = llama2_tokenizer(args.tokenizer)
-    config = tiny_config()
-    processor = VGRProcessor(VGRImageProcessor.from_model_config(config), tokenizer, chat_template=CHAT_TEMPLATE)
-    config.update(processor.box_token_table())
-    model = VGRForConditionalGeneration(config)
-    init_vision_positions(model)
+    model, processor = build(args.tokenizer)
     dataset = VGRSFTDataset(args.data / "train.jsonl", args.data, processor, max_length=512)
     print(f"data: {dataset.report}")
 
@@ -230,13 +246,16 @@ def main(argv=None) -> None:
         (checkpoint / "training_log.json").write_text(json.dumps(
             {"train_runtime_seconds": result.metrics["train_runtime"], "steps": args.max_steps, "logs": logs},
             indent=1))
-        export_tiny(checkpoint, args.output)
+        export_folder(checkpoint, args.output)
     size = sum(path.stat().st_size for path in args.output.iterdir()) / 2**20
-    print(f"trained {args.max_steps} steps in {result.metrics['train_runtime'] / 60:.1f} min; "
-          f"loss {logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f}; wrote {args.output} ({size:.1f} MB). Evaluate it "
-          f"with `python -m transformers_vgr.reference.evaluate --model {args.output} --output "
-          f"{args.output}/evaluation.json`, then put the table in its card with `--export-from {args.output} "
-          f"--output {args.output} --overwrite`")
+    print(f"trained {args.max_steps} steps in {result.metrics['train_runtime'] / 60:.1f} min, mean loss "
+          f"{result.training_loss:.3f}; wrote {args.output} ({size:.1f} MB). Evaluate it with `python -m "
+          f"transformers_vgr.reference.evaluate --model {args.output} --output {args.output}/evaluation.json`, then "
+          f"put the table in its card with `--export-from {args.output} --output {args.output} --overwrite`")
+
+
+def main(argv=None) -> None:
+    run_recipe(parser(), argv, build_tiny, export_tiny)
 
 
 if __name__ == "__main__":

@@ -19,27 +19,19 @@ evaluation are VGR-Tiny's (`reference.train`, `reference.synthetic`, `reference.
 """
 
 import argparse
-import json
-import tempfile
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast, set_seed
+from transformers import PreTrainedTokenizerFast
 
-from ..cli import HelpFormatter
 from ..configuration_vgr_qwen import VGRQwenConfig
 from ..export import export
-from ..image_processing_vgr import to_rgb_image
 from ..image_processing_vgr_qwen import VGRQwenImageProcessor
 from ..modeling_vgr_qwen import VGRQwenForConditionalGeneration
 from ..processing_vgr_qwen import VGRQwenProcessor, add_vgr_qwen_tokens
-from ..training import VGRDataCollator, VGRSFTDataset, VGRTrainer, read_records
-from .synthetic import SPLIT_SIZES, make_dataset
-from .train import TEXT_WIDTH, TRAINING_DATA, training_arguments
+from .train import ROOT, TEXT_WIDTH, TRAINING_DATA, recipe_parser, run_recipe
 
 
-ROOT = Path(__file__).resolve().parents[3]
 REPO_ID = "transformers-vgr/vgr-qwen-tiny"
-HEAD_DIM = 32
 VISION_CONFIG = dict(depth=4, hidden_size=96, intermediate_size=256, num_heads=4, out_hidden_size=TEXT_WIDTH,
                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                      fullatt_block_indexes=[3])
@@ -47,7 +39,8 @@ TEXT_CONFIG = dict(hidden_size=TEXT_WIDTH, intermediate_size=384, num_hidden_lay
                    num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
                    # unit gain at width 128, as VGR-Tiny's language model (reference.train)
                    initializer_range=TEXT_WIDTH**-0.5,
-                   # Qwen2.5-VL's split of a head's rotary frequencies, temporal : height : width = 2 : 3 : 3
+                   # Qwen2.5-VL's split of a head's 16 rotary frequencies (head dim 32), temporal : height : width
+                   # = 2 : 3 : 3
                    rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1000000.0})
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 448 * 448  # the task's images at their own size
 TINY_QWEN_LIMITATIONS = [
@@ -66,8 +59,6 @@ def qwen2_5_tokenizer(tokenizer_file: Path) -> PreTrainedTokenizerFast:
 
 
 def tiny_qwen_config(vocab_size: int) -> VGRQwenConfig:
-    if sum(TEXT_CONFIG["rope_parameters"]["mrope_section"]) * 2 != HEAD_DIM:
-        raise ValueError("mrope_section must cover half of a head's dimensions")
     return VGRQwenConfig(
         vision_config=dict(VISION_CONFIG),
         text_config=dict(TEXT_CONFIG, vocab_size=vocab_size),
@@ -84,75 +75,27 @@ def tiny_qwen_config(vocab_size: int) -> VGRQwenConfig:
 
 def export_tiny_qwen(checkpoint: Path, output: Path) -> Path:
     return export(checkpoint, output, REPO_ID, license="apache-2.0", datasets=["synthetic-vgr-tiny"],
-                  training_data=TRAINING_DATA.replace("Vicuna-v1 without a system prompt",
-                                                      "Qwen2.5-VL-Instruct's chat template"),
+                  training_data=TRAINING_DATA.format(chat_template="Qwen2.5-VL-Instruct's chat template"),
                   limitations=TINY_QWEN_LIMITATIONS)
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "vgr-tiny",
-                        help="VGR-Tiny's synthetic splits (made here when missing)")
-    parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "vgr-qwen-tiny",
-                        help="the hub-ready folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="write over a checkpoint already in --output")
-    parser.add_argument("--export-from", type=Path,
-                        help="no training: export this trained VGR-Qwen-Tiny folder again (card, remote code)")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "assets" / "qwen2.5-tokenizer.json",
-                        help="the Qwen2.5 tokenizer.json that `make assets` fetches")
-    parser.add_argument("--train-records", type=int, default=SPLIT_SIZES["train"],
-                        help="training images, when the splits are made here")
-    parser.add_argument("--max-steps", type=int, default=3000, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
-    parser.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (cosine, 3%% warmup)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model's initialization and data order")
-    return parser
+    return recipe_parser(__doc__, "VGR-Qwen-Tiny", ROOT / "outputs" / "vgr-qwen-tiny",
+                         ROOT / "assets" / "qwen2.5-tokenizer.json",
+                         "the Qwen2.5 tokenizer.json that `make assets` fetches", max_steps=3000)
 
 
-def main(argv=None) -> None:
-    cli = parser()
-    args = cli.parse_args(argv)
-    if (args.output / "config.json").exists() and not args.overwrite:
-        cli.error(f"{args.output} already holds a checkpoint: give another --output, or --overwrite to replace it")
-    if args.export_from is not None:
-        export_tiny_qwen(args.export_from, args.output)
-        print(f"exported {args.export_from} to {args.output}")
-        return
-
-    if not (args.data / "train.jsonl").exists():
-        make_dataset(args.data, train=args.train_records)
-    set_seed(args.seed)
-    tokenizer = qwen2_5_tokenizer(args.tokenizer)
+def build_tiny_qwen(tokenizer_file: Path) -> tuple[VGRQwenForConditionalGeneration, VGRQwenProcessor]:
+    """VGR-Qwen-Tiny as it starts: random weights (Qwen2.5-VL's tower has no absolute positions to seed)."""
+    tokenizer = qwen2_5_tokenizer(tokenizer_file)
     config = tiny_qwen_config(vocab_size=len(tokenizer))
     processor = VGRQwenProcessor(VGRQwenImageProcessor.from_model_config(config), tokenizer)
     config.update(processor.box_token_table())
-    model = VGRQwenForConditionalGeneration(config)
-    dataset = VGRSFTDataset(args.data / "train.jsonl", args.data, processor, max_length=512)
-    print(f"data: {dataset.report}")
+    return VGRQwenForConditionalGeneration(config), processor
 
-    with tempfile.TemporaryDirectory() as scratch:
-        training_args = training_arguments(scratch, args.max_steps, args.batch_size, args.learning_rate, args.seed)
-        trainer = VGRTrainer(model=model, args=training_args, train_dataset=dataset,
-                             data_collator=VGRDataCollator(processor), vision_tower_lr_ratio=0.1)
-        result = trainer.train()
-        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
 
-        checkpoint = Path(scratch) / "checkpoint"
-        model.save_pretrained(checkpoint)
-        processor.save_pretrained(checkpoint)
-        example = read_records(args.data / "test.jsonl")[0]
-        to_rgb_image(args.data / example["image"]).save(checkpoint / "example.png")
-        question = example["conversations"][0]["value"].replace("<image>\n", "")
-        (checkpoint / "example.json").write_text(json.dumps({"question": question, "answer": example["answer"],
-                                                             "box": example["box"]}, indent=1))
-        (checkpoint / "training_log.json").write_text(json.dumps(
-            {"train_runtime_seconds": result.metrics["train_runtime"], "steps": args.max_steps, "logs": logs},
-            indent=1))
-        export_tiny_qwen(checkpoint, args.output)
-    print(f"trained {args.max_steps} steps in {result.metrics['train_runtime'] / 60:.1f} min, mean loss "
-          f"{result.training_loss:.3f}; wrote {args.output}. Evaluate it with `python -m "
-          f"transformers_vgr.reference.evaluate --model {args.output} --output {args.output}/evaluation.json`, then put "
-          f"the table in its card with `--export-from {args.output} --output {args.output} --overwrite`")
+def main(argv=None) -> None:
+    run_recipe(parser(), argv, build_tiny_qwen, export_tiny_qwen)
 
 
 if __name__ == "__main__":
