@@ -10,7 +10,6 @@ import torch
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
-    MaxLengthCriteria,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,

@@ -1,11 +1,8 @@
 """VGR's forward: token counts on real images, parity with transformers' LLaVA-NeXT, replay spans, losses."""
 
 import copy
-import io
 import math
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration

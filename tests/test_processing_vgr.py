@@ -1,11 +1,8 @@
 """VGRProcessor with the real LLaMA-2 tokenizer: added tokens, chat template, box text, placeholder expansion."""
 
-import math
-
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from transformers_vgr import VGRConfig, VGRImageProcessor, VGRProcessor
 from transformers_vgr.processing_vgr import vicuna_v1_chat_template

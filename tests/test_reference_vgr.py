@@ -133,3 +133,18 @@ def test_the_reference_checkpoint_ships_the_current_remote_code():
     assert sorted(path.name for path in CHECKPOINT.glob("*_vgr.py")) == [path.name for path in shipped]
     stale = [path.name for path in shipped if (CHECKPOINT / path.name).read_bytes() != path.read_bytes()]
     assert stale == []
+
+
+def test_the_evaluation_says_where_a_written_box_misses():
+    """`evaluate.score` counts written boxes in the true lattice cell, row and column: here one right, one a column
+    off, one a row and a column off, one with no box."""
+    from transformers_vgr.reference.evaluate import score
+
+    truth = cell_box(1, 2)
+    texts = [f"here <sot>[{', '.join(f'{v:.2f}' for v in box)}]<eot> it is 7. Final answer: 7"
+             for box in (cell_box(1, 2), cell_box(3, 2), cell_box(0, 0))] + ["Final answer: 7"]
+    results = [{"record": {"box": truth, "answer": "7"}, "text": text, "replays": [], "image_size": (224, 224)}
+               for text in texts]
+    metrics = score(results, tiny_config().geometry())
+    assert metrics["accuracy"] == 1.0
+    assert (metrics["box_in_true_cell"], metrics["box_in_true_row"], metrics["box_in_true_column"]) == (0.25, 0.5, 0.25)

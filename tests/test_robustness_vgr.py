@@ -2,7 +2,6 @@
 loaded with trust_remote_code is safe to trust."""
 
 import ast
-import io
 import math
 import struct
 import zlib

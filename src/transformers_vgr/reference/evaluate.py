@@ -36,7 +36,7 @@ from ..image_processing_vgr import to_rgb_image
 from ..lmms_eval.metrics import box_iou
 from ..training.collator import VGRDataCollator
 from ..training.data import clean_record, encode_conversation, image_size, read_records
-from .synthetic import SPLIT_SIZES, make_split
+from .synthetic import SPLIT_SIZES, lattice_cell, make_split
 
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -84,11 +84,16 @@ def base_prompt_tokens(geometry, image_size) -> tuple[str, int]:
 def score(results, geometry) -> dict:
     n = len(results)
     correct = text_iou = head_iou = 0.0
+    placed = Counter()  # written boxes in the true lattice cell, row, column
     for result in results:
         truth = result["record"]["box"]
         correct += extract_final_answer(result["text"]) == result["record"]["answer"]
         boxes = parse_boxes(result["text"])
         text_iou += box_iou(boxes[0], truth) if boxes else 0.0
+        if boxes:
+            (column, row), (true_column, true_row) = lattice_cell(boxes[0]), lattice_cell(truth)
+            placed.update(cell=(column, row) == (true_column, true_row), row=row == true_row,
+                          column=column == true_column)
         head = next((r.head_box for r in result["replays"] if r.head_box is not None), None)
         head_iou += box_iou(head, truth) if head is not None else 0.0
     base = [base_prompt_tokens(geometry, result["image_size"]) for result in results]
@@ -98,6 +103,7 @@ def score(results, geometry) -> dict:
         "accuracy": correct / n,
         "text_box_mean_iou": text_iou / n,
         "head_box_mean_iou": head_iou / n,
+        **{f"box_in_true_{part}": placed[part] / n for part in ("cell", "row", "column")},
         **costs,
         base[0][0]: sum(count for _, count in base) / n,
     }
@@ -185,6 +191,10 @@ def table(metrics: dict) -> str:
     for label, key, fmt in rows:
         lines.append(f"| {label} | {fmt.format(metrics['with_replay'][key])} | "
                      f"{fmt.format(metrics['without_replay'][key])} |")
+    if "box_in_true_cell" in metrics["with_replay"]:  # evaluations written before it have no such row
+        placed = [" / ".join(f"{metrics[side][f'box_in_true_{part}']:.1%}" for part in ("cell", "row", "column"))
+                  for side in ("with_replay", "without_replay")]
+        lines.insert(5, f"| written box in the true lattice cell / row / column | {placed[0]} | {placed[1]} |")
     swap = metrics["replay_swap"]
     if not swap["examples"]:
         lines += ["", "Replay swap: no record lists a grey box with another digit and as many replay tokens "

@@ -63,6 +63,12 @@ def cell_box(column: int, row: int) -> tuple[float, float, float, float]:
     return tuple(round(value, 2) for value in (left, top, right, bottom))
 
 
+def lattice_cell(box) -> tuple[int, int]:
+    """`(column, row)` of the lattice cell a normalized box's centre lies in."""
+    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    return tuple(min(max(int(value * LATTICE), 0), LATTICE - 1) for value in centre)
+
+
 def make_example(rng: random.Random) -> tuple[PIL.Image.Image, dict]:
     width, height = rng.choice(SIZES)
     noise = np.random.default_rng(rng.randrange(2**32)).integers(170, 230, (height, width, 3), dtype=np.uint8)

@@ -32,6 +32,7 @@ from .train import ROOT, TEXT_WIDTH, TRAINING_DATA, recipe_parser, run_recipe
 
 
 REPO_ID = "transformers-vgr/vgr-qwen-tiny"
+ROPE_THETA = 1000000.0  # Qwen2.5-VL's
 VISION_CONFIG = dict(depth=4, hidden_size=96, intermediate_size=256, num_heads=4, out_hidden_size=TEXT_WIDTH,
                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                      fullatt_block_indexes=[3])
@@ -40,8 +41,8 @@ TEXT_CONFIG = dict(hidden_size=TEXT_WIDTH, intermediate_size=384, num_hidden_lay
                    # unit gain at width 128, as VGR-Tiny's language model (reference.train)
                    initializer_range=TEXT_WIDTH**-0.5,
                    # Qwen2.5-VL's split of a head's 16 rotary frequencies (head dim 32), temporal : height : width
-                   # = 2 : 3 : 3
-                   rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1000000.0})
+                   # = 2 : 3 : 3, highest to lowest: the width's are the lowest
+                   rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": ROPE_THETA})
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 448 * 448  # the task's images at their own size
 TINY_QWEN_LIMITATIONS = [
     "VGR-Qwen-Tiny shows the mechanism on Qwen2.5-VL's architecture at a size that runs anywhere; it knows one task. "
@@ -58,10 +59,11 @@ def qwen2_5_tokenizer(tokenizer_file: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_qwen_config(vocab_size: int) -> VGRQwenConfig:
+def tiny_qwen_config(vocab_size: int, rope_theta: float = ROPE_THETA) -> VGRQwenConfig:
+    rope = dict(TEXT_CONFIG["rope_parameters"], rope_theta=rope_theta)
     return VGRQwenConfig(
         vision_config=dict(VISION_CONFIG),
-        text_config=dict(TEXT_CONFIG, vocab_size=vocab_size),
+        text_config=dict(TEXT_CONFIG, vocab_size=vocab_size, rope_parameters=rope),
         tie_word_embeddings=True,  # the 152k-token embeddings dominate a model this small
         min_pixels=MIN_PIXELS,
         max_pixels=MAX_PIXELS,
@@ -80,22 +82,28 @@ def export_tiny_qwen(checkpoint: Path, output: Path) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    return recipe_parser(__doc__, "VGR-Qwen-Tiny", ROOT / "outputs" / "vgr-qwen-tiny",
-                         ROOT / "assets" / "qwen2.5-tokenizer.json",
-                         "the Qwen2.5 tokenizer.json that `make assets` fetches", max_steps=3000)
+    parser = recipe_parser(__doc__, "VGR-Qwen-Tiny", ROOT / "outputs" / "vgr-qwen-tiny",
+                           ROOT / "assets" / "qwen2.5-tokenizer.json",
+                           "the Qwen2.5 tokenizer.json that `make assets` fetches", max_steps=3000)
+    parser.add_argument("--rope-theta", type=float, default=ROPE_THETA,
+                        help="the language model's rotary base (Qwen2.5-VL's by default)")
+    return parser
 
 
-def build_tiny_qwen(tokenizer_file: Path) -> tuple[VGRQwenForConditionalGeneration, VGRQwenProcessor]:
-    """VGR-Qwen-Tiny as it starts: random weights (Qwen2.5-VL's tower has no absolute positions to seed)."""
+def build_tiny_qwen(tokenizer_file: Path, rope_theta: float = ROPE_THETA):
+    """VGR-Qwen-Tiny as it starts, `(model, processor)`: random weights (Qwen2.5-VL's tower has no absolute
+    positions to seed)."""
     tokenizer = qwen2_5_tokenizer(tokenizer_file)
-    config = tiny_qwen_config(vocab_size=len(tokenizer))
+    config = tiny_qwen_config(vocab_size=len(tokenizer), rope_theta=rope_theta)
     processor = VGRQwenProcessor(VGRQwenImageProcessor.from_model_config(config), tokenizer)
     config.update(processor.box_token_table())
     return VGRQwenForConditionalGeneration(config), processor
 
 
 def main(argv=None) -> None:
-    run_recipe(parser(), argv, build_tiny_qwen, export_tiny_qwen)
+    cli = parser()
+    theta = cli.parse_known_args(argv)[0].rope_theta
+    run_recipe(cli, argv, lambda tokenizer_file: build_tiny_qwen(tokenizer_file, theta), export_tiny_qwen)
 
 
 if __name__ == "__main__":
