@@ -1,6 +1,6 @@
 #!/bin/sh
 # A diagnostic run (issue 25): the first run's boxes were right in row and wrong in column (M-RoPE gives the width the
-# lowest rotary frequencies; at Qwen2.5-VL's base 1e6 and head dim 32 they turn by at most 1e-4 rad a column). The
+# lowest rotary frequencies; at Qwen2.5-VL's base 1e6 and head dim 32 they turn by at most 1.8e-4 rad a column). The
 # same recipe with the rotary base at 100, 1,000 steps, two threads, seed 0, then scored as the first run.
 set -e
 cd "$(dirname "$0")/../.."
