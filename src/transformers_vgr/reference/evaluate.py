@@ -194,7 +194,8 @@ def table(metrics: dict) -> str:
     if "box_in_true_cell" in metrics["with_replay"]:  # evaluations written before it have no such row
         placed = [" / ".join(f"{metrics[side][f'box_in_true_{part}']:.1%}" for part in ("cell", "row", "column"))
                   for side in ("with_replay", "without_replay")]
-        lines.insert(5, f"| written box in the true lattice cell / row / column | {placed[0]} | {placed[1]} |")
+        after_head = next(i for i, line in enumerate(lines) if line.startswith("| mean IoU, detection head")) + 1
+        lines.insert(after_head, f"| written box in the true lattice cell / row / column | {placed[0]} | {placed[1]} |")
     swap = metrics["replay_swap"]
     if not swap["examples"]:
         lines += ["", "Replay swap: no record lists a grey box with another digit and as many replay tokens "
