@@ -27,6 +27,12 @@ POOLS = (1, 2, 4)
 BOX_SIDES = (0.1, 0.25)  # a centred box this fraction of the image a side
 
 
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """The Qwen2.5 tokenizer of `make assets`, with Qwen2.5-VL-Instruct's eos and pad tokens."""
+    return PreTrainedTokenizerFast(tokenizer_file=str(QWEN_TOKENIZER), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+
+
 def qwen_tokens(image, max_pixels: int) -> int:
     grid = Qwen2VLImageProcessorPil(max_pixels=max_pixels)(images=image)["image_grid_thw"][0]
     return int(grid[0] * grid[1] * grid[2]) // 4
@@ -49,8 +55,7 @@ def centred(side: float) -> tuple[float, float, float, float]:
 
 
 def run(ctx) -> dict:
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(QWEN_TOKENIZER), eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
+    tokenizer = qwen_tokenizer()
     processors = {pool: vgr_qwen_processor(pool, tokenizer) for pool in POOLS}
     vgr_7b = VGRGeometry()
     images = list(real_images().items()) + [("chart_2016x1344", synthetic_image(2016, 1344))]

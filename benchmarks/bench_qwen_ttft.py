@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from transformers_vgr import VGRQwenConfig, VGRQwenForConditionalGeneration, VGRQwenImageProcessor, VGRQwenProcessor
+from transformers_vgr import VGRQwenConfig, VGRQwenForConditionalGeneration
 
-from bench_qwen_tokens import HUB_MAX_PIXELS, QWEN_TOKENIZER
+from bench_qwen_tokens import HUB_MAX_PIXELS, qwen_tokenizer, vgr_qwen_processor
 from common import RESULTS_DIR, interleaved, medians, num_parameters, paired_ratios, run_standalone, synthetic_image
 
 # Qwen2.5-VL-7B-Instruct's config.json, read as transformers 5 names it.
@@ -47,18 +47,7 @@ QUESTION = "What is the highest value in the chart?"
 METHODS = ("vgr_qwen", "qwen2_5_vl")
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_file=str(QWEN_TOKENIZER), eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-
-
-def processor(pool: int) -> VGRQwenProcessor:
-    image_processor = VGRQwenImageProcessor(prompt_pool=pool, size={"shortest_edge": 56 * 56,
-                                                                     "longest_edge": HUB_MAX_PIXELS})
-    return VGRQwenProcessor(image_processor, tokenizer())
-
-
-def build_models(shape: str) -> tuple[VGRQwenForConditionalGeneration, Qwen2_5_VLForConditionalGeneration]:
+def build_models(shape: str, processor) -> tuple[VGRQwenForConditionalGeneration, Qwen2_5_VLForConditionalGeneration]:
     """VGR-Qwen at the 7B widths with the blocks and layers run, and transformers' Qwen2.5-VL on its tensors."""
     vision, text = {**VISION_7B, **RUN_VISION}, {**TEXT_7B, "num_hidden_layers": RUN_LAYERS}
     if shape == "small":  # to try the code, not for numbers
@@ -67,7 +56,7 @@ def build_models(shape: str) -> tuple[VGRQwenForConditionalGeneration, Qwen2_5_V
                     rope_parameters={**TEXT_7B["rope_parameters"], "mrope_section": [4, 6, 6]})
     torch.manual_seed(0)
     config = VGRQwenConfig(vision_config=vision, text_config=text, min_pixels=56 * 56, max_pixels=HUB_MAX_PIXELS,
-                           prompt_pool=2, **processor(2).box_token_table())
+                           prompt_pool=2, **processor.box_token_table())
     vgr = VGRQwenForConditionalGeneration(config).eval()
     qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text)).eval()
     shared = {key: value for key, value in vgr.state_dict().items() if not key.startswith("box_head.")}
@@ -85,10 +74,9 @@ class BlockTimes:
         full = set(visual.fullatt_block_indexes)
         kinds = [(block, "full" if index in full else "window") for index, block in enumerate(visual.blocks)]
         kinds += [(layer, "decoder") for layer in model.model.language_model.layers]
-        self.handles = []
         for module, kind in kinds:
-            self.handles.append(module.register_forward_pre_hook(self._start))
-            self.handles.append(module.register_forward_hook(lambda *_, kind=kind: self._stop(kind)))
+            module.register_forward_pre_hook(self._start)
+            module.register_forward_hook(lambda *_, kind=kind: self._stop(kind))
         self._began = None
 
     def _start(self, *_):
@@ -133,10 +121,12 @@ def at_full_depth(sample: dict) -> float:
 
 
 def run(args) -> dict:
-    vgr, qwen = build_models(args.shape)
+    tokenizer = qwen_tokenizer()
+    processors = {pool: vgr_qwen_processor(pool, tokenizer) for pool in (1, 2)}  # 1: Qwen2.5-VL's own
+    vgr, qwen = build_models(args.shape, processors[2])
     image = synthetic_image(2016, 1344)
-    runs = {"vgr_qwen": first_token_run(vgr, processor(2), image, BlockTimes(vgr)),
-            "qwen2_5_vl": first_token_run(qwen, processor(1), image, BlockTimes(qwen))}
+    runs = {"vgr_qwen": first_token_run(vgr, processors[2], image, BlockTimes(vgr)),
+            "qwen2_5_vl": first_token_run(qwen, processors[1], image, BlockTimes(qwen))}
     samples = interleaved(runs, repeats=args.rounds)
     for method in METHODS:
         samples[method]["full_depth"] = [at_full_depth(dict(zip(samples[method], values)))

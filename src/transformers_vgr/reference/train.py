@@ -195,9 +195,9 @@ def parser() -> argparse.ArgumentParser:
                          "the LLaMA-2 tokenizer.json that `make assets` fetches", max_steps=4000)
 
 
-def build_tiny(tokenizer_file: Path) -> tuple[VGRForConditionalGeneration, VGRProcessor]:
+def build_tiny(args: argparse.Namespace) -> tuple[VGRForConditionalGeneration, VGRProcessor]:
     """VGR-Tiny as it starts: random weights, the vision tower's positions from the 2D sin-cos table."""
-    tokenizer = llama2_tokenizer(tokenizer_file)
+    tokenizer = llama2_tokenizer(args.tokenizer)
     config = tiny_config()
     processor = VGRProcessor(VGRImageProcessor.from_model_config(config), tokenizer, chat_template=CHAT_TEMPLATE)
     config.update(processor.box_token_table())
@@ -207,7 +207,7 @@ def build_tiny(tokenizer_file: Path) -> tuple[VGRForConditionalGeneration, VGRPr
 
 
 def run_recipe(cli: argparse.ArgumentParser, argv, build, export_folder) -> None:
-    """A reference recipe's command: `build(tokenizer_file)` gives the untrained `(model, processor)`, trained on the
+    """A reference recipe's command: `build(args)` gives the untrained `(model, processor)`, trained on the
     synthetic task's training split with the reference recipe (`training_arguments`, the vision tower at 0.1x), saved
     with its processor, the first held-out example and the training log, and exported to `--output` by
     `export_folder(checkpoint, output)`; with `--export-from`, only the export."""
@@ -222,7 +222,7 @@ def run_recipe(cli: argparse.ArgumentParser, argv, build, export_folder) -> None
     if not (args.data / "train.jsonl").exists():
         make_dataset(args.data, train=args.train_records)
     set_seed(args.seed)
-    model, processor = build(args.tokenizer)
+    model, processor = build(args)
     dataset = VGRSFTDataset(args.data / "train.jsonl", args.data, processor, max_length=512)
     print(f"data: {dataset.report}")
 

@@ -90,20 +90,17 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_tiny_qwen(tokenizer_file: Path, rope_theta: float = ROPE_THETA):
-    """VGR-Qwen-Tiny as it starts, `(model, processor)`: random weights (Qwen2.5-VL's tower has no absolute
-    positions to seed)."""
-    tokenizer = qwen2_5_tokenizer(tokenizer_file)
-    config = tiny_qwen_config(vocab_size=len(tokenizer), rope_theta=rope_theta)
+def build_tiny_qwen(args: argparse.Namespace) -> tuple[VGRQwenForConditionalGeneration, VGRQwenProcessor]:
+    """VGR-Qwen-Tiny as it starts: random weights (Qwen2.5-VL's tower has no absolute positions to seed)."""
+    tokenizer = qwen2_5_tokenizer(args.tokenizer)
+    config = tiny_qwen_config(vocab_size=len(tokenizer), rope_theta=args.rope_theta)
     processor = VGRQwenProcessor(VGRQwenImageProcessor.from_model_config(config), tokenizer)
     config.update(processor.box_token_table())
     return VGRQwenForConditionalGeneration(config), processor
 
 
 def main(argv=None) -> None:
-    cli = parser()
-    theta = cli.parse_known_args(argv)[0].rope_theta
-    run_recipe(cli, argv, lambda tokenizer_file: build_tiny_qwen(tokenizer_file, theta), export_tiny_qwen)
+    run_recipe(parser(), argv, build_tiny_qwen, export_tiny_qwen)
 
 
 if __name__ == "__main__":
